@@ -1,0 +1,308 @@
+"""On-disk SAE layouts: EleutherAI sparsify (the paper's release) and SAELens v6.
+
+sparsify:  <dir>/cfg.json + <dir>/sae.safetensors
+           encoder.weight [M,D], encoder.bias [M], W_dec [M,D], b_dec [D]
+saelens:   <dir>/cfg.json + <dir>/sae_weights.safetensors
+           W_enc [D,M], b_enc [M], W_dec [M,D], b_dec [D], threshold [M] (jumprelu)
+
+Reading is lazy and per tensor (safetensors memory-maps the file), so a 131072 x 4096 SAE is
+converted to the target dtype/device one tensor at a time and never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .sae import SAEConfig, SparseAutoencoder
+
+SPARSIFY, SAELENS = "sparsify", "saelens"
+LAYOUT_FILES = {SPARSIFY: "sae.safetensors", SAELENS: "sae_weights.safetensors"}
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
+
+
+class SAEFormatError(ValueError):
+    """A checkpoint that cannot be read as an SAE; the message names the file and the problem."""
+
+
+def detect_layout(directory: Path) -> str:
+    """Which layout ``directory`` holds, from the files present (not from names in cfg.json)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SAEFormatError(f"{directory}: not a directory")
+    found = {p.name for p in directory.iterdir()}
+    for layout, weights in LAYOUT_FILES.items():
+        if weights in found:
+            if "cfg.json" not in found:
+                raise SAEFormatError(f"{directory / 'cfg.json'}: missing (found {weights} without its config)")
+            return layout
+    pickles = sorted(n for n in found if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise SAEFormatError(
+            f"{directory / pickles[0]}: pickle checkpoints are never loaded (they can run arbitrary code); "
+            "convert it to safetensors with the tool that wrote it"
+        )
+    if "cfg.json" in found:
+        raise SAEFormatError(
+            f"{directory}: has cfg.json but neither {LAYOUT_FILES[SPARSIFY]} (sparsify) "
+            f"nor {LAYOUT_FILES[SAELENS]} (SAELens)"
+        )
+    raise SAEFormatError(
+        f"{directory}: unknown SAE layout: expected cfg.json with sae.safetensors (sparsify) or "
+        f"sae_weights.safetensors (SAELens); found {sorted(found) or 'nothing'}"
+    )
+
+
+def _read_cfg(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SAEFormatError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _int_field(cfg: dict, key: str, path: Path, *, required: bool = True) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise SAEFormatError(f"{path}: missing required key {key!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SAEFormatError(f"{path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_config(directory: Path, layout: str | None = None) -> tuple[str, SAEConfig, dict]:
+    """The layout, the normalised config, and the raw cfg.json of the SAE in ``directory``."""
+    directory = Path(directory)
+    layout = layout or detect_layout(directory)
+    path = directory / "cfg.json"
+    raw = _read_cfg(path)
+    if layout == SPARSIFY:
+        d_in = _int_field(raw, "d_in", path)
+        k = _int_field(raw, "k", path)
+        # sparsify writes num_latents 0 when expansion_factor decides
+        m = _int_field(raw, "num_latents", path, required=False) if raw.get("num_latents") else None
+        if not m:
+            ef = _int_field(raw, "expansion_factor", path, required=False)
+            if ef is None:
+                raise SAEFormatError(f"{path}: needs 'num_latents' or 'expansion_factor'")
+            m = d_in * ef
+        activation = raw.get("activation", "topk")
+        if activation != "topk":
+            raise SAEFormatError(f"{path}: activation {activation!r} is not supported (only 'topk')")
+        if raw.get("signed"):
+            raise SAEFormatError(f"{path}: signed activations are not supported")
+        if raw.get("skip_connection") or raw.get("transcode"):
+            raise SAEFormatError(f"{path}: skip connections / transcoders are not supported")
+        cfg = SAEConfig(d_in=d_in, num_latents=m, activation="topk", k=k, hookpoint=directory.name)
+    else:
+        d_in = _int_field(raw, "d_in", path)
+        m = _int_field(raw, "d_sae", path)
+        arch = raw.get("architecture", "standard")
+        if arch not in _SAELENS_ARCH:
+            raise SAEFormatError(
+                f"{path}: architecture {arch!r} is not supported (supported: {sorted(_SAELENS_ARCH)})"
+            )
+        norm = raw.get("normalize_activations") or "none"
+        if norm != "none":
+            raise SAEFormatError(f"{path}: normalize_activations {norm!r} is not supported (only 'none')")
+        if raw.get("rescale_acts_by_decoder_norm"):
+            raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm is not supported")
+        k = _int_field(raw, "k", path) if arch == "topk" else None
+        hook = (raw.get("metadata") or {}).get("hook_name") or raw.get("hook_name")
+        try:
+            cfg = SAEConfig(
+                d_in=d_in,
+                num_latents=m,
+                activation=_SAELENS_ARCH[arch],
+                k=k,
+                apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+                hookpoint=hook,
+            )
+        except ValueError as e:
+            raise SAEFormatError(f"{path}: {e}") from None
+    if cfg.activation == "topk" and cfg.k > cfg.num_latents:
+        raise SAEFormatError(f"{path}: k={cfg.k} exceeds the number of latents {cfg.num_latents}")
+    return layout, cfg, raw
+
+
+def _expected_shapes(layout: str, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    m, d = cfg.num_latents, cfg.d_in
+    if layout == SPARSIFY:
+        return {"encoder.weight": (m, d), "encoder.bias": (m,), "W_dec": (m, d), "b_dec": (d,)}
+    shapes = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
+    if cfg.activation == "jumprelu":
+        shapes["threshold"] = (m,)
+    return shapes
+
+
+def _check_finite(name: str, t: torch.Tensor, path: Path) -> None:
+    # Chunked over rows so a 2 GB tensor does not allocate a 0.5 GB boolean mask.
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    for chunk in rows.split(8192):
+        if not torch.isfinite(chunk).all():
+            raise SAEFormatError(f"{path}: tensor {name!r} contains NaN or infinite values")
+
+
+def load_directory(
+    directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> SparseAutoencoder:
+    """Load the SAE in ``directory`` (either layout) into ``dtype`` on ``device``."""
+    directory = Path(directory)
+    layout, cfg, _ = read_config(directory)
+    wpath = directory / LAYOUT_FILES[layout]
+    expected = _expected_shapes(layout, cfg)
+    try:
+        handle = safe_open(str(wpath), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise SAEFormatError(f"{wpath}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        names = set(f.keys())
+        missing = sorted(set(expected) - names)
+        if missing:
+            raise SAEFormatError(f"{wpath}: missing tensors {missing} (has {sorted(names)})")
+        extra = sorted(names - set(expected))
+        if extra:
+            raise SAEFormatError(f"{wpath}: unexpected tensors {extra}; this SAE variant is not supported")
+        for name, shape in expected.items():
+            got = tuple(f.get_slice(name).get_shape())
+            if got != shape:
+                raise SAEFormatError(
+                    f"{wpath}: tensor {name!r} has shape {list(got)}, but cfg.json "
+                    f"(d_in={cfg.d_in}, latents={cfg.num_latents}) implies {list(shape)}"
+                )
+        first = f.get_slice(next(iter(expected))).get_dtype()
+        target_dtype = dtype or _safetensors_dtype(first)
+        # Allocate once, directly in the target dtype and device; tensors are copied in one by one.
+        with torch.device("meta"):
+            sae = SparseAutoencoder(cfg, dtype=target_dtype)
+        sae = sae.to_empty(device=device)
+        ours = {
+            "encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_enc": "W_enc", "b_enc": "b_enc",
+            "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "threshold",
+        }
+        for name in expected:
+            t = f.get_tensor(name)
+            _check_finite(name, t, wpath)
+            if name == "W_enc":  # SAELens stores [D, M]; we keep sparsify's [M, D]
+                t = t.t()
+            param = getattr(sae, ours[name])
+            with torch.no_grad():
+                param.copy_(t)
+            del t
+    return sae
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    return table.get(name, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sparsify_tensors(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    if sae.cfg.activation != "topk":
+        raise SAEFormatError(
+            f"the sparsify layout only holds TopK SAEs; this one is {sae.cfg.activation} (use --to saelens)"
+        )
+    w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+    if not sae.cfg.apply_b_dec_to_input:
+        # sparsify always encodes x - b_dec; fold b_dec into the encoder bias so results match:
+        # W (x - b) + (c + W b) = W x + c
+        b_enc = b_enc + w_enc @ sae.b_dec.detach()
+    return {
+        "encoder.weight": w_enc.contiguous(),
+        "encoder.bias": b_enc.contiguous(),
+        "W_dec": sae.W_dec.detach().contiguous(),
+        "b_dec": sae.b_dec.detach().contiguous(),
+    }
+
+
+def _saelens_tensors(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    out = {
+        "W_enc": sae.W_enc.detach().t().contiguous(),
+        "b_enc": sae.b_enc.detach().contiguous(),
+        "W_dec": sae.W_dec.detach().contiguous(),
+        "b_dec": sae.b_dec.detach().contiguous(),
+    }
+    if sae.threshold is not None:
+        out["threshold"] = sae.threshold.detach().contiguous()
+    return out
+
+
+def _cfg_json(sae: SparseAutoencoder, layout: str, hookpoint: str | None) -> dict:
+    c = sae.cfg
+    if layout == SPARSIFY:
+        return {
+            "activation": "topk", "k": c.k, "num_latents": c.num_latents, "d_in": c.d_in,
+            "expansion_factor": max(1, c.num_latents // c.d_in), "normalize_decoder": True,
+            "multi_topk": False, "signed": False,
+        }
+    arch = {v: k for k, v in _SAELENS_ARCH.items()}[c.activation]
+    cfg = {
+        "architecture": arch, "d_in": c.d_in, "d_sae": c.num_latents,
+        "dtype": _dtype_name(sae.W_dec.dtype), "device": "cpu",
+        "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
+        "reshape_activations": "none", "metadata": {"hook_name": hookpoint},
+    }
+    if c.activation == "topk":
+        cfg["k"] = c.k
+    return cfg
+
+
+def save_sae(sae: SparseAutoencoder, dst: Path, layout: str, *, hookpoint: str | None = None) -> Path:
+    """Write ``sae`` under ``dst`` in ``layout``; returns the directory holding cfg.json.
+
+    sparsify goes to ``dst/<hookpoint>/`` (as the paper's release), SAELens to ``dst/``.
+    The write is atomic: everything goes to a temporary sibling that is renamed into place,
+    so a failure leaves nothing at ``dst``.
+    """
+    dst = Path(dst)
+    if layout not in LAYOUT_FILES:
+        raise SAEFormatError(f"unknown layout {layout!r} (use {SPARSIFY!r} or {SAELENS!r})")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise SAEFormatError(f"{dst}: already exists and is not empty; refusing to overwrite")
+    hookpoint = hookpoint or sae.cfg.hookpoint
+    if layout == SPARSIFY and not hookpoint:
+        raise SAEFormatError("the sparsify layout needs a hookpoint name for its subfolder (--hookpoint)")
+    tensors = _sparsify_tensors(sae) if layout == SPARSIFY else _saelens_tensors(sae)
+    cfg = _cfg_json(sae, layout, hookpoint)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        inner = tmp / hookpoint if layout == SPARSIFY else tmp
+        inner.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(inner / LAYOUT_FILES[layout]))
+        (inner / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst / hookpoint if layout == SPARSIFY else dst
+
+
+def tensor_bytes(directory: Path, layout: str) -> int:
+    return (Path(directory) / LAYOUT_FILES[layout]).stat().st_size
+
+
+def stored_dtype(directory: Path, layout: str) -> str:
+    with safe_open(str(Path(directory) / LAYOUT_FILES[layout]), framework="pt", device="cpu") as f:
+        name = f.get_slice("W_dec").get_dtype()
+    return _dtype_name(_safetensors_dtype(name))

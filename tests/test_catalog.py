@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from sae_weights import CatalogError, FeatureCatalog
+
+PAPER = [
+    {"model.layers.24_feature17": "Text in images, especially printed signs and labels"},
+    {"model.layers.24_feature4096": "Dogs, particularly their faces and fur"},
+    {"model.layers.24_feature99": "Sky and clouds in outdoor landscapes"},
+    {"model.layers.24_feature5": "Written text and handwriting on paper"},
+]
+
+
+def test_paper_format_parses_and_searches(tmp_path):
+    path = tmp_path / "explanations.json"
+    path.write_text(json.dumps(PAPER))
+    cat = FeatureCatalog.load(path)
+    assert len(cat) == 4 and cat.get(4096).explanation.startswith("Dogs")
+    assert cat.get(17).hookpoint == "model.layers.24"
+    assert cat.get(3) is None
+    hits = cat.search("dog faces", limit=5)
+    assert [e.feature for e, _ in hits] == [4096]
+    text_hits = [e.feature for e, _ in cat.search("text", limit=5)]
+    assert set(text_hits) == {17, 5}
+    assert cat.search("text", limit=1)[0][1] >= cat.search("text", limit=2)[1][1]
+    assert cat.search("submarine") == []
+
+
+def test_jsonl_rows_with_extras_and_merge(tmp_path):
+    path = tmp_path / "cat.jsonl"
+    path.write_text('{"feature": 3, "explanation": "red apples", "density": 0.01}\n\n'
+                    '{"feature": 8, "explanation": "green apples and pears", "max_activation": 12.5}\n')
+    cat = FeatureCatalog.load(path)
+    assert cat.get(3).extras == {"density": 0.01}
+    assert [e.feature for e, _ in cat.search("red apples")][0] == 3
+    more = tmp_path / "more.jsonl"
+    more.write_text('{"feature": 3, "top_contexts": ["an apple a day"]}\n')
+    for e in FeatureCatalog.load(more)._by_id.values():
+        cat.add(e)
+    assert cat.get(3).explanation == "red apples" and cat.get(3).extras["top_contexts"] == ["an apple a day"]
+
+
+def test_custom_scorer_replaces_bm25(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"feature": 1, "explanation": "cats"}\n{"feature": 2, "explanation": "kittens"}\n')
+    cat = FeatureCatalog.load(path)
+    # an "embedding" scorer that knows kittens are cats, where lexical search cannot
+    hits = cat.search("cat", scorer=lambda q, es: [1.0 if "kitten" in e.explanation else 0.5 for e in es])
+    assert [e.feature for e, _ in hits] == [2, 1]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"feature": "x", "explanation": "a"}\n', r"c.jsonl:1: 'feature' must be a non-negative integer"),
+    ('{"feature": 1}\n{oops\n', r"c.jsonl:2: not valid JSON"),
+    ('[{"layer24_f1": "x"}]', r"key 'layer24_f1' is not '<hookpoint>_feature<id>'"),
+    ('[1, 2]', r"item 0 is int"),
+])
+def test_bad_catalog_files(tmp_path, text, msg):
+    path = tmp_path / "c.jsonl"
+    path.write_text(text)
+    with pytest.raises(CatalogError, match=msg):
+        FeatureCatalog.load(path)
