@@ -149,6 +149,7 @@ def load_sae(
         sae = load_directory(resolve_directory(source, hookpoint, revision), device=device, dtype=dtype)
         if hookpoint and not sae.cfg.hookpoint:
             sae.cfg.hookpoint = hookpoint
+    sae.requires_grad_(False)  # served SAEs are read-only; training builds its own
     if d_in is not None and sae.d_in != d_in:
         raise SAEFormatError(
             f"{source}: SAE d_in={sae.d_in} (decoder rows of size {sae.W_dec.shape[1]}) does not match "

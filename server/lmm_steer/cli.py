@@ -42,6 +42,57 @@ def _sae_convert(args) -> int:
     return 0
 
 
+def parse_clamp(text: str):
+    """``ID=VALUE[:MODE]`` -> FeatureEdit."""
+    from .engine.steering import MODES, FeatureEdit
+
+    fid, sep, rest = text.partition("=")
+    value, _, mode = rest.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return FeatureEdit(int(fid), float(value), mode or "clamp")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE], MODE in {MODES}") from None
+
+
+def _generate(args) -> int:
+    from PIL import Image
+
+    from .engine import EngineConfig, EngineError, GenerationRequest, SamplingParams, SteeringSpec
+    from .engine.factory import build_engine
+
+    engine = build_engine(
+        args.model, args.sae, hookpoint=args.hookpoint, dtype=args.dtype, device=args.device,
+        config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, max_seq_len=args.max_seq_len),
+    )
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as e:
+            print(f"lmm-steer: error: --image {path}: {e}", file=sys.stderr)
+            return 1
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    steering = None
+    if args.clamp or args.semantics != "delta" or args.scope:
+        steering = SteeringSpec(edits=list(args.clamp), scope=args.scope, semantics=args.semantics)
+    req = GenerationRequest(
+        messages=[{"role": "user", "content": content}], images=images, steering=steering,
+        sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed),
+    )
+    try:
+        result = engine.generate([req])[0]
+    except EngineError as e:
+        print(f"lmm-steer: error: {e.field}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason}))
+    else:
+        print(result.text)
+    return 0
+
+
 def _serve(args) -> int:
     print("lmm-steer serve: not yet (the HTTP service lands with issue 4)", file=sys.stderr)
     return 2
@@ -53,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="one steered generation, for scripts and debugging")
+    gen.add_argument("--model", default="builtin:tiny-llava-next")
+    gen.add_argument("--sae", default="builtin:random-topk", help="SAE source, or 'none' for the plain model")
+    gen.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own, else 3/4 of the depth)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=[], metavar="PATH")
+    gen.add_argument("--clamp", action="append", default=[], type=parse_clamp, metavar="ID=VALUE[:MODE]")
+    gen.add_argument("--scope", choices=["all", "prompt", "generated", "image"])
+    gen.add_argument("--semantics", choices=["delta", "paper"], default="delta")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--max-seq-len", type=int, default=4096)
+    gen.add_argument("--no-cuda-graphs", action="store_true")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=_generate)
 
     sae = sub.add_parser("sae", help="inspect and convert SAE checkpoints").add_subparsers(
         dest="sae_command", required=True
@@ -76,10 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sae_weights import CatalogError, SAEFormatError, SAESourceError
 
+    from .engine.hookpoint import HookpointError
+    from .models.loader import ModelLoadError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SAEFormatError, SAESourceError, CatalogError) as e:
+    except (SAEFormatError, SAESourceError, CatalogError, HookpointError, ModelLoadError) as e:
         print(f"lmm-steer: error: {e}", file=sys.stderr)
         return 1
 

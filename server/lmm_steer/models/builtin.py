@@ -109,7 +109,9 @@ def _tiny_llama_config(vocab_size: int, **extra):
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, **extra,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        # wider than the default 0.02 so random models give varied, non-degenerate continuations
+        initializer_range=0.15, **extra,
     )
 
 
@@ -216,6 +218,7 @@ def tiny_qwen2_vl() -> LoadedModel:
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
+            "initializer_range": 0.15,
         },
         vision_config={
             "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,

@@ -1,0 +1,17 @@
+"""The steering engine: SAE edits in the residual stream, continuous batching, CUDA-graph decode."""
+
+from .engine import Engine, EngineConfig, EngineError, GenerationRequest, GenerationResult, TokenEvent
+from .sampling import SamplingParams
+from .steering import FeatureEdit, SteeringSpec
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "FeatureEdit",
+    "GenerationRequest",
+    "GenerationResult",
+    "SamplingParams",
+    "SteeringSpec",
+    "TokenEvent",
+]

@@ -1,0 +1,356 @@
+"""The steering engine: continuous batching over a static KV cache, SAE edits per row.
+
+Requests join between decode steps (their prefill runs eagerly, one at a time) and leave when they
+finish; each decode step advances every active row by one token. A row carries its own position,
+its own row of the steering table and its own sampling state, so its tokens do not depend on
+which other rows share the batch. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.inputs import build_inputs
+from ..models.loaded import LoadedModel
+from .decode_step import CUDAGraphDecoder, DecodeStep
+from .hookpoint import language_model, resolve_layer_index
+from .kv_cache import StaticKVCache
+from .prefill import run_prefill
+from .sampling import SamplingParams, make_generator, sample_batch
+from .steering import SteeringRow, SteeringSpec, variant_for
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take; ``field`` names the part of the request at fault."""
+
+    def __init__(self, message: str, field: str = "request") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8
+    max_seq_len: int | None = None  # per sequence; default: what the KV budget allows
+    kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 30% of free memory on CUDA
+    max_clamps: int = 32
+    cuda_graphs: bool = True
+    min_length_bucket: int = 128
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict] | None = None  # chat messages; image parts are {"type": "image"}
+    images: list = field(default_factory=list)  # PIL images, in placeholder order
+    prompt_ids: list[int] | None = None  # raw token ids instead of messages (benchmarks, tests)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    steering: SteeringSpec | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int
+    text_delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Sequence:
+    req: GenerationRequest
+    inputs: dict
+    steering_row: SteeringRow
+    generator: torch.Generator
+    row: int = -1
+    length: int = 0  # tokens in the KV cache
+    rope_pos: int = 0
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    t_submit: float = 0.0
+    t_first: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def decode_in_scope(self) -> bool:
+        spec = self.req.steering
+        return spec is not None and spec.effective_scope in ("all", "generated")
+
+
+def _buckets(limit: int, start: int = 1) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return [*out, limit]
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, sae=None, hookpoint: str | None = None,
+                 config: EngineConfig | None = None) -> None:
+        self.loaded, self.model, self.sae = loaded, loaded.model, sae
+        self.config = cfg = config or EngineConfig()
+        decoder = language_model(self.model)
+        text_cfg = decoder.config
+        if sae is not None:
+            if hookpoint is None:
+                raise EngineError("an SAE needs a hookpoint (model.layers.<i>)", "hookpoint")
+            if sae.d_in != text_cfg.hidden_size:
+                raise EngineError(
+                    f"SAE d_in={sae.d_in} does not match the model's hidden size {text_cfg.hidden_size}", "sae"
+                )
+        self.hook_index = resolve_layer_index(self.model, hookpoint) if hookpoint else -1
+        self.hookpoint = hookpoint
+        weight = self.model.get_output_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        layers = len(decoder.layers)
+        attn = decoder.layers[0].self_attn
+        kv_heads = text_cfg.num_key_value_heads
+        head_dim = attn.head_dim
+        per_token = StaticKVCache.bytes_per_token(layers, kv_heads, head_dim, self.dtype)
+        budget = cfg.kv_cache_bytes or self._default_kv_budget()
+        max_len = budget // (per_token * cfg.max_batch)
+        max_len = min(max_len, getattr(text_cfg, "max_position_embeddings", max_len))
+        if cfg.max_seq_len:
+            max_len = min(max_len, cfg.max_seq_len)
+        max_len -= max_len % 16
+        if max_len < 16:
+            raise EngineError(
+                f"KV cache budget of {budget} bytes holds fewer than 16 tokens per sequence at max_batch "
+                f"{cfg.max_batch} ({per_token} bytes per token)", "kv_cache_bytes"
+            )
+        self.max_len = max_len
+        self.cache = StaticKVCache(layers, cfg.max_batch, kv_heads, max_len, head_dim, dtype=self.dtype,
+                                   device=self.device)
+        self.step_fn = DecodeStep(self.model, sae, self.hook_index, self.cache, max(1, cfg.max_clamps))
+        self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.graphs = CUDAGraphDecoder(self.step_fn) if self.use_graphs else None
+        self.batch_buckets = _buckets(cfg.max_batch)
+        self.length_buckets = _buckets(max_len, cfg.min_length_bucket) if max_len > cfg.min_length_bucket else [
+            max_len]
+        self.eos_ids = self._eos_ids()
+        self.waiting: deque[_Sequence] = deque()
+        self.active: list[_Sequence] = []
+        self._ids = itertools.count()
+        self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0}
+
+    # -- setup helpers ----------------------------------------------------------------------
+
+    def _default_kv_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(0.3 * free)
+        return 1 << 30
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config,
+                    getattr(self.model.config, "text_config", None)):
+            value = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(v for v in value if isinstance(v, int))
+        tok_eos = getattr(self.loaded.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            ids.add(tok_eos)
+        return ids
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def prepare(self, req: GenerationRequest) -> _Sequence:
+        """Validate and tokenise a request (no model work); raises EngineError naming the field."""
+        from .sampling import SamplingError
+        from .steering import SteeringError
+
+        try:
+            req.sampling.validate()
+        except SamplingError as e:
+            raise EngineError(str(e), e.field) from None
+        if req.steering is not None:
+            try:
+                req.steering.validate(
+                    self.sae.num_latents if self.sae is not None else None, self.config.max_clamps,
+                    self.sae.cfg.activation if self.sae is not None else "topk",
+                )
+            except SteeringError as e:
+                raise EngineError(str(e), e.field) from None
+        if req.prompt_ids is not None:
+            if not req.prompt_ids:
+                raise EngineError("prompt is empty", "prompt_ids")
+            inputs = {"input_ids": torch.tensor([req.prompt_ids], dtype=torch.long)}
+        else:
+            if not req.messages:
+                raise EngineError("messages must not be empty", "messages")
+            try:
+                inputs = build_inputs(self.loaded, req.messages, req.images or None)
+            except ValueError as e:
+                raise EngineError(f"cannot build the prompt: {e}", "messages") from None
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        need = prompt_len + req.sampling.max_tokens
+        if need > self.max_len:
+            raise EngineError(
+                f"prompt of {prompt_len} tokens plus max_tokens {req.sampling.max_tokens} needs {need} positions; "
+                f"this engine holds at most {self.max_len} per sequence", "max_tokens"
+            )
+        rid = req.request_id or f"req-{next(self._ids)}"
+        req.request_id = rid
+        return _Sequence(req, inputs, SteeringRow.from_spec(req.steering),
+                         make_generator(req.sampling.seed, self.device), t_submit=time.perf_counter())
+
+    def submit(self, req: GenerationRequest) -> str:
+        seq = self.prepare(req)
+        self.waiting.append(seq)
+        return seq.req.request_id
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> tuple[list[TokenEvent], list[GenerationResult]]:
+        """Admit waiting requests into free rows (prefill), then one decode step for all rows."""
+        events: list[TokenEvent] = []
+        done: list[GenerationResult] = []
+        while self.waiting and len(self.active) < self.config.max_batch:
+            seq = self.waiting.popleft()
+            self._admit(seq, events, done)
+        if self.active:
+            self._decode(events, done)
+        return events, done
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` to completion; results in the order given."""
+        order = [self.submit(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        while self.has_work:
+            _, finished = self.step()
+            for r in finished:
+                results[r.request_id] = r
+        return [results[rid] for rid in order]
+
+    def _admit(self, seq: _Sequence, events, done) -> None:
+        spec = seq.req.steering
+        pre = run_prefill(
+            self.model, seq.inputs, sae=self.sae, hook_index=self.hook_index, row=seq.steering_row,
+            scope=spec.effective_scope if spec else "all", table_width=self.config.max_clamps,
+        )
+        self.stats["prefills"] += 1
+        seq.row = len(self.active)
+        self.cache.load(seq.row, pre.keys, pre.values)
+        seq.length, seq.rope_pos = pre.length, pre.next_rope_pos
+        seq.t_first = time.perf_counter()
+        self.active.append(seq)
+        self._write_row(seq)
+        token = sample_batch(pre.logits[None], [seq.req.sampling], [seq.generator])[0]
+        self._accept(seq, token, pre.logits, events, done)
+
+    def _write_row(self, seq: _Sequence) -> None:
+        self.step_fn.table.write(seq.row, seq.steering_row, seq.decode_in_scope)
+
+    def _decode(self, events, done) -> None:
+        n = len(self.active)
+        b = next(x for x in self.batch_buckets if x >= n)
+        longest = max(s.length for s in self.active) + 1
+        attend = next(x for x in self.length_buckets if x >= longest)
+        fn = self.step_fn
+        tokens = torch.zeros(b, dtype=torch.long)
+        write_pos = torch.zeros(b, dtype=torch.long)
+        rope_pos = torch.zeros(b, dtype=torch.long)
+        for s in self.active:
+            tokens[s.row] = s.generated[-1]
+            write_pos[s.row] = s.length
+            rope_pos[s.row] = s.rope_pos
+        fn.tokens[:b].copy_(tokens, non_blocking=True)
+        fn.write_pos[:b].copy_(write_pos, non_blocking=True)
+        fn.rope_pos[:b].copy_(rope_pos, non_blocking=True)
+        for r in range(n, b):  # padding rows: no steering, harmless writes into unused rows
+            fn.table.clear(r)
+        variant = variant_for([(s.steering_row, s.decode_in_scope) for s in self.active])
+        if self.graphs is not None:
+            logits = self.graphs(b, attend, variant)
+            self.stats["graph_replays"] += 1
+        else:
+            with torch.inference_mode():
+                logits = fn(b, attend, variant)
+            self.stats["eager_steps"] += 1
+        self.stats["decode_steps"] += 1
+        seqs = list(self.active)
+        rows = logits[:n].clone()
+        tokens_out = sample_batch(rows, [s.req.sampling for s in seqs], [s.generator for s in seqs])
+        for s in seqs:
+            s.length += 1
+            s.rope_pos += 1
+        # rows are indexed by position at step time: _accept may move a later row into a freed one
+        for s, t, row_logits in zip(seqs, tokens_out, rows, strict=True):
+            self._accept(s, t, row_logits, events, done)
+
+    def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor, events, done) -> None:
+        p = seq.req.sampling
+        seq.generated.append(token)
+        logprob = float(torch.log_softmax(logits, -1)[token]) if p.logprobs else None
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        old_text = seq.text
+        seq.text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        elif p.stop:
+            window_start = max(0, len(old_text) - max(len(s) for s in p.stop))
+            hits = [i for i in (seq.text.find(s, window_start) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                reason = "stop"
+        if reason is None and (len(seq.generated) >= p.max_tokens or seq.length + 1 >= self.max_len):
+            reason = "length"
+        # hold back a trailing partial UTF-8 character until it completes
+        visible = seq.text if reason else seq.text.rstrip("\ufffd")
+        delta = visible[len(old_text.rstrip("\ufffd")):] if visible.startswith(old_text.rstrip("\ufffd")) else ""
+        events.append(TokenEvent(seq.req.request_id, token, delta, reason is not None, reason, logprob))
+        if reason is not None:
+            seq.finish_reason = reason
+            self._release(seq)
+            done.append(GenerationResult(
+                seq.req.request_id, list(seq.generated), seq.text, reason, seq.prompt_len,
+                list(seq.logprobs) if p.logprobs else None,
+                {"ttft_s": seq.t_first - seq.t_submit, "total_s": time.perf_counter() - seq.t_submit},
+            ))
+
+    def _release(self, seq: _Sequence) -> None:
+        # Keep rows 0..n-1 dense and active[i].row == i: the last row moves into the freed one.
+        idx = seq.row
+        last = self.active.pop()
+        if last is not seq:
+            self.cache.move(last.row, idx, last.length)
+            last.row = idx
+            self.active[idx] = last
+            self._write_row(last)
+        seq.row = -1

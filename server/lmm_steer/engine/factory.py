@@ -1,0 +1,44 @@
+"""Build an engine from names: model source, SAE source, hookpoint, dtype, device."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_weights import load_sae
+
+from ..models.loader import load_model
+from .engine import Engine, EngineConfig
+from .hookpoint import default_hookpoint, language_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
+
+
+def build_engine(
+    model: str, sae: str | None = None, *, hookpoint: str | None = None, revision: str | None = None,
+    dtype: str | None = None, device: str | None = None, config: EngineConfig | None = None,
+) -> Engine:
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    loaded = load_model(model, dtype=dt, device=dev)
+    sae_module = None
+    if sae and sae.lower() != "none":
+        hidden = language_model(loaded.model).config.hidden_size
+        sae_module = load_sae(sae, hookpoint=hookpoint, revision=revision, device=dev, dtype=dt, d_in=hidden)
+        hookpoint = hookpoint or sae_module.cfg.hookpoint or default_hookpoint(loaded.model)
+    return Engine(loaded, sae_module, hookpoint if sae_module is not None else None, config)

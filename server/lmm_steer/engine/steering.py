@@ -1,0 +1,235 @@
+"""What a request asks of the SAE, and the one function that applies it to hidden states.
+
+Every edit of feature j becomes two coefficient pairs:
+
+* delta semantics (default, error-preserving): ``h <- h + sum_j (a_j z_j(h) + b_j) W_dec[j]``
+  clamp v: a=-1, b=v (target v);  add v: a=0, b=v (target z+v);  scale v: a=v-1, b=0 (target v z).
+  With a=b=0 the update is exactly zero, so an unsteered row is bit-identical to the plain model.
+* paper semantics (arXiv 2411.14982's code): the latent's pre-activation is rewritten,
+  ``p_j <- c_j p_j + d_j`` (clamp: 0, v;  add: 1, v;  scale: v, 0), TopK is re-applied and the
+  block output is *replaced* by the reconstruction, at every position, clamped or not.
+
+A batch carries a fixed-width table per row (ids, a, b, c, d, and a paper flag), so one compiled
+step serves any mix of requests; unused slots are no-ops (a=b=0; for paper, a repeat of a real
+slot or c=1, d=0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("clamp", "add", "scale")
+SCOPES = ("all", "prompt", "generated", "image")
+SEMANTICS = ("delta", "paper")
+
+
+class SteeringError(ValueError):
+    """Invalid steering input; ``field`` names the offending part of the request."""
+
+    def __init__(self, message: str, field: str = "steering") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    feature: int
+    value: float
+    mode: str = "clamp"
+
+
+@dataclass
+class SteeringSpec:
+    edits: list[FeatureEdit] = field(default_factory=list)
+    scope: str | None = None  # None: "all" for delta semantics, "prompt" for paper (as the paper does)
+    semantics: str = "delta"
+
+    @property
+    def effective_scope(self) -> str:
+        return self.scope or ("prompt" if self.semantics == "paper" else "all")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.edits) or self.semantics == "paper"
+
+    def validate(self, num_latents: int | None, max_edits: int, activation: str = "topk") -> None:
+        if self.semantics not in SEMANTICS:
+            raise SteeringError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}", "steering.semantics")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise SteeringError(f"scope must be one of {SCOPES}, got {self.scope!r}", "steering.scope")
+        if self.active and num_latents is None:
+            raise SteeringError("this server has no SAE loaded, so it cannot steer", "steering")
+        if self.semantics == "paper" and activation != "topk":
+            raise SteeringError(f"paper semantics re-applies TopK; this SAE is {activation}", "steering.semantics")
+        if len(self.edits) > max_edits:
+            raise SteeringError(
+                f"{len(self.edits)} feature edits exceed the limit of {max_edits} per request", "steering.features"
+            )
+        seen: set[int] = set()
+        for i, e in enumerate(self.edits):
+            where = f"steering.features[{i}]"
+            if isinstance(e.feature, bool) or not isinstance(e.feature, int):
+                raise SteeringError(f"feature id must be an integer, got {e.feature!r}", f"{where}.id")
+            if not 0 <= e.feature < num_latents:
+                raise SteeringError(
+                    f"feature {e.feature} does not exist (the SAE has features 0..{num_latents - 1})", f"{where}.id"
+                )
+            if e.feature in seen:
+                raise SteeringError(f"feature {e.feature} is given more than once", f"{where}.id")
+            seen.add(e.feature)
+            if isinstance(e.value, bool) or not isinstance(e.value, int | float) or not math.isfinite(e.value):
+                raise SteeringError(f"value for feature {e.feature} must be a finite number, got {e.value!r}",
+                                    f"{where}.value")
+            if e.mode not in MODES:
+                raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
+
+
+def delta_coefficients(edit: FeatureEdit) -> tuple[float, float]:
+    v = float(edit.value)
+    return {"clamp": (-1.0, v), "add": (0.0, v), "scale": (v - 1.0, 0.0)}[edit.mode]
+
+
+def paper_coefficients(edit: FeatureEdit) -> tuple[float, float]:
+    v = float(edit.value)
+    return {"clamp": (0.0, v), "add": (1.0, v), "scale": (v, 0.0)}[edit.mode]
+
+
+@dataclass
+class SteeringRow:
+    """One request's table row, as Python lists of width ``len(edits)`` (padded when written)."""
+
+    ids: list[int]
+    delta_a: list[float]
+    delta_b: list[float]
+    paper_c: list[float]
+    paper_d: list[float]
+    paper: bool
+
+    @classmethod
+    def from_spec(cls, spec: SteeringSpec | None) -> SteeringRow:
+        if spec is None or not spec.active:
+            return cls([], [], [], [], [], False)
+        edits = spec.edits
+        dc = [delta_coefficients(e) for e in edits]
+        pc = [paper_coefficients(e) for e in edits]
+        paper = spec.semantics == "paper"
+        zeros = [0.0] * len(edits)
+        return cls(
+            ids=[e.feature for e in edits],
+            delta_a=zeros if paper else [a for a, _ in dc],
+            delta_b=zeros if paper else [b for _, b in dc],
+            paper_c=[c for c, _ in pc],
+            paper_d=[d for _, d in pc],
+            paper=paper,
+        )
+
+    @property
+    def needs_z(self) -> bool:
+        return any(a != 0.0 for a in self.delta_a)
+
+    @property
+    def has_delta(self) -> bool:
+        return any(b != 0.0 for b in self.delta_b) or self.needs_z
+
+
+class SteeringTable:
+    """Fixed-shape tensors holding every row's edits; written on the host, read by the step."""
+
+    def __init__(self, rows: int, width: int, device, dtype) -> None:
+        self.width = width
+        kw = {"device": device}
+        self.ids = torch.zeros(rows, width, dtype=torch.long, **kw)
+        self.delta_a = torch.zeros(rows, width, dtype=dtype, **kw)
+        self.delta_b = torch.zeros(rows, width, dtype=dtype, **kw)
+        self.paper_c = torch.ones(rows, width, dtype=dtype, **kw)
+        self.paper_d = torch.zeros(rows, width, dtype=dtype, **kw)
+        self.paper = torch.zeros(rows, dtype=torch.bool, **kw)
+
+    def write(self, row: int, r: SteeringRow, in_scope: bool) -> None:
+        """Write ``r`` into ``row``; out of scope, delta edits vanish and paper edits become identity
+        (the reconstruction itself still replaces the block output)."""
+        n = len(r.ids)
+        w = self.width
+        pad_id = r.ids[-1] if n else 0
+        # Repeat the last real slot for paper padding: scatter of a duplicate id must write the same value.
+        ids = r.ids + [pad_id] * (w - n)
+        da = (r.delta_a if in_scope else [0.0] * n) + [0.0] * (w - n)
+        db = (r.delta_b if in_scope else [0.0] * n) + [0.0] * (w - n)
+        pc = r.paper_c if in_scope else [1.0] * n
+        pd = r.paper_d if in_scope else [0.0] * n
+        pc = pc + [pc[-1] if n else 1.0] * (w - n)
+        pd = pd + [pd[-1] if n else 0.0] * (w - n)
+        self.ids[row] = torch.tensor(ids, dtype=torch.long)
+        self.delta_a[row] = torch.tensor(da, dtype=self.delta_a.dtype)
+        self.delta_b[row] = torch.tensor(db, dtype=self.delta_b.dtype)
+        self.paper_c[row] = torch.tensor(pc, dtype=self.paper_c.dtype)
+        self.paper_d[row] = torch.tensor(pd, dtype=self.paper_d.dtype)
+        self.paper[row] = r.paper
+
+    def clear(self, row: int) -> None:
+        self.write(row, SteeringRow([], [], [], [], [], False), True)
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """Which parts of the SAE a step needs; each is a separately captured graph."""
+
+    encode: bool  # some row needs z_j(h) (clamp / scale under delta semantics, or paper)
+    delta: bool  # some row adds decoder directions
+    paper: bool  # some row replaces h by the reconstruction
+
+    @property
+    def plain(self) -> bool:
+        return not (self.encode or self.delta or self.paper)
+
+
+PLAIN = StepVariant(False, False, False)
+
+
+def variant_for(rows: list[tuple[SteeringRow, bool]]) -> StepVariant:
+    """The cheapest variant that computes every (row, in_scope) exactly."""
+    paper = any(r.paper for r, _ in rows)
+    delta = any(r.has_delta and s for r, s in rows)
+    encode = paper or any(r.needs_z and s for r, s in rows)
+    return StepVariant(encode, delta, paper)
+
+
+def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant):
+    """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``).
+
+    Pure tensor code with static shapes and no host synchronisation, so it runs inside a
+    captured CUDA graph.
+    """
+    if variant.plain:
+        return h
+    w_dec = sae.W_dec
+    x = h.to(w_dec.dtype)
+    if variant.encode:
+        pre = F.relu(sae.pre_activations(x))  # [N, M]
+        chosen = pre.gather(-1, ids)  # [N, C]
+        act = sae.cfg.activation
+        if act == "topk":
+            kth = torch.topk(pre, sae.cfg.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+            z = torch.where(chosen >= kth, chosen, torch.zeros_like(chosen))
+        elif act == "jumprelu":
+            # chosen is relu(p), and relu(p) * (relu(p) > t) == relu(p) * (p > t) for every t
+            z = chosen * (chosen > sae.threshold[ids])
+        else:
+            z = chosen
+        coef = delta_a * z + delta_b
+    else:
+        coef = delta_b
+    out = h
+    if variant.delta:
+        delta = F.embedding_bag(ids, w_dec, per_sample_weights=coef.to(w_dec.dtype), mode="sum")
+        out = h + delta.to(h.dtype)
+    if variant.paper:
+        edited = pre.scatter(-1, ids, paper_c * chosen + paper_d)
+        vals, idx = torch.topk(F.relu(edited), sae.cfg.k, dim=-1, sorted=False)
+        recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+        out = torch.where(paper.unsqueeze(-1), recon.to(h.dtype), out)
+    return out

@@ -1,0 +1,305 @@
+import pytest
+import torch
+from PIL import Image
+from reference import reference_generate
+
+from lmm_steer.engine import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    FeatureEdit,
+    GenerationRequest,
+    SamplingParams,
+    SteeringSpec,
+)
+from lmm_steer.engine.hookpoint import HookpointError, resolve_layer_index
+from lmm_steer.engine.steering import SteeringRow, SteeringTable, apply_steering, variant_for
+from lmm_steer.models.builtin import BUILTIN_MODELS
+from lmm_steer.models.inputs import build_inputs
+from lmm_steer.models.loader import load_model
+from sae_weights import load_sae
+
+HOOK = "model.layers.2"
+N_TOKENS = 8
+
+
+def _image(w=50, h=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _messages(lm, text="Tell me a story about Alice and Bob."):
+    content = ([{"type": "image"}] if lm.is_multimodal else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def _request(lm, text="Tell me a story about Alice and Bob.", steering=None, max_tokens=N_TOKENS, **sampling):
+    return GenerationRequest(
+        messages=_messages(lm, text), images=[_image()] if lm.is_multimodal else [], steering=steering,
+        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=True, **sampling),
+    )
+
+
+@pytest.fixture(scope="module")
+def llava():
+    lm = load_model("builtin:tiny-llava-next")
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, hookpoint=HOOK)
+    return lm, sae
+
+
+def _engine(lm, sae=None, max_batch=4, **cfg):
+    return Engine(lm, sae, HOOK if sae is not None else None,
+                  EngineConfig(max_batch=max_batch, max_seq_len=512, max_clamps=8, **cfg))
+
+
+# -- identity -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_every_family_equals_plain_model_without_clamps(name):
+    lm = load_model(name)
+    sae = load_sae("builtin:random-topk", d_in=64)
+    req = _request(lm)
+    res = _engine(lm, sae).generate([req])[0]
+    inputs = build_inputs(lm, req.messages, req.images or None)
+    ref_tokens, ref_logprobs = reference_generate(lm, inputs, sae, 2, [], max_new_tokens=N_TOKENS)
+    assert res.token_ids == ref_tokens
+    assert len(set(ref_tokens)) > 2, "degenerate continuation would make this test meaningless"
+    torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(ref_logprobs), atol=1e-4, rtol=1e-4)
+    assert res.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_sae_without_clamps_is_bit_identical_to_no_sae(llava):
+    lm, sae = llava
+    a = _engine(lm, None).generate([_request(lm)])[0]
+    b = _engine(lm, sae).generate([_request(lm, steering=SteeringSpec())])[0]
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_clamp_at_natural_value_is_identity():
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64)
+    h = torch.randn(6, 64) * 3
+    z = sae.encode(h)
+    active = z[0].nonzero()[:, 0].tolist()[:2]
+    inactive = (z == 0).all(0).nonzero()[:, 0].tolist()[:2]
+    feats = active + inactive
+    table = SteeringTable(6, 4, "cpu", torch.float32)
+    for r in range(6):
+        spec = SteeringSpec([FeatureEdit(f, float(z[r, f])) for f in feats])
+        table.write(r, SteeringRow.from_spec(spec), True)
+    variant = variant_for([(SteeringRow.from_spec(SteeringSpec([FeatureEdit(feats[0], 1.0)])), True)])
+    out = apply_steering(h, sae, table.ids, table.delta_a, table.delta_b, table.paper_c, table.paper_d,
+                         table.paper, variant)
+    torch.testing.assert_close(out, h, atol=1e-5, rtol=0)
+    # and a different value does move it, by exactly (v - z) W_dec[j]
+    table.write(0, SteeringRow.from_spec(SteeringSpec([FeatureEdit(feats[0], float(z[0, feats[0]]) + 2)])), True)
+    out = apply_steering(h, sae, table.ids, table.delta_a, table.delta_b, table.paper_c, table.paper_d,
+                         table.paper, variant)
+    torch.testing.assert_close(out[0], h[0] + 2 * sae.W_dec[feats[0]], atol=1e-5, rtol=0)
+
+
+# -- steering semantics against the plain-PyTorch reference -----------------------------------
+
+EDITS = {
+    "clamp": [FeatureEdit(11, 25.0), FeatureEdit(40, 0.0)],
+    "add": [FeatureEdit(7, 12.0, "add")],
+    "scale": [FeatureEdit(3, 8.0, "scale"), FeatureEdit(90, 0.0, "scale")],
+    "mixed": [FeatureEdit(11, 25.0), FeatureEdit(7, -9.0, "add"), FeatureEdit(3, 4.0, "scale")],
+}
+
+
+def _natural_active_feature(lm, sae, req):
+    """A feature that is active on the prompt, so scale/clamp-to-0 have something to act on."""
+    inputs = build_inputs(lm, req.messages, req.images or None)
+    with torch.no_grad():
+        hs = lm.model(**inputs, output_hidden_states=True).hidden_states[3][0]
+    return int(sae.encode(hs).gt(0).sum(0).argmax())
+
+
+@pytest.mark.parametrize("scope", ["all", "prompt", "generated", "image"])
+@pytest.mark.parametrize("kind", sorted(EDITS))
+def test_delta_semantics_match_reference(llava, kind, scope):
+    lm, sae = llava
+    edits = list(EDITS[kind])
+    if kind == "scale":
+        f = _natural_active_feature(lm, sae, _request(lm))
+        edits = [FeatureEdit(f, 8.0, "scale")]
+    req = _request(lm, steering=SteeringSpec(edits, scope=scope))
+    res = _engine(lm, sae).generate([req])[0]
+    inputs = build_inputs(lm, req.messages, req.images)
+    ref_tokens, ref_lp = reference_generate(lm, inputs, sae, 2, edits, scope=scope, max_new_tokens=N_TOKENS)
+    assert res.token_ids == ref_tokens
+    torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+    if (kind, scope) != ("scale", "generated"):  # the scaled feature is silent on generated tokens
+        plain = _engine(lm, sae).generate([_request(lm)])[0]
+        assert max(abs(a - b) for a, b in zip(res.logprobs, plain.logprobs, strict=True)) > 0.1
+
+
+def test_steering_changes_the_output(llava):
+    lm, sae = llava
+    plain = _engine(lm, sae).generate([_request(lm)])[0]
+    for kind in ("clamp", "add"):
+        steered = _engine(lm, sae).generate([_request(lm, steering=SteeringSpec(EDITS[kind]))])[0]
+        assert steered.token_ids != plain.token_ids, kind
+
+
+@pytest.mark.parametrize("scope", [None, "all", "generated"])
+def test_paper_semantics_match_reference(llava, scope):
+    lm, sae = llava
+    edits = [FeatureEdit(11, 30.0), FeatureEdit(7, 5.0, "add")]
+    req = _request(lm, steering=SteeringSpec(edits, scope=scope, semantics="paper"))
+    res = _engine(lm, sae).generate([req])[0]
+    inputs = build_inputs(lm, req.messages, req.images)
+    ref_tokens, ref_lp = reference_generate(lm, inputs, sae, 2, edits, scope=scope or "prompt",
+                                            semantics="paper", max_new_tokens=N_TOKENS)
+    assert res.token_ids == ref_tokens
+    torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+# -- batching -------------------------------------------------------------------------------
+
+def _mixed_requests(lm):
+    return [
+        _request(lm, "Tell me a story about Alice and Bob.", SteeringSpec(EDITS["clamp"])),
+        _request(lm, "What is in this image?", None, max_tokens=5),
+        _request(lm, "Describe the picture.", SteeringSpec(EDITS["add"], scope="generated"), max_tokens=11),
+        _request(lm, "The weather is sunny.", SteeringSpec(EDITS["mixed"], semantics="paper")),
+        _request(lm, "Bob likes books.", SteeringSpec(EDITS["scale"], scope="prompt"), max_tokens=3),
+    ]
+
+
+def test_rows_are_isolated_in_mixed_batches(llava):
+    lm, sae = llava
+    alone = [_engine(lm, sae, max_batch=1).generate([r])[0] for r in _mixed_requests(lm)]
+    engine = _engine(lm, sae, max_batch=8)
+    together = engine.generate(_mixed_requests(lm))
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    for a, t in zip(alone, together, strict=True):
+        torch.testing.assert_close(torch.tensor(t.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
+    assert engine.stats["prefills"] == 5
+
+
+def test_join_and_leave_between_steps(llava):
+    lm, sae = llava
+    reqs = _mixed_requests(lm)
+    alone = {i: _engine(lm, sae, max_batch=1).generate([r])[0].token_ids for i, r in enumerate(_mixed_requests(lm))}
+    engine = _engine(lm, sae, max_batch=3)  # fewer rows than requests: later ones wait, then join
+    results, ids, peak = {}, {}, 0
+    for i, r in enumerate(reqs[:2]):
+        ids[engine.submit(r)] = i
+    step = 0
+    while engine.has_work:
+        if step == 2:
+            for i, r in enumerate(reqs[2:], start=2):
+                ids[engine.submit(r)] = i
+        _, done = engine.step()
+        peak = max(peak, len(engine.active))
+        for res in done:
+            results[ids[res.request_id]] = res.token_ids
+        step += 1
+    assert results == alone
+    assert peak == 3
+
+
+def test_seeded_sampling_reproduces_alone_and_batched(llava):
+    lm, sae = llava
+    def req(seed):
+        return _request(lm, steering=SteeringSpec(EDITS["clamp"]), temperature=1.0, top_p=0.9, top_k=50, seed=seed,
+                        max_tokens=10)
+    a = _engine(lm, sae).generate([req(7)])[0].token_ids
+    b = _engine(lm, sae).generate([req(7), req(8), _request(lm)])[0:2]
+    assert b[0].token_ids == a
+    assert b[1].token_ids != a
+
+
+# -- limits and errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edits,field,msg", [
+    ([FeatureEdit(256, 1.0)], "steering.features[0].id", "feature 256 does not exist"),
+    ([FeatureEdit(1, float("nan"))], "steering.features[0].value", "finite"),
+    ([FeatureEdit(1, float("inf"))], "steering.features[0].value", "finite"),
+    ([FeatureEdit(1, 1.0), FeatureEdit(1, 2.0)], "steering.features[1].id", "more than once"),
+    ([FeatureEdit(1, 1.0, "multiply")], "steering.features[0].mode", "mode must be one of"),
+    ([FeatureEdit(i, 1.0) for i in range(9)], "steering.features", "9 feature edits exceed the limit of 8"),
+])
+def test_bad_steering_is_rejected_with_field(llava, edits, field, msg):
+    lm, sae = llava
+    engine = _engine(lm, sae)
+    with pytest.raises(EngineError, match=msg) as info:
+        engine.submit(_request(lm, steering=SteeringSpec(edits)))
+    assert info.value.field == field
+    assert not engine.has_work
+    # the engine keeps serving
+    assert len(engine.generate([_request(lm, max_tokens=2)])[0].token_ids) == 2
+
+
+def test_steering_without_sae_and_bad_scope(llava):
+    lm, sae = llava
+    with pytest.raises(EngineError, match="no SAE loaded"):
+        _engine(lm, None).submit(_request(lm, steering=SteeringSpec([FeatureEdit(1, 1.0)])))
+    with pytest.raises(EngineError, match="scope must be one of") as info:
+        _engine(lm, sae).submit(_request(lm, steering=SteeringSpec([FeatureEdit(1, 1.0)], scope="everywhere")))
+    assert info.value.field == "steering.scope"
+
+
+def test_request_that_can_never_fit_is_rejected(llava):
+    lm, sae = llava
+    engine = _engine(lm, sae)
+    assert engine.max_len == 512
+    with pytest.raises(EngineError, match="needs .* positions; this engine holds at most 512") as info:
+        engine.submit(_request(lm, max_tokens=500))
+    assert info.value.field == "max_tokens"
+
+
+def test_kv_budget_sizes_the_cache(llava):
+    lm, _ = llava
+    # tiny-llava-next: 4 layers x 2 (k, v) x 2 kv heads x 16 dims x 4 bytes = 1 KiB per token
+    engine = Engine(lm, None, None, EngineConfig(max_batch=4, kv_cache_bytes=4 * 300 * 1024))
+    assert engine.max_len == 288  # 300 rounded down to a multiple of 16
+    with pytest.raises(EngineError, match="fewer than 16 tokens"):
+        Engine(lm, None, None, EngineConfig(max_batch=4, kv_cache_bytes=4 * 8 * 1024))
+
+
+def test_stop_strings_and_eos(llava):
+    lm, sae = llava
+    full = _engine(lm, sae).generate([_request(lm, max_tokens=12)])[0]
+    stop = full.text[3:6]
+    assert stop and stop in full.text
+    res = _engine(lm, sae).generate([_request(lm, max_tokens=12, stop=[stop])])[0]
+    assert res.finish_reason == "stop" and res.text == full.text[: full.text.find(stop)]
+    eos = full.token_ids[2]
+    engine = _engine(lm, sae)
+    engine.eos_ids = {eos}
+    req = _request(lm, max_tokens=12)
+    req.sampling.ignore_eos = False
+    res = engine.generate([req])[0]
+    assert res.finish_reason == "stop" and res.token_ids == full.token_ids[: full.token_ids.index(eos) + 1]
+
+
+def test_hookpoint_resolution(llava):
+    lm, _ = llava
+    for name in ("model.layers.2", "layers.2", "model.language_model.layers.2", "2"):
+        assert resolve_layer_index(lm.model, name) == 2
+    with pytest.raises(HookpointError, match="blocks 0..3"):
+        resolve_layer_index(lm.model, "model.layers.4")
+    with pytest.raises(HookpointError, match="not a decoder block"):
+        resolve_layer_index(lm.model, "model.vision_tower")
+
+
+def test_sae_width_must_match_model(llava):
+    lm, _ = llava
+    with pytest.raises(EngineError, match="does not match the model's hidden size 64"):
+        Engine(lm, load_sae("builtin:random-topk", d_in=32), HOOK)
+
+
+# -- GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_equals_eager_greedy():
+    lm = load_model("builtin:tiny-llava-next", device="cuda", dtype=torch.float32)
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, device="cuda")
+    reqs = lambda: _mixed_requests(lm)  # noqa: E731
+    eager = _engine(lm, sae, max_batch=8, cuda_graphs=False).generate(reqs())
+    graph_engine = _engine(lm, sae, max_batch=8, cuda_graphs=True)
+    graphs = graph_engine.generate(reqs())
+    assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
+    assert graph_engine.stats["graph_replays"] > 0 and graph_engine.stats["eager_steps"] == 0
