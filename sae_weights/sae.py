@@ -156,13 +156,17 @@ def random_topk_sae(
 ) -> SparseAutoencoder:
     """A seeded random TopK SAE with unit-norm decoder rows and the encoder tied to the decoder
     (so features respond to their own directions, which makes steering tests meaningful)."""
-    gen = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d_in=d_in, num_latents=num_latents, activation="topk", k=k))
+    # Drawn on the target device (a 131072 x 4096 SAE is quick to make on a GPU, slow on a host),
+    # so the same seed gives the same SAE on the same kind of device.
+    device = torch.device(device or "cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, num_latents=num_latents, activation="topk", k=k),
+                            device=device, dtype=dtype)
     with torch.no_grad():
-        w = torch.randn(num_latents, d_in, generator=gen)
+        w = torch.randn(num_latents, d_in, generator=gen, device=device)
         w = w / w.norm(dim=1, keepdim=True)
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w)
-        sae.b_enc.copy_(0.01 * torch.randn(num_latents, generator=gen))
+        sae.b_enc.copy_(0.01 * torch.randn(num_latents, generator=gen, device=device))
         sae.b_dec.zero_()
-    return sae.to(device=device, dtype=dtype)
+    return sae

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmm_steer.models.builtin import BUILTIN_MODELS
+from lmm_steer.models.builtin import TINY_MODELS
 from lmm_steer.models.inputs import build_inputs
 from lmm_steer.models.loader import ModelLoadError, load_model
 from sae_weights import load_sae
@@ -17,7 +17,7 @@ def _image(w=50, h=40):
 IMAGE_TOKEN = {"llava-next": "<image>", "llava": "<image>", "qwen2-vl": "<|image_pad|>", "idefics3": "<image>"}
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_builtin_forward_with_image(name):
     lm = load_model(name)
     assert lm.name == name and not lm.model.training

@@ -14,7 +14,7 @@ from lmm_steer.engine import (
 )
 from lmm_steer.engine.hookpoint import HookpointError, resolve_layer_index
 from lmm_steer.engine.steering import SteeringRow, SteeringTable, apply_steering, variant_for
-from lmm_steer.models.builtin import BUILTIN_MODELS
+from lmm_steer.models.builtin import TINY_MODELS
 from lmm_steer.models.inputs import build_inputs
 from lmm_steer.models.loader import load_model
 from sae_weights import load_sae
@@ -54,7 +54,7 @@ def _engine(lm, sae=None, max_batch=4, **cfg):
 
 # -- identity -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_every_family_equals_plain_model_without_clamps(name):
     lm = load_model(name)
     sae = load_sae("builtin:random-topk", d_in=64)

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=_generate)
 
+    from . import bench
+
+    bench_parser = sub.add_parser("bench", help="decode throughput and latency against same-run baselines")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.main)
+
     sae = sub.add_parser("sae", help="inspect and convert SAE checkpoints").add_subparsers(
         dest="sae_command", required=True
     )

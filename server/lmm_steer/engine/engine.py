@@ -86,6 +86,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
+    prefix_offset: int = 0  # detokenisation window: text of generated[prefix_offset:read_offset] is final
+    read_offset: int = 0
     finish_reason: str | None = None
     t_submit: float = 0.0
     t_first: float | None = None
@@ -155,7 +157,8 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []
         self._ids = itertools.count()
-        self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0}
+        self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0,
+                      "decode_tokens": 0, "decode_time_s": 0.0, "prefill_time_s": 0.0}
 
     # -- setup helpers ----------------------------------------------------------------------
 
@@ -241,9 +244,14 @@ class Engine:
         done: list[GenerationResult] = []
         while self.waiting and len(self.active) < self.config.max_batch:
             seq = self.waiting.popleft()
+            t0 = time.perf_counter()
             self._admit(seq, events, done)
+            self.stats["prefill_time_s"] += time.perf_counter() - t0
         if self.active:
-            self._decode(events, done)
+            t0 = time.perf_counter()
+            self.stats["decode_tokens"] += len(self.active)
+            self._decode(events, done)  # ends with a device sync: sampling reads the tokens back
+            self.stats["decode_time_s"] += time.perf_counter() - t0
         return events, done
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -281,18 +289,11 @@ class Engine:
         longest = max(s.length for s in self.active) + 1
         attend = next(x for x in self.length_buckets if x >= longest)
         fn = self.step_fn
-        tokens = torch.zeros(b, dtype=torch.long)
-        write_pos = torch.zeros(b, dtype=torch.long)
-        rope_pos = torch.zeros(b, dtype=torch.long)
-        for s in self.active:
-            tokens[s.row] = s.generated[-1]
-            write_pos[s.row] = s.length
-            rope_pos[s.row] = s.rope_pos
-        fn.tokens[:b].copy_(tokens, non_blocking=True)
-        fn.write_pos[:b].copy_(write_pos, non_blocking=True)
-        fn.rope_pos[:b].copy_(rope_pos, non_blocking=True)
-        for r in range(n, b):  # padding rows: no steering, harmless writes into unused rows
-            fn.table.clear(r)
+        pad = [0] * (b - n)
+        # one host->device copy per buffer; rows beyond n are padding with cleared steering rows
+        fn.tokens[:b].copy_(torch.tensor([s.generated[-1] for s in self.active] + pad), non_blocking=True)
+        fn.write_pos[:b].copy_(torch.tensor([s.length for s in self.active] + pad), non_blocking=True)
+        fn.rope_pos[:b].copy_(torch.tensor([s.rope_pos for s in self.active] + pad), non_blocking=True)
         variant = variant_for([(s.steering_row, s.decode_in_scope) for s in self.active])
         if self.graphs is not None:
             logits = self.graphs(b, attend, variant)
@@ -318,22 +319,25 @@ class Engine:
         logprob = float(torch.log_softmax(logits, -1)[token]) if p.logprobs else None
         if logprob is not None:
             seq.logprobs.append(logprob)
-        old_text = seq.text
-        seq.text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        reason = None
+        old_len = len(seq.text)
+        delta = self._detokenize(seq)
+        seq.text += delta
+        reason, hit_stop = None, False
         if token in self.eos_ids and not p.ignore_eos:
             reason = "stop"
-        elif p.stop:
-            window_start = max(0, len(old_text) - max(len(s) for s in p.stop))
+        elif p.stop and delta:
+            window_start = max(0, old_len - max(len(s) for s in p.stop) + 1)
             hits = [i for i in (seq.text.find(s, window_start) for s in p.stop) if i >= 0]
             if hits:
                 seq.text = seq.text[: min(hits)]
-                reason = "stop"
+                delta = seq.text[old_len:]
+                reason, hit_stop = "stop", True
         if reason is None and (len(seq.generated) >= p.max_tokens or seq.length + 1 >= self.max_len):
             reason = "length"
-        # hold back a trailing partial UTF-8 character until it completes
-        visible = seq.text if reason else seq.text.rstrip("\ufffd")
-        delta = visible[len(old_text.rstrip("\ufffd")):] if visible.startswith(old_text.rstrip("\ufffd")) else ""
+        if reason is not None and not hit_stop:
+            # flush bytes still held back by the detokenisation window
+            seq.text = self.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            delta = seq.text[old_len:]
         events.append(TokenEvent(seq.req.request_id, token, delta, reason is not None, reason, logprob))
         if reason is not None:
             seq.finish_reason = reason
@@ -344,6 +348,17 @@ class Engine:
                 {"ttft_s": seq.t_first - seq.t_submit, "total_s": time.perf_counter() - seq.t_submit},
             ))
 
+    def _detokenize(self, seq: _Sequence) -> str:
+        """New text for the newest token, decoding only a short window (as TGI and vLLM do): a
+        token that ends inside a multi-byte character yields nothing until the character completes."""
+        tok = self.loaded.tokenizer
+        prefix = tok.decode(seq.generated[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        full = tok.decode(seq.generated[seq.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
+            return full[len(prefix) :]
+        return ""
+
     def _release(self, seq: _Sequence) -> None:
         # Keep rows 0..n-1 dense and active[i].row == i: the last row moves into the freed one.
         idx = seq.row
@@ -353,4 +368,5 @@ class Engine:
             last.row = idx
             self.active[idx] = last
             self._write_row(last)
+        self.step_fn.table.clear(len(self.active))  # the vacated row becomes padding
         seq.row = -1

@@ -116,14 +116,21 @@ def _tiny_llama_config(vocab_size: int, **extra):
 
 
 def _seeded(build):
-    """Build the model under a fixed seed so the same name always gives the same weights."""
+    """Build the model under a fixed seed so the same name always gives the same weights (on a given
+    device), allocating it directly on ``device`` in ``dtype``: an 8B-shaped model never exists on
+    the host."""
 
     @functools.wraps(build)
-    def wrapper(seed: int = 0) -> LoadedModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            loaded = build()
-        loaded.model.eval()
+    def wrapper(seed: int = 0, device="cpu", dtype=torch.float32) -> LoadedModel:
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(dtype)
+            with torch.random.fork_rng(devices=[]), torch.device(device):
+                torch.manual_seed(seed)
+                loaded = build()
+        finally:
+            torch.set_default_dtype(previous)
+        loaded.model.to(device=device, dtype=dtype).eval()
         return loaded
 
     return wrapper
@@ -258,18 +265,63 @@ def tiny_idefics3() -> LoadedModel:
     return LoadedModel("builtin:tiny-idefics3", "idefics3", Idefics3ForConditionalGeneration(cfg), tok, processor)
 
 
+# LLaVA-NeXT-8B's real shapes (llava-hf/llama3-llava-next-8b-hf): Llama-3-8B text tower, CLIP-L/336
+# vision tower, AnyRes up to 672 px. Random weights; for benchmarks on a GPU, never for meaning.
+LLAVA_NEXT_8B_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+@_seeded
+def random_llava_next_8b() -> LoadedModel:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+
+    tok = _llama3_tokenizer()
+    text = LlamaConfig(
+        vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=LLAVA_NEXT_8B_PINPOINTS,
+    )
+    image_processor = _image_processor(
+        "llava_next", "LlavaNextImageProcessor", size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336}, image_grid_pinpoints=LLAVA_NEXT_8B_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=LLAMA3_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return LoadedModel("builtin:random-llava-next-8b", "llava-next", LlavaNextForConditionalGeneration(cfg), tok,
+                       processor)
+
+
 BUILTIN_MODELS = {
     "builtin:tiny-llava-next": tiny_llava_next,
     "builtin:tiny-llava": tiny_llava,
     "builtin:tiny-qwen2-vl": tiny_qwen2_vl,
     "builtin:tiny-idefics3": tiny_idefics3,
     "builtin:tiny-llama": tiny_llama,
+    "builtin:random-llava-next-8b": random_llava_next_8b,
 }
+TINY_MODELS = [name for name in BUILTIN_MODELS if name.startswith("builtin:tiny-")]
 
 
-def build_builtin(name: str, seed: int = 0) -> LoadedModel:
+def build_builtin(name: str, seed: int = 0, device="cpu", dtype=torch.float32) -> LoadedModel:
     try:
         builder = BUILTIN_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown builtin model {name!r} (known: {sorted(BUILTIN_MODELS)})") from None
-    return builder(seed)
+    return builder(seed, device, dtype)

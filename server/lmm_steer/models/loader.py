@@ -33,9 +33,7 @@ def load_model(
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise ModelLoadError(f"unknown builtin model {name!r} (known: {sorted(BUILTIN_MODELS)})")
-        loaded = build_builtin(name)
-        loaded.model.to(device=device, dtype=dtype or torch.float32)
-        return loaded
+        return build_builtin(name, device=device, dtype=dtype or torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     try:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU benchmark of record: one H200, a random-weight LLaVA-NeXT-8B-shaped model in bf16
+# (Llama-3-8B text tower, CLIP-L/336 vision tower, AnyRes) with a random 131072 x 4096 TopK SAE
+# (k 256) at block 24, all built from configs on the GPU: nothing is downloaded, fastapi is not
+# needed. Runs from a source checkout with the machine's own torch and transformers.
+# Usage: deploy/bench-h200.sh [OUT_DIR]     (writes h200.json, h200.md and pytest.log there)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/lmm-steer-bench}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/server:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$out/gpu.txt"
+# The CPU suite plus the CUDA-only tests, on this machine's torch/transformers versions.
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/pytest.log"
+timeout 420 python3 -m lmm_steer.cli bench --model builtin:random-llava-next-8b \
+  --sae builtin:random-topk:latents=131072,k=256 --hookpoint model.layers.24 \
+  --batch 1,8,32 --clamps 16 --new-tokens 64 --prompt-tokens 128 --image --hf-max-batch 8 \
+  --json "$out/h200.json" --markdown "$out/h200.md"
