@@ -205,27 +205,37 @@ def run_bench(a: BenchArgs) -> dict:
     use_graphs = plain.graphs is not None
     modes = [True, False] if use_graphs else [False]
     _log(f"loaded {a.model} in {load_s:.1f}s; engines ready")
+    errors: list[str] = []
+
+    def measure(name: str, b: int, fn, *args) -> None:
+        # One failing configuration (say, a capture error) must not cost the rest of a GPU run.
+        try:
+            rows.setdefault(name, {})[b] = fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported in the output, never swallowed silently
+            errors.append(f"{name}, batch {b}: {type(e).__name__}: {e}")
+            _log(errors[-1])
+
     for b in a.batches:
         prompts = [_prompt(rng, a.prompt_tokens, vocab) for _ in range(b)]
         _log(f"batch {b}")
         if b <= a.hf_max_batch:
-            rows.setdefault("hf generate()", {})[b] = hf_decode_rate(model, prompts, a.new_tokens, device)
+            measure("hf generate()", b, hf_decode_rate, model, prompts, a.new_tokens, device)
         for graphs in modes:
             tag = " [graph]" if graphs else (" [eager]" if use_graphs else "")
-            rows.setdefault(f"engine, no SAE{tag}", {})[b] = engine_decode_rate(
-                plain, prompts, a.new_tokens, False, a.clamps, graphs)
+            measure(f"engine, no SAE{tag}", b, engine_decode_rate, plain, prompts, a.new_tokens, False, a.clamps,
+                    graphs)
             if steerable is not None:
-                rows.setdefault(f"engine + SAE, no clamps{tag}", {})[b] = engine_decode_rate(
-                    steerable, prompts, a.new_tokens, False, a.clamps, graphs)
-                rows.setdefault(f"engine + SAE, {a.clamps} clamps/row{tag}", {})[b] = engine_decode_rate(
-                    steerable, prompts, a.new_tokens, True, a.clamps, graphs)
+                measure(f"engine + SAE, no clamps{tag}", b, engine_decode_rate, steerable, prompts, a.new_tokens,
+                        False, a.clamps, graphs)
+                measure(f"engine + SAE, {a.clamps} clamps/row{tag}", b, engine_decode_rate, steerable, prompts,
+                        a.new_tokens, True, a.clamps, graphs)
     result: dict = {
         "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
         "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "clamps": a.clamps,
-        "model_load_s": round(load_s, 2), "decode_tok_s": rows,
+        "model_load_s": round(load_s, 2), "decode_tok_s": rows, "errors": errors,
     }
     _log("time to first token")
     text_prompt = "Tell me a story about Alice and Bob. " * max(1, a.prompt_tokens // 10)
@@ -242,7 +252,10 @@ def run_bench(a: BenchArgs) -> dict:
     if use_graphs and steerable is not None and a.agreement_rows:
         prompts = [_prompt(rng, a.prompt_tokens, vocab) for _ in range(a.agreement_rows)]
         _log("graph vs eager agreement")
-        result["graph_vs_eager_greedy"] = graph_agreement(steerable, prompts, a.new_tokens, a.clamps)
+        try:
+            result["graph_vs_eager_greedy"] = graph_agreement(steerable, prompts, a.new_tokens, a.clamps)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"graph agreement: {type(e).__name__}: {e}")
     weight_bytes = decode_weight_bytes(model)
     result["decode_weight_bytes"] = weight_bytes
     if bandwidth:
@@ -309,6 +322,7 @@ def markdown(result: dict) -> str:
     for label, key, fmt in facts:
         if key in result:
             lines.append(f"- {label}: {fmt.format(result[key])}")
+    lines += [f"- error: {e}" for e in result.get("errors", [])]
     return "\n".join(lines)
 
 
