@@ -16,5 +16,5 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -n 15 | tee "$out/pytest.log"
 timeout 400 python3 -m lmm_steer.cli bench --model builtin:random-llava-next-8b \
   --sae builtin:random-topk:latents=131072,k=256 --hookpoint model.layers.24 \
-  --batch 1,8,32 --clamps 16 --new-tokens 64 --prompt-tokens 128 --image --hf-max-batch 8 \
+  --batch 1,8,32 --clamps 16 --new-tokens 128 --prompt-tokens 128 --image --hf-max-batch 8 \
   --json "$out/h200.json" --markdown "$out/h200.md"

@@ -303,3 +303,17 @@ def test_cuda_graph_equals_eager_greedy():
     graphs = graph_engine.generate(reqs())
     assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
     assert graph_engine.stats["graph_replays"] > 0 and graph_engine.stats["eager_steps"] == 0
+
+
+def test_topk_membership_by_count_equals_by_threshold(monkeypatch):
+    import lmm_steer.engine.steering as steering
+
+    pre = torch.relu(torch.randn(5, 300))
+    ids = torch.randint(0, 300, (5, 7))
+    chosen = pre.gather(-1, ids)
+    by_count = steering.topk_member(pre, chosen, 20)
+    monkeypatch.setattr(steering, "_RANK_BY_COUNT_LIMIT", 0)
+    by_threshold = steering.topk_member(pre, chosen, 20)
+    dense = torch.zeros_like(pre).scatter(-1, pre.topk(20, dim=-1).indices, pre.topk(20, dim=-1).values)
+    torch.testing.assert_close(by_count, dense.gather(-1, ids))
+    torch.testing.assert_close(by_threshold, by_count)

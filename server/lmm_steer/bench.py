@@ -123,6 +123,27 @@ def engine_decode_rate(engine: Engine, prompts, new_tokens, steer, clamps, graph
     return engine.stats["decode_tokens"] / engine.stats["decode_time_s"]
 
 
+def device_step_rate(engine: Engine, batch: int, steered: bool, replays: int = 30) -> float:
+    """Tokens per second of the captured step alone (graph replays timed with CUDA events), i.e.
+    without the host's per-step work; the gap to the end-to-end rate is host overhead."""
+    keys = [k for k in engine.graphs.graphs if k[0] == batch and (not k[2].plain) == steered]
+    if not keys:
+        raise RuntimeError(f"no captured graph for batch {batch} (steered={steered})")
+    graph, _ = engine.graphs.graphs[max(keys, key=lambda k: k[1])]
+    fn = engine.step_fn
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for n in (3, replays):
+        fn.write_pos[:batch].fill_(8)  # each replay advances positions; keep them inside the cache
+        fn.rope_pos[:batch].fill_(8)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    engine._inputs_stale = True
+    return batch * replays / (start.elapsed_time(end) / 1000)
+
+
 def hf_decode_rate(model, prompts, new_tokens, device) -> float:
     ids = torch.tensor(prompts, device=device)
     kw = {"do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
@@ -229,6 +250,10 @@ def run_bench(a: BenchArgs) -> dict:
                         False, a.clamps, graphs)
                 measure(f"engine + SAE, {a.clamps} clamps/row{tag}", b, engine_decode_rate, steerable, prompts,
                         a.new_tokens, True, a.clamps, graphs)
+        if use_graphs:
+            measure("device step only, no SAE [graph]", b, device_step_rate, plain, b, False)
+            if steerable is not None:
+                measure(f"device step only, {a.clamps} clamps/row [graph]", b, device_step_rate, steerable, b, True)
     result: dict = {
         "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -288,6 +313,8 @@ def ratios(rows: dict[str, dict[int, float]], clamps: int, limit_b1: float | Non
     ratio("SAE no clamps / no SAE", sae, plain)
     ratio("steered / no SAE", steered, plain)
     ratio("steered / SAE no clamps", steered, sae)
+    ratio("device step only: steered / no SAE", rows.get(f"device step only, {clamps} clamps/row [graph]", {}),
+          rows.get("device step only, no SAE [graph]", {}))
     if graph:
         for base in ("engine, no SAE", f"engine + SAE, {clamps} clamps/row"):
             ratio(f"graph / eager ({base})", rows.get(f"{base} [graph]", {}), rows.get(f"{base} [eager]", {}))

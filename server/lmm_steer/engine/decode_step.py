@@ -103,6 +103,7 @@ class DecodeStep:
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.write_pos = torch.zeros(rows, dtype=torch.long, device=device)  # where this token's K/V go
         self.rope_pos = torch.zeros(rows, dtype=torch.long, device=device)  # its rotary position
+        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # greedy choice of this step
         self.row_index = torch.arange(rows, device=device)
         self.key_index = torch.arange(cache.max_len, device=device)
         table_dtype = sae.W_dec.dtype if sae is not None else self.dtype
@@ -144,8 +145,15 @@ class DecodeStep:
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],
                     t.paper[:b], variant,
                 )
-        h = self.decoder.norm(h)
-        return self.lm_head(h).float()
+        logits = self.lm_head(self.decoder.norm(h)).float()
+        # Advance the inputs on the device, assuming every row greedy: a batch of greedy rows then
+        # needs no host-to-device copy between steps (the engine overwrites sampled rows' tokens,
+        # and rewrites everything when the batch changes).
+        torch.argmax(logits, dim=-1, out=self.next_tokens[:b])
+        self.tokens[:b].copy_(self.next_tokens[:b])
+        self.write_pos[:b].add_(1)
+        self.rope_pos[:b].add_(1)
+        return logits
 
 
 class CUDAGraphDecoder:

@@ -21,7 +21,7 @@ from .decode_step import CUDAGraphDecoder, DecodeStep
 from .hookpoint import language_model, resolve_layer_index
 from .kv_cache import StaticKVCache
 from .prefill import run_prefill
-from .sampling import SamplingParams, make_generator, sample_batch
+from .sampling import SamplingParams, make_generator, sample_batch, sample_row
 from .steering import SteeringRow, SteeringSpec, variant_for
 
 
@@ -157,6 +157,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []
         self._ids = itertools.count()
+        self._inputs_stale, self._last_bucket = True, 0  # device-side step inputs need a rewrite
         self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0,
                       "decode_tokens": 0, "decode_time_s": 0.0, "prefill_time_s": 0.0}
 
@@ -282,6 +283,7 @@ class Engine:
 
     def _write_row(self, seq: _Sequence) -> None:
         self.step_fn.table.write(seq.row, seq.steering_row, seq.decode_in_scope)
+        self._inputs_stale = True
 
     def _decode(self, events, done) -> None:
         n = len(self.active)
@@ -289,11 +291,13 @@ class Engine:
         longest = max(s.length for s in self.active) + 1
         attend = next(x for x in self.length_buckets if x >= longest)
         fn = self.step_fn
-        pad = [0] * (b - n)
-        # one host->device copy per buffer; rows beyond n are padding with cleared steering rows
-        fn.tokens[:b].copy_(torch.tensor([s.generated[-1] for s in self.active] + pad), non_blocking=True)
-        fn.write_pos[:b].copy_(torch.tensor([s.length for s in self.active] + pad), non_blocking=True)
-        fn.rope_pos[:b].copy_(torch.tensor([s.rope_pos for s in self.active] + pad), non_blocking=True)
+        if self._inputs_stale or b != self._last_bucket:
+            pad = [0] * (b - n)
+            # one host->device copy per buffer; rows beyond n are padding with cleared steering rows
+            fn.tokens[:b].copy_(torch.tensor([s.generated[-1] for s in self.active] + pad))
+            fn.write_pos[:b].copy_(torch.tensor([s.length for s in self.active] + pad))
+            fn.rope_pos[:b].copy_(torch.tensor([s.rope_pos for s in self.active] + pad))
+            self._inputs_stale, self._last_bucket = False, b
         variant = variant_for([(s.steering_row, s.decode_in_scope) for s in self.active])
         if self.graphs is not None:
             logits = self.graphs(b, attend, variant)
@@ -304,13 +308,20 @@ class Engine:
             self.stats["eager_steps"] += 1
         self.stats["decode_steps"] += 1
         seqs = list(self.active)
-        rows = logits[:n].clone()
-        tokens_out = sample_batch(rows, [s.req.sampling for s in seqs], [s.generator for s in seqs])
+        greedy = fn.next_tokens[:n].tolist()  # the one device sync of a greedy step
+        tokens_out = []
+        for i, s in enumerate(seqs):
+            if s.req.sampling.greedy:
+                tokens_out.append(greedy[i])
+            else:
+                t = sample_row(logits[i], s.req.sampling, s.generator)
+                fn.tokens[i] = t  # replaces the greedy guess the step wrote for this row
+                tokens_out.append(t)
         for s in seqs:
             s.length += 1
             s.rope_pos += 1
         # rows are indexed by position at step time: _accept may move a later row into a freed one
-        for s, t, row_logits in zip(seqs, tokens_out, rows, strict=True):
+        for s, t, row_logits in zip(seqs, tokens_out, logits[:n], strict=True):
             self._accept(s, t, row_logits, events, done)
 
     def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor, events, done) -> None:
@@ -361,6 +372,7 @@ class Engine:
 
     def _release(self, seq: _Sequence) -> None:
         # Keep rows 0..n-1 dense and active[i].row == i: the last row moves into the freed one.
+        self._inputs_stale = True
         idx = seq.row
         last = self.active.pop()
         if last is not seq:

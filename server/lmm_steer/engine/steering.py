@@ -198,6 +198,27 @@ def variant_for(rows: list[tuple[SteeringRow, bool]]) -> StepVariant:
     return StepVariant(encode, delta, paper)
 
 
+# Above this many [rows x edits x latents] comparisons, rank by a top-k threshold instead.
+_RANK_BY_COUNT_LIMIT = 1 << 26
+
+
+def topk_member(pre: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """``chosen`` where it is among the ``k`` largest of its row of ``pre``, else 0.
+
+    Feature j is in the top k exactly when fewer than k latents exceed it, so a few clamped
+    features need one comparison pass over the latents, not a top-k selection over all of them
+    (several times cheaper on a GPU for decode-sized batches). Large prefills use the k-th largest
+    value as a threshold instead, to keep the comparison tensor small. Both agree except on exact
+    ties at the threshold, where TopK itself picks arbitrarily.
+    """
+    zero = torch.zeros_like(chosen)
+    if pre.shape[0] * chosen.shape[-1] * pre.shape[-1] <= _RANK_BY_COUNT_LIMIT:
+        above = (pre.unsqueeze(1) > chosen.unsqueeze(-1)).sum(-1)  # [N, C]
+        return torch.where(above < k, chosen, zero)
+    kth = torch.topk(pre, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.where(chosen >= kth, chosen, zero)
+
+
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant):
     """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``).
 
@@ -213,8 +234,7 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
         chosen = pre.gather(-1, ids)  # [N, C]
         act = sae.cfg.activation
         if act == "topk":
-            kth = torch.topk(pre, sae.cfg.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-            z = torch.where(chosen >= kth, chosen, torch.zeros_like(chosen))
+            z = topk_member(pre, chosen, sae.cfg.k)
         elif act == "jumprelu":
             # chosen is relu(p), and relu(p) * (relu(p) > t) == relu(p) * (p > t) for every t
             z = chosen * (chosen > sae.threshold[ids])
