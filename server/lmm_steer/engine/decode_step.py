@@ -20,11 +20,6 @@ from .kv_cache import StaticKVCache
 from .steering import PLAIN, SteeringTable, StepVariant, apply_steering
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights of linears that read the same input into one matrix, and point each
     module's weight at its slice of it: one GEMM instead of several per step, no extra memory, and
@@ -84,8 +79,15 @@ class _Block:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # The Llama/Qwen2 RMSNorm: normalise in fp32, cast back, then scale.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # The Llama/Qwen2 RMSNorm in one call (computed in fp32 inside); HF rounds once more, between
+    # normalising and scaling, which differs by at most one unit in the last place.
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _linear_residual(residual: torch.Tensor, x: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """``residual + linear(x)`` with the add done in the GEMM's epilogue (one kernel, not two)."""
+    out = torch.addmm(residual, x, linear.weight.t())
+    return out if linear.bias is None else out + linear.bias
 
 
 class DecodeStep:
@@ -118,16 +120,17 @@ class DecodeStep:
         rows = self.row_index[:b]
         pos = self.write_pos[:b]
         angles = self.rope_pos[:b, None].float() * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [b, 1, head_dim]
-        cos = (angles.cos() * self.rope_scale).to(self.dtype)
-        sin = (angles.sin() * self.rope_scale).to(self.dtype)
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: fold the sign into the table once
+        cos = (torch.cat((angles, angles), dim=-1).cos() * self.rope_scale).to(self.dtype)[:, None, :]
+        sin = angles.sin() * self.rope_scale
+        sin = torch.cat((-sin, sin), dim=-1).to(self.dtype)[:, None, :]  # [b, 1, head_dim]
         mask = (self.key_index[None, :attend_len] <= pos[:, None])[:, None, None, :]  # [b, 1, 1, L]
         h = self.decoder.embed_tokens(self.tokens[:b])  # [b, D]
         for i, blk in enumerate(self.blocks):
             nh, nkv, hd = blk.heads, blk.kv_heads, blk.head_dim
             qkv = F.linear(_rms_norm(h, blk.norm1, blk.eps1), blk.qkv_w, blk.qkv_b).view(b, nh + 2 * nkv, hd)
             qk = qkv[:, : nh + nkv]
-            qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # rotary on q and k at once
             # Grouped-query attention as plain attention: the nh/nkv query heads sharing a key head
             # become that head's "query positions", so every SDPA backend applies.
             q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)
@@ -137,9 +140,9 @@ class DecodeStep:
             o = F.scaled_dot_product_attention(
                 q, kc[:b, :, :attend_len], vc[:b, :, :attend_len], attn_mask=mask, scale=blk.scaling
             )
-            h = h + blk.o_proj(o.reshape(b, nh * hd))
+            h = _linear_residual(h, o.reshape(b, nh * hd), blk.o_proj)
             gate, up = F.linear(_rms_norm(h, blk.norm2, blk.eps2), blk.gate_up_w, blk.gate_up_b).chunk(2, dim=-1)
-            h = h + blk.down(blk.act(gate) * up)
+            h = _linear_residual(h, blk.act(gate) * up, blk.down)
             if i == self.hook_index and not variant.plain:
                 h = apply_steering(
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],
@@ -179,17 +182,22 @@ class CUDAGraphDecoder:
 
     def _capture(self, key):
         # Warm up on a side stream (lazy initialisation, cuBLAS workspaces), then capture. The
-        # warm-up runs the real step on the real buffers, which is idempotent: replay rewrites the
-        # same keys and values at the same positions.
+        # The step advances its own inputs (tokens, positions), so they are saved before the
+        # warm-up and restored after it; the keys and values the warm-up wrote lie beyond the
+        # rows' positions, masked until the real steps overwrite them.
+        step = self.step
+        saved = [buf.clone() for buf in (step.tokens, step.write_pos, step.rope_pos)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
-                self.step(*key)
+                step(*key)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(*key)
+            out = step(*key)
+        for buf, value in zip((step.tokens, step.write_pos, step.rope_pos), saved, strict=True):
+            buf.copy_(value)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, out)
