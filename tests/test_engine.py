@@ -317,3 +317,31 @@ def test_topk_membership_by_count_equals_by_threshold(monkeypatch):
     dense = torch.zeros_like(pre).scatter(-1, pre.topk(20, dim=-1).indices, pre.topk(20, dim=-1).values)
     torch.testing.assert_close(by_count, dense.gather(-1, ids))
     torch.testing.assert_close(by_threshold, by_count)
+
+
+class _NoBackend:
+    """A tokenizer without a Rust backend (the windowed detokeniser's case)."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("backend", [True, False])
+def test_streamed_deltas_add_up_to_the_text(llava, backend):
+    lm, sae = llava
+    engine = _engine(lm, sae)
+    if not backend:
+        engine.loaded = type(lm)(lm.name, lm.family, lm.model, _NoBackend(lm.tokenizer), lm.processor)
+    rid = engine.submit(_request(lm, max_tokens=20, temperature=1.0, seed=5))
+    deltas, final = [], None
+    while engine.has_work:
+        events, done = engine.step()
+        deltas += [e.text_delta for e in events if e.request_id == rid]
+        final = done[0] if done else final
+    assert "".join(deltas) == final.text == lm.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+    assert len(deltas) == 20
