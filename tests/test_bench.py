@@ -1,0 +1,31 @@
+"""A short smoke of ``lmm-steer bench`` so it cannot rot (the benchmark itself is not a test)."""
+
+import json
+import subprocess
+import sys
+
+from lmm_steer.bench import markdown
+
+
+def test_bench_smoke_prints_table_and_ratios(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lmm_steer.cli", "bench", "--batch", "1,2", "--new-tokens", "4",
+         "--prompt-tokens", "8", "--clamps", "4", "--image", "--agreement-rows", "2",
+         "--json", str(tmp_path / "b.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = result["decode_tok_s"]
+    for name in ("hf generate()", "engine, no SAE", "engine + SAE, no clamps", "engine + SAE, 4 clamps/row"):
+        assert set(rows[name]) == {"1", "2"} and all(v > 0 for v in rows[name].values()), name
+    assert result["ratios"]["engine / hf generate()"]["1"] > 0
+    assert result["ttft_text_s"] > 0 and result["ttft_image_s"] > 0
+    assert result["greedy_agreement"]["batched_vs_alone"]["sequences_identical"] == 2
+    assert result["errors"] == []
+    assert "| engine / hf generate() |" in out.stdout and "| decode tok/s | batch 1 | batch 2 |" in out.stdout
+
+
+def test_markdown_marks_missing_cells():
+    table = markdown({"decode_tok_s": {"a": {1: 2.0}, "b": {8: 3.0}}, "ratios": {}})
+    assert "| a | 2.0 | - |" in table and "| b | - | 3.0 |" in table
