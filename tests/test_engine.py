@@ -191,7 +191,7 @@ def test_join_and_leave_between_steps(llava):
         if step == 2:
             for i, r in enumerate(reqs[2:], start=2):
                 ids[engine.submit(r)] = i
-        _, done = engine.step()
+        done = engine.step().finished
         peak = max(peak, len(engine.active))
         for res in done:
             results[ids[res.request_id]] = res.token_ids
@@ -340,8 +340,53 @@ def test_streamed_deltas_add_up_to_the_text(llava, backend):
     rid = engine.submit(_request(lm, max_tokens=20, temperature=1.0, seed=5))
     deltas, final = [], None
     while engine.has_work:
-        events, done = engine.step()
-        deltas += [e.text_delta for e in events if e.request_id == rid]
-        final = done[0] if done else final
+        out = engine.step()
+        deltas += [e.text_delta for e in out.events if e.request_id == rid]
+        final = out.finished[0] if out.finished else final
     assert "".join(deltas) == final.text == lm.tokenizer.decode(final.token_ids, skip_special_tokens=True)
     assert len(deltas) == 20
+
+
+def test_abort_frees_the_row_and_others_continue(llava):
+    lm, sae = llava
+    reqs = _mixed_requests(lm)[:3]
+    alone = [_engine(lm, sae, max_batch=1).generate([r])[0].token_ids for r in _mixed_requests(lm)[:3]]
+    engine = _engine(lm, sae, max_batch=4)
+    ids = [engine.submit(r) for r in reqs]
+    engine.step()
+    engine.step()
+    assert len(engine.active) == 3
+    assert engine.abort(ids[0]) and not engine.abort("no-such-request")
+    assert len(engine.active) == 2
+    results = {}
+    while engine.has_work:
+        for r in engine.step().finished:
+            results[r.request_id] = r.token_ids
+    assert ids[0] not in results
+    assert [results[ids[1]], results[ids[2]]] == alone[1:]
+
+
+def test_one_failing_request_does_not_stop_the_others(llava, monkeypatch):
+    import lmm_steer.engine.engine as engine_mod
+
+    lm, sae = llava
+    real = engine_mod.run_prefill
+
+    def flaky(model, inputs, **kw):
+        if inputs["input_ids"].shape[1] == poisoned_len:
+            raise RuntimeError("simulated device fault")
+        return real(model, inputs, **kw)
+
+    engine = _engine(lm, sae)
+    bad = _request(lm, "What is in this image? " * 5)
+    poisoned_len = engine.prepare(_request(lm, "What is in this image? " * 5)).prompt_len
+    monkeypatch.setattr(engine_mod, "run_prefill", flaky)
+    good = [engine.submit(_request(lm)), engine.submit(bad), engine.submit(_request(lm, "Bob likes books."))]
+    finished, failed = {}, []
+    while engine.has_work:
+        out = engine.step()
+        failed += out.failed
+        finished.update({r.request_id: r for r in out.finished})
+    assert [rid for rid, _ in failed] == [good[1]] and "simulated device fault" in failed[0][1]
+    assert set(finished) == {good[0], good[2]}
+    assert engine.step().failed == [] and len(engine.generate([_request(lm, max_tokens=2)])[0].token_ids) == 2

@@ -1,6 +1,14 @@
 """The steering engine: SAE edits in the residual stream, continuous batching, CUDA-graph decode."""
 
-from .engine import Engine, EngineConfig, EngineError, GenerationRequest, GenerationResult, TokenEvent
+from .engine import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    StepOutput,
+    TokenEvent,
+)
 from .sampling import SamplingParams
 from .steering import FeatureEdit, SteeringSpec
 
@@ -13,5 +21,6 @@ __all__ = [
     "GenerationResult",
     "SamplingParams",
     "SteeringSpec",
+    "StepOutput",
     "TokenEvent",
 ]

@@ -75,6 +75,13 @@ class GenerationResult:
 
 
 @dataclass
+class StepOutput:
+    events: list[TokenEvent]
+    finished: list[GenerationResult]
+    failed: list[tuple[str, str]]  # (request id, message): the request ended with an internal error
+
+
+@dataclass
 class _Sequence:
     req: GenerationRequest
     inputs: dict
@@ -91,6 +98,7 @@ class _Sequence:
     stream: object | None = None  # tokenizers' DecodeStream, where the tokenizer has a Rust backend
     finish_reason: str | None = None
     t_submit: float = 0.0
+    t_start: float = 0.0  # prefill began
     t_first: float | None = None
 
     @property
@@ -230,9 +238,24 @@ class Engine:
                          make_generator(req.sampling.seed, self.device), t_submit=time.perf_counter())
 
     def submit(self, req: GenerationRequest) -> str:
-        seq = self.prepare(req)
+        return self.enqueue(self.prepare(req))
+
+    def enqueue(self, seq: _Sequence) -> str:
+        """Queue a prepared request; safe to call from another thread than the one stepping."""
         self.waiting.append(seq)
         return seq.req.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running (its row is free for the next step)."""
+        for seq in list(self.waiting):
+            if seq.req.request_id == request_id:
+                self.waiting.remove(seq)
+                return True
+        for seq in self.active:
+            if seq.req.request_id == request_id:
+                self._release(seq)
+                return True
+        return False
 
     @property
     def has_work(self) -> bool:
@@ -240,33 +263,49 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def step(self) -> tuple[list[TokenEvent], list[GenerationResult]]:
-        """Admit waiting requests into free rows (prefill), then one decode step for all rows."""
-        events: list[TokenEvent] = []
-        done: list[GenerationResult] = []
+    def step(self) -> StepOutput:
+        """Admit waiting requests into free rows (prefill), then one decode step for all rows.
+
+        A failure while admitting one request fails that request only; a failure of the batched
+        decode step fails the requests in that batch. The engine stays usable either way."""
+        out = StepOutput([], [], [])
         while self.waiting and len(self.active) < self.config.max_batch:
             seq = self.waiting.popleft()
             t0 = time.perf_counter()
-            self._admit(seq, events, done)
+            try:
+                self._admit(seq, out.events, out.finished)
+            except Exception as e:  # noqa: BLE001 - reported to the caller of this one request
+                if seq.row >= 0:
+                    self._release(seq)
+                out.failed.append((seq.req.request_id, f"{type(e).__name__}: {e}"))
             self.stats["prefill_time_s"] += time.perf_counter() - t0
         if self.active:
             t0 = time.perf_counter()
-            self.stats["decode_tokens"] += len(self.active)
-            self._decode(events, done)  # ends with a device sync: sampling reads the tokens back
+            n = len(self.active)
+            try:
+                self._decode(out.events, out.finished)  # ends with a device sync: tokens are read back
+            except Exception as e:  # noqa: BLE001
+                for seq in list(self.active):
+                    self._release(seq)
+                    out.failed.append((seq.req.request_id, f"{type(e).__name__}: {e}"))
+            self.stats["decode_tokens"] += n
             self.stats["decode_time_s"] += time.perf_counter() - t0
-        return events, done
+        return out
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` to completion; results in the order given."""
         order = [self.submit(r) for r in requests]
         results: dict[str, GenerationResult] = {}
         while self.has_work:
-            _, finished = self.step()
-            for r in finished:
+            out = self.step()
+            if out.failed:
+                raise RuntimeError(f"request {out.failed[0][0]} failed: {out.failed[0][1]}")
+            for r in out.finished:
                 results[r.request_id] = r
         return [results[rid] for rid in order]
 
     def _admit(self, seq: _Sequence, events, done) -> None:
+        seq.t_start = time.perf_counter()
         spec = seq.req.steering
         pre = run_prefill(
             self.model, seq.inputs, sae=self.sae, hook_index=self.hook_index, row=seq.steering_row,
@@ -357,8 +396,14 @@ class Engine:
             done.append(GenerationResult(
                 seq.req.request_id, list(seq.generated), seq.text, reason, seq.prompt_len,
                 list(seq.logprobs) if p.logprobs else None,
-                {"ttft_s": seq.t_first - seq.t_submit, "total_s": time.perf_counter() - seq.t_submit},
+                self._timings(seq),
             ))
+
+    @staticmethod
+    def _timings(seq: _Sequence) -> dict:
+        end = time.perf_counter()
+        return {"queue_s": seq.t_start - seq.t_submit, "prefill_s": seq.t_first - seq.t_start,
+                "decode_s": end - seq.t_first, "ttft_s": seq.t_first - seq.t_submit, "total_s": end - seq.t_submit}
 
     def _detokenize(self, seq: _Sequence) -> str:
         """New text for the newest token; a token that ends inside a multi-byte character yields
