@@ -93,17 +93,15 @@ def _generate(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
-    print("lmm-steer serve: not yet (the HTTP service lands with issue 4)", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmm-steer", description="SAE feature steering for multimodal models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP server")
-    serve.set_defaults(func=_serve)
+    from . import serve as serve_module
+
+    serve = sub.add_parser("serve", help="run the HTTP server (default: an offline builtin model)")
+    serve_module.add_arguments(serve)
+    serve.set_defaults(func=serve_module.main)
 
     gen = sub.add_parser("generate", help="one steered generation, for scripts and debugging")
     gen.add_argument("--model", default="builtin:tiny-llava-next")

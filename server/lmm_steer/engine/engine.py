@@ -226,6 +226,11 @@ class Engine:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         prompt_len = int(inputs["input_ids"].shape[1])
+        if prompt_len >= self.max_len:
+            raise EngineError(
+                f"prompt of {prompt_len} tokens exceeds this engine's context of {self.max_len} tokens",
+                "messages" if req.prompt_ids is None else "prompt_ids",
+            )
         need = prompt_len + req.sampling.max_tokens
         if need > self.max_len:
             raise EngineError(

@@ -1,0 +1,462 @@
+"""The HTTP service: OpenAI-compatible chat completions with steering, feature catalog, inspect.
+
+This layer turns JSON into the engine's request dataclasses and engine output back into JSON; it
+never touches tensors or the model (that is the service's engine thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import (
+    EngineError,
+    FeatureEdit,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    SteeringSpec,
+)
+from ..service import QueueFull, RequestFailed, SteeringService
+from .errors import APIError, error_body, error_response, loc_to_param, most_specific
+from .images import ImageLimits, load_image
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    FeatureInfo,
+    FeatureSearch,
+    InspectRequest,
+    Message,
+    ModelList,
+)
+
+
+@dataclass
+class ServerSettings:
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 32 * 2**20
+    images: ImageLimits = field(default_factory=ImageLimits)
+    default_max_tokens: int = 256
+
+
+# -- ASGI middleware: body size, content type, API keys ---------------------------------------------
+
+class GuardMiddleware:
+    """Refuses oversized bodies (by header and while streaming), non-JSON POST bodies, and requests
+    without a valid API key when keys are configured (``/health`` stays open)."""
+
+    def __init__(self, app, settings: ServerSettings, metrics=None) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = [k.encode() for k in settings.api_keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.keys and path != "/health" and not self._authorised(headers.get("authorization", "")):
+            return await self._refuse(send, APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                                     code="invalid_api_key"))
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return await self._refuse(send, APIError(
+                    415, f"Content-Type must be application/json, got {ctype or 'none'!r}", code="unsupported_media_type"))
+            limit = self.settings.max_body_bytes
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                return await self._refuse(send, _too_large(int(length), limit))
+            receive = self._counting(receive, limit)
+        try:
+            await self.app(scope, receive, send)
+        except _BodyTooLarge as e:
+            await self._refuse(send, _too_large(e.size, self.settings.max_body_bytes))
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        ok = False
+        for key in self.keys:  # compare against every key: time does not reveal which one matched
+            ok |= hmac.compare_digest(token.strip().encode(), key)
+        return ok
+
+    @staticmethod
+    def _counting(receive, limit):
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(seen)
+            return message
+
+        return wrapped
+
+    async def _refuse(self, send, e: APIError) -> None:
+        if self.metrics is not None:
+            self.metrics.on_error(e.code or str(e.status))
+        body = json.dumps(error_body(e.message, e.type, e.param, e.code)).encode()
+        await send({"type": "http.response.start", "status": e.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"request body of {size} bytes is over the limit of {limit}", code="body_too_large")
+
+
+# -- request translation ------------------------------------------------------------------------------
+
+async def _messages(messages: list[Message], service: SteeringService, limits: ImageLimits):
+    """OpenAI messages -> chat-template messages with ``{"type": "image"}`` parts, and the images."""
+    out, images = [], []
+    multimodal = service.engine.loaded.is_multimodal
+    for i, m in enumerate(messages):
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(m.content):
+            param = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if not multimodal:
+                raise APIError(400, f"model {service.model_name} is text-only and cannot take images", param=param,
+                               code="images_not_supported")
+            if len(images) >= limits.max_images:
+                raise APIError(400, f"too many images: at most {limits.max_images} per request", param="messages",
+                               code="too_many_images")
+            images.append(await load_image(part.image_url.url, f"{param}.image_url.url", limits))
+            parts.append({"type": "image"})
+        out.append({"role": m.role, "content": parts})
+    return out, images
+
+
+def _steering(body: ChatCompletionRequest) -> SteeringSpec | None:
+    edits = [FeatureEdit(int(k), float(v)) for k, v in (body.clamps or {}).items()]
+    if body.steering is not None:
+        edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in body.steering.features]
+        return SteeringSpec(edits, scope=body.steering.scope, semantics=body.steering.semantics)
+    return SteeringSpec(edits) if edits else None
+
+
+def _param_for(field: str, body: ChatCompletionRequest) -> str:
+    """Engine field names -> the request's own names (``clamps`` edits come first in the list)."""
+    n_clamps = len(body.clamps or {})
+    if field.startswith("steering.features[") and body.clamps:
+        index = int(field[len("steering.features["):].split("]")[0])
+        rest = field.split("]", 1)[1]
+        if index < n_clamps:
+            key = list(body.clamps)[index]
+            return f"clamps.{key}"
+        return f"steering.features[{index - n_clamps}]{rest}"
+    if field == "max_tokens" and body.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return field
+
+
+def _usage(result: GenerationResult) -> dict:
+    n = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+
+
+def _applied(spec: SteeringSpec | None, service: SteeringService) -> dict | None:
+    if spec is None:
+        return None
+    features = []
+    for e in spec.edits:
+        entry = service.catalog.get(e.feature)
+        features.append({"id": e.feature, "value": e.value, "mode": e.mode,
+                         "explanation": entry.explanation if entry and entry.explanation else None})
+    return {"features": features, "scope": spec.effective_scope, "semantics": spec.semantics,
+            "hookpoint": service.engine.hookpoint}
+
+
+def _logprobs(result: GenerationResult, service: SteeringService) -> dict | None:
+    if result.logprobs is None:
+        return None
+    tok = service.engine.loaded.tokenizer
+    content = []
+    for tid, lp in zip(result.token_ids, result.logprobs, strict=True):
+        text = tok.decode([tid])
+        content.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+    return {"content": content}
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+def create_app(service: SteeringService, settings: ServerSettings | None = None, metrics=None) -> FastAPI:
+    settings = settings or ServerSettings()
+    app = FastAPI(
+        title="lmm-steer", version="0.1.0",
+        description="OpenAI-compatible chat completions with per-request SAE feature steering.",
+    )
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+
+    def count_error(e: APIError) -> None:
+        if metrics is not None:
+            metrics.on_error(e.code or str(e.status))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        count_error(e)
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        first = most_specific(list(e.errors()))
+        if first.get("type") == "json_invalid":
+            err = APIError(400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                           code="invalid_json")
+        else:
+            param = loc_to_param(first.get("loc", ()))
+            msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+            err = APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+        count_error(err)
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        err = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        err = APIError(500, f"internal error: {type(e).__name__}", code="internal_error")
+        count_error(err)
+        return error_response(err)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != service.model_name:
+            raise APIError(404, f"model {model!r} is not served here (this server serves {service.model_name!r})",
+                           param="model", code="model_not_found")
+
+    async def build_request(body: ChatCompletionRequest, messages, images, steering, seed) -> GenerationRequest:
+        max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, seed=seed, stop=list(body.stop or []), logprobs=body.logprobs,
+                                  ignore_eos=body.ignore_eos)
+        return GenerationRequest(messages=messages, images=images, sampling=sampling, steering=steering)
+
+    async def start(body: ChatCompletionRequest, req: GenerationRequest):
+        """Queue a request and wait for its first output (so validation errors become 4xx)."""
+        stream = service.generate(req)
+        try:
+            first = await stream.__anext__()
+        except EngineError as e:
+            raise APIError(400, str(e), param=_param_for(e.field, body), code="invalid_value") from None
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)}) from None
+        except RequestFailed as e:
+            raise APIError(500, f"the request failed: {e}", code="internal_error") from None
+        return first, stream
+
+    async def finish(first, stream) -> GenerationResult:
+        if isinstance(first, GenerationResult):
+            return first
+        try:
+            async for item in stream:
+                if isinstance(item, GenerationResult):
+                    return item
+        except RequestFailed as e:
+            raise APIError(500, f"the request failed: {e}", code="internal_error") from None
+        raise APIError(500, "the request ended without a result", code="internal_error")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+        200: {"content": {"text/event-stream": {"description": "with stream: chat.completion.chunk events, "
+                                                "then data: [DONE]"}}},
+        400: {"description": "invalid request (OpenAI error shape, param names the field)"},
+        401: {"description": "missing or invalid API key"}, 413: {"description": "body or image too large"},
+        415: {"description": "body is not JSON"}, 429: {"description": "queue full (Retry-After)"}})
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        if body.n != 1:
+            raise APIError(400, f"n={body.n} is not supported: only n=1", param="n", code="unsupported_value")
+        if body.top_logprobs:
+            raise APIError(400, "top_logprobs is not supported (logprobs of the chosen tokens are)",
+                           param="top_logprobs", code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported", param=name, code="unsupported_value")
+        steering = _steering(body)
+        if steering is not None and steering.active and service.engine.sae is None:
+            raise APIError(400, "this server has no SAE loaded, so it cannot steer",
+                           param="steering" if body.steering else "clamps", code="steering_unavailable")
+        messages, images = await _messages(body.messages, service, settings.images)
+        seed = body.seed
+        if body.return_unsteered and seed is None and body.temperature > 0:
+            seed = secrets.randbits(63)  # both completions must draw the same random numbers
+        req = await build_request(body, messages, images, steering, seed)
+        unsteered_task = None
+        first, stream = await start(body, req)
+        if body.return_unsteered:
+            twin = await build_request(body, messages, images, None, seed)
+            unsteered_task = asyncio.create_task(service.complete(twin))
+        cid = f"chatcmpl-{req.request_id}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(first, stream, unsteered_task, cid, created, steering, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+            )
+        try:
+            result = await finish(first, stream)
+            unsteered = await unsteered_task if unsteered_task else None
+        finally:
+            if unsteered_task and not unsteered_task.done():
+                unsteered_task.cancel()
+        body_out = {
+            "id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": _logprobs(result, service)}],
+            "usage": _usage(result), "steering": _applied(steering, service),
+        }
+        if unsteered is not None:
+            body_out["unsteered"] = {"content": unsteered.text, "finish_reason": unsteered.finish_reason,
+                                     "usage": _usage(unsteered)}
+        return JSONResponse(body_out)
+
+    async def _sse(first, stream, unsteered_task, cid, created, steering, include_usage):
+        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                       **extra}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            item = first
+            while True:
+                if isinstance(item, GenerationResult):
+                    extra = {"steering": _applied(steering, service)}
+                    if unsteered_task is not None:
+                        u = await unsteered_task
+                        extra["unsteered"] = {"content": u.text, "finish_reason": u.finish_reason, "usage": _usage(u)}
+                    yield chunk({}, item.finish_reason, **extra)
+                    if include_usage:
+                        payload = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                   "model": service.model_name, "choices": [], "usage": _usage(item)}
+                        yield f"data: {json.dumps(payload)}\n\n"
+                    break
+                if item.text_delta:
+                    yield chunk({"content": item.text_delta})
+                item = await stream.__anext__()
+        except RequestFailed as e:
+            yield f"data: {json.dumps(error_body(f'the request failed: {e}', 'server_error', None, 'internal_error'))}\n\n"
+        finally:
+            await stream.aclose()  # a client that went away: abort, free the row
+            if unsteered_task is not None and not unsteered_task.done():
+                unsteered_task.cancel()
+        yield "data: [DONE]\n\n"
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        sae = None
+        if service.engine.sae is not None:
+            cfg = service.engine.sae.cfg
+            sae = {"hookpoint": service.engine.hookpoint, "num_latents": cfg.num_latents, "k": cfg.k,
+                   "activation": cfg.activation, "catalog_entries": len(service.catalog)}
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "lmm-steer", "sae": sae}]}
+
+    def _feature_or_404(feature_id: int) -> None:
+        n = service.num_latents
+        if n is None:
+            raise APIError(404, "this server has no SAE loaded", param="id", code="not_found")
+        if not 0 <= feature_id < n:
+            raise APIError(404, f"feature {feature_id} does not exist (the SAE has features 0..{n - 1})",
+                           param="id", code="feature_not_found")
+
+    @app.get("/v1/features/{feature_id}", response_model=FeatureInfo)
+    async def feature(feature_id: int):
+        _feature_or_404(feature_id)
+        entry = service.catalog.get(feature_id)
+        return {"id": feature_id, "explanation": entry.explanation if entry and entry.explanation else None,
+                "hookpoint": service.engine.hookpoint,
+                "decoder_norm": service.decoder_norms[feature_id] if service.decoder_norms else None,
+                "stats": dict(entry.extras) if entry else {}}
+
+    @app.get("/v1/features", response_model=FeatureSearch)
+    async def search_features(q: str = Query(..., min_length=1, max_length=500),
+                              limit: int = Query(10, ge=1, le=100)):
+        hits = service.catalog.search(q, limit)
+        return {"object": "list", "query": q,
+                "data": [{"id": e.feature, "explanation": e.explanation, "score": s} for e, s in hits]}
+
+    @app.post("/v1/inspect")
+    async def inspect(body: InspectRequest):
+        from ..engine.inspect import inspect_prompt
+
+        check_model(body.model)
+        if service.engine.sae is None:
+            raise APIError(400, "this server has no SAE loaded", code="steering_unavailable")
+        for i, f in enumerate(body.features or []):
+            if f >= service.num_latents:
+                raise APIError(400, f"feature {f} does not exist (the SAE has features 0..{service.num_latents - 1})",
+                               param=f"features[{i}]", code="invalid_value")
+        messages, images = await _messages(body.messages, service, settings.images)
+        req = GenerationRequest(messages=messages, images=images, sampling=SamplingParams(max_tokens=1))
+
+        def run(engine):
+            seq = engine.prepare(req)
+            return inspect_prompt(engine, seq.inputs, top_k=body.top_k, features=body.features,
+                                  grid_features=body.grid_features, positions=body.positions)
+
+        try:
+            result = await service.call(run)
+        except EngineError as e:
+            raise APIError(400, str(e), param=e.field, code="invalid_value") from None
+
+        def explain(items):
+            for it in items:
+                entry = service.catalog.get(it["id"])
+                it["explanation"] = entry.explanation if entry and entry.explanation else None
+            return items
+
+        for kind in result["pooled"]:
+            explain(result["pooled"][kind])
+        for pos in result["positions"] or []:
+            explain(pos["features"])
+        result["hookpoint"] = service.engine.hookpoint
+        result["object"] = "inspection"
+        return JSONResponse(result)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not service.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "model": service.model_name}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        if metrics is None:
+            return Response(b"", media_type="text/plain")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,200 @@
+"""The bridge between async HTTP handlers and the engine, which runs on a thread of its own.
+
+Handlers prepare a request (validation, tokenisation, image processing) on a worker thread, hand
+it to the engine thread, and read its token events from an asyncio queue. Everything that touches
+the model (decode steps, inspect, feature statistics) happens on the engine thread, one thing at a
+time. Neither side sees the other's internals: handlers see dataclasses and plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from sae_weights import FeatureCatalog
+
+from .engine import Engine, GenerationRequest, GenerationResult, TokenEvent
+
+log = logging.getLogger("lmm_steer.service")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("the server's request queue is full; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class RequestFailed(Exception):
+    """The engine failed this request (it keeps serving the others)."""
+
+
+@dataclass
+class _Finished:
+    result: GenerationResult
+
+
+@dataclass
+class _Failed:
+    message: str
+
+
+class SteeringService:
+    def __init__(self, engine: Engine, *, catalog: FeatureCatalog | None = None, max_queue: int = 256,
+                 model_name: str | None = None, metrics=None) -> None:
+        self.engine = engine
+        self.catalog = catalog or FeatureCatalog()
+        self.max_queue = max_queue
+        self.model_name = model_name or engine.loaded.name
+        self.metrics = metrics
+        self._channels: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._jobs: list[tuple[Callable, Future]] = []
+        self._aborts: set[str] = set()
+        self._preparing = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lmm-steer-engine", daemon=True)
+        self.ready = False
+        self.decoder_norms: list[float] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        if self.engine.sae is not None:
+            from .engine.inspect import decoder_norms
+
+            self.decoder_norms = self.call_sync(lambda e: decoder_norms(e.sae))
+        self.ready = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.waiting) + self._preparing
+
+    @property
+    def num_latents(self) -> int | None:
+        return self.engine.sae.num_latents if self.engine.sae is not None else None
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """Validate and queue ``req`` (raising EngineError or QueueFull before anything is
+        yielded), then yield its token events and finally its result. Closing the iterator early
+        (a client went away) aborts the request and frees its row."""
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(retry_after_s=max(1, self.waiting // max(1, self.engine.config.max_batch)))
+            self._preparing += 1
+        loop = asyncio.get_running_loop()
+        try:
+            seq = await loop.run_in_executor(None, self.engine.prepare, req)
+        finally:
+            with self._lock:
+                self._preparing -= 1
+        rid = seq.req.request_id
+        queue: asyncio.Queue = asyncio.Queue()
+        self._channels[rid] = (loop, queue)
+        self.engine.enqueue(seq)
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Finished):
+                    done = True
+                    yield item.result
+                    return
+                if isinstance(item, _Failed):
+                    done = True
+                    raise RequestFailed(item.message)
+                yield item
+        finally:
+            self._channels.pop(rid, None)
+            if not done:
+                self.abort(rid)
+
+    async def complete(self, req: GenerationRequest) -> GenerationResult:
+        result = None
+        async for item in self.generate(req):
+            if isinstance(item, GenerationResult):
+                result = item
+        return result
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    # -- model work on the engine thread -------------------------------------------------------
+
+    def call_sync(self, fn: Callable[[Engine], object]) -> object:
+        future: Future = Future()
+        with self._lock:
+            self._jobs.append((fn, future))
+        self._wake.set()
+        return future.result()
+
+    async def call(self, fn: Callable[[Engine], object]) -> object:
+        future: Future = Future()
+        with self._lock:
+            self._jobs.append((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                jobs, self._jobs = self._jobs, []
+                aborts, self._aborts = self._aborts, set()
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(self.engine))
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(e)
+            for rid in aborts:
+                if self.engine.abort(rid) and self.metrics is not None:
+                    self.metrics.on_abort()
+            if not self.engine.has_work:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                out = self.engine.step()
+            except Exception:  # noqa: BLE001 - the engine isolates failures; this is a last resort
+                log.exception("engine step failed")
+                continue
+            for event in out.events:
+                self._send(event.request_id, event)
+            for result in out.finished:
+                if self.metrics is not None:
+                    self.metrics.on_finish(result)
+                self._send(result.request_id, _Finished(result))
+            for rid, message in out.failed:
+                log.error("request %s failed: %s", rid, message)
+                if self.metrics is not None:
+                    self.metrics.on_error("internal")
+                self._send(rid, _Failed(message))
+
+    def _send(self, request_id: str, item) -> None:
+        channel = self._channels.get(request_id)
+        if channel is not None:
+            loop, queue = channel
+            loop.call_soon_threadsafe(queue.put_nowait, item)
