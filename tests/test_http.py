@@ -176,6 +176,8 @@ def test_health_ready_openapi(server):
     for p in ("/v1/chat/completions", "/v1/models", "/v1/features/{feature_id}", "/v1/features", "/v1/inspect",
               "/health", "/ready", "/metrics"):
         assert p in paths, p
+    schemas = server.get("/openapi.json").json()["components"]["schemas"]
+    assert {"ChatCompletion", "Inspection", "FeatureInfo", "ChatCompletionRequest", "Steering"} <= set(schemas)
 
 
 # -- errors --------------------------------------------------------------------------------------------

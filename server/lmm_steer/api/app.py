@@ -34,6 +34,7 @@ from .schemas import (
     ChatCompletionRequest,
     FeatureInfo,
     FeatureSearch,
+    Inspection,
     InspectRequest,
     Message,
     ModelList,
@@ -403,7 +404,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         return {"object": "list", "query": q,
                 "data": [{"id": e.feature, "explanation": e.explanation, "score": s} for e, s in hits]}
 
-    @app.post("/v1/inspect")
+    @app.post("/v1/inspect", response_model=Inspection)
     async def inspect(body: InspectRequest):
         from ..engine.inspect import inspect_prompt
 

@@ -192,3 +192,35 @@ class FeatureSearch(BaseModel):
     object: Literal["list"] = "list"
     query: str
     data: list[FeatureHit]
+
+
+class ActiveFeature(BaseModel):
+    id: int
+    activation: float
+    explanation: str | None = None
+
+
+class InspectedPosition(BaseModel):
+    position: int
+    token: str
+    kind: Literal["image", "text"]
+    features: list[ActiveFeature]
+
+
+class ImageGrid(BaseModel):
+    index: int
+    rows: int
+    cols: int
+    features: dict[str, list[list[float]]] = Field(
+        description="feature id -> rows x cols activations over the image's patch grid (row-major)")
+
+
+class Inspection(BaseModel):
+    object: Literal["inspection"] = "inspection"
+    hookpoint: str | None
+    num_tokens: int
+    image_tokens: int
+    text_tokens: int
+    positions: list[InspectedPosition] | None
+    pooled: dict[Literal["image", "text"], list[ActiveFeature]]
+    images: list[ImageGrid]
