@@ -29,3 +29,11 @@ def test_bench_smoke_prints_table_and_ratios(tmp_path):
 def test_markdown_marks_missing_cells():
     table = markdown({"decode_tok_s": {"a": {1: 2.0}, "b": {8: 3.0}}, "ratios": {}})
     assert "| a | 2.0 | - |" in table and "| b | - | 3.0 |" in table
+
+
+def test_engine_and_bench_do_not_import_the_http_layer():
+    code = ("import sys, lmm_steer.engine, lmm_steer.bench, lmm_steer.cli; "
+            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'lmm_steer.api') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
