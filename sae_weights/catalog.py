@@ -4,7 +4,8 @@ Reads the paper's release format, a JSON list of ``{"model.layers.24_feature<i>"
 objects (one dict holding many such keys is accepted too), and JSONL rows
 ``{"feature": i, "explanation": "...", ...}`` whose other keys are kept as the entry's extras.
 
-Search is lexical (BM25 over lower-cased word tokens). ``FeatureCatalog.search`` takes any
+Search is lexical (BM25 over lower-cased word tokens of the explanation and, for automatic
+catalogs, of each feature's top-activating contexts). ``FeatureCatalog.search`` takes any
 ``scorer`` with the ``Scorer`` signature, so an embedding model can replace BM25 without touching
 callers: embed the explanations once, embed the query, return cosine similarities.
 """
@@ -35,6 +36,13 @@ class FeatureEntry:
     explanation: str = ""
     hookpoint: str | None = None
     extras: dict = field(default_factory=dict)
+
+    @property
+    def search_text(self) -> str:
+        """What search matches: the explanation and, from automatic catalogs, the top contexts."""
+        contexts = self.extras.get("top_contexts") or []
+        texts = [c.get("text", "") if isinstance(c, dict) else str(c) for c in contexts]
+        return " ".join([self.explanation, *texts]).replace("«", " ").replace("»", " ")
 
     def to_dict(self) -> dict:
         out = {"feature": self.feature, "explanation": self.explanation, **self.extras}
@@ -79,8 +87,8 @@ class FeatureCatalog:
 
     def _bm25_index(self):
         if self._index is None:
-            entries = [e for e in self._by_id.values() if e.explanation]
-            docs = [Counter(tokenize(e.explanation)) for e in entries]
+            entries = [e for e in self._by_id.values() if e.search_text.strip()]
+            docs = [Counter(tokenize(e.search_text)) for e in entries]
             df = Counter(t for d in docs for t in d)
             avg = sum(sum(d.values()) for d in docs) / max(1, len(docs))
             self._index = (entries, docs, df, avg)

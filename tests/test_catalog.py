@@ -61,3 +61,17 @@ def test_bad_catalog_files(tmp_path, text, msg):
     path.write_text(text)
     with pytest.raises(CatalogError, match=msg):
         FeatureCatalog.load(path)
+
+
+def test_search_covers_top_contexts_of_automatic_catalogs(tmp_path):
+    path = tmp_path / "auto.jsonl"
+    rows = [
+        {"feature": 1, "explanation": "", "density": 0.01,
+         "top_contexts": [{"text": "the «dog» barked", "activation": 5.0}, {"text": "a «puppy» dog", "activation": 4.0}]},
+        {"feature": 2, "explanation": "", "top_contexts": [{"text": "boiling «water» in a pot", "activation": 3.0}]},
+        {"feature": 3, "explanation": "", "top_contexts": []},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cat = FeatureCatalog.load(path)
+    assert [e.feature for e, _ in cat.search("dog")] == [1]
+    assert [e.feature for e, _ in cat.search("water")] == [2]

@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision")
     info.set_defaults(func=_sae_info)
 
+    from .training import commands as training
+
+    train = sae.add_parser("train", help="train a TopK SAE on a model's activations at a hookpoint")
+    training.add_train_arguments(train)
+    train.set_defaults(func=training.train_command)
+    catalog = sae.add_parser("catalog", help="record each feature's top contexts, density and maximum")
+    training.add_catalog_arguments(catalog)
+    catalog.set_defaults(func=training.catalog_command)
+
     convert = sae.add_parser("convert", help="rewrite an SAE in the other layout")
     convert.add_argument("src")
     convert.add_argument("dst")

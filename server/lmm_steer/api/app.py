@@ -402,7 +402,9 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                               limit: int = Query(10, ge=1, le=100)):
         hits = service.catalog.search(q, limit)
         return {"object": "list", "query": q,
-                "data": [{"id": e.feature, "explanation": e.explanation, "score": s} for e, s in hits]}
+                "data": [{"id": e.feature, "explanation": e.explanation, "score": s,
+                          "contexts": [c["text"] for c in (e.extras.get("top_contexts") or [])[:3]
+                                       if isinstance(c, dict) and "text" in c]} for e, s in hits]}
 
     @app.post("/v1/inspect", response_model=Inspection)
     async def inspect(body: InspectRequest):

@@ -186,6 +186,7 @@ class FeatureHit(BaseModel):
     id: int
     explanation: str
     score: float
+    contexts: list[str] = Field(default_factory=list, description="top-activating contexts (activating token in «»)")
 
 
 class FeatureSearch(BaseModel):

@@ -6,6 +6,8 @@ import torch
 
 from .builtin import BUILTIN_MODELS, build_builtin
 from .loaded import LoadedModel
+from .smollm2 import NAME as SMOLLM2
+from .smollm2 import SmolLM2Missing, load_smollm2
 
 # model_type in config.json -> our family name (which decides hook resolution and input handling)
 FAMILIES = {
@@ -30,9 +32,14 @@ def load_model(
     name: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
     revision: str | None = None,
 ) -> LoadedModel:
+    if name == SMOLLM2:
+        try:
+            return load_smollm2(device=device, dtype=dtype or torch.float32)
+        except SmolLM2Missing as e:
+            raise ModelLoadError(str(e)) from None
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
-            raise ModelLoadError(f"unknown builtin model {name!r} (known: {sorted(BUILTIN_MODELS)})")
+            raise ModelLoadError(f"unknown builtin model {name!r} (known: {sorted([*BUILTIN_MODELS, SMOLLM2])})")
         return build_builtin(name, device=device, dtype=dtype or torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 

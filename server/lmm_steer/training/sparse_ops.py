@@ -1,0 +1,87 @@
+"""The two TopK SAE operations with sparse backward passes.
+
+Only the encoder's forward matmul is dense. Every gradient touches just the k chosen latents per
+token: weight gradients are sparse (CSR) x dense products, the gradient of the chosen
+activations is a sampled dot product computed in row chunks, and no ``[batch, k, d]`` tensor is
+ever held whole.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+_CHUNK = 512  # rows per chunk when gathering decoder rows in the backward pass
+
+
+def _csr_t(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """The transposed sparse code, ``[M, B]``, as CSR (built from COO, which sorts by latent)."""
+    b, k = idx.shape
+    rows = idx.reshape(-1)
+    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.reshape(-1), (num_latents, b),
+                                  check_invariants=False)
+    return coo.coalesce().to_sparse_csr()
+
+
+class TopKEncode(torch.autograd.Function):
+    """``x -> (values, ids)`` of TopK(ReLU(W_enc x + b_enc)); optionally also the AuxK selection
+    among ``dead`` latents. Gradients flow to W_enc and b_enc through the selected entries only."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
+    def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int):
+        pre = F.relu(torch.addmm(b_enc, x, w_enc.t()))  # the one dense matmul
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if dead is not None and k_aux > 0:
+            masked = pre.masked_fill(~dead, float("-inf"))
+            aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_vals = aux_vals.clamp_min(0)  # rows with fewer dead latents than k_aux pick -inf
+            aux_idx = torch.where(torch.isfinite(masked.gather(-1, aux_idx)), aux_idx, idx[:, :1].expand_as(aux_idx))
+        else:
+            aux_vals = x.new_zeros(x.shape[0], 0)
+            aux_idx = idx.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x, idx, vals, aux_idx, aux_vals)
+        ctx.num_latents = w_enc.shape[0]
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x, idx, vals, aux_idx, aux_vals = ctx.saved_tensors
+        # ReLU: no gradient where the selected value is 0
+        g = torch.where(vals > 0, g_vals, torch.zeros_like(g_vals))
+        if aux_idx.shape[1] and g_aux is not None:
+            g_aux = torch.where(aux_vals > 0, g_aux, torch.zeros_like(g_aux))
+            idx = torch.cat([idx, aux_idx], dim=1)
+            g = torch.cat([g, g_aux], dim=1)
+        m = ctx.num_latents
+        g_t = _csr_t(idx, g, m)  # [M, B]
+        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 inputs accumulate in fp32
+        grad_w = torch.sparse.mm(g_t.to(acc), x.to(acc))
+        grad_b = torch.zeros(m, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1).to(acc))
+        return None, grad_w, grad_b, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """``(values, ids) -> sum_j values_j W_dec[ids_j]`` with gradients to the values and W_dec."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, w_dec):
+        ctx.save_for_backward(vals, idx, w_dec)
+        return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_out):
+        vals, idx, w_dec = ctx.saved_tensors
+        g_vals = torch.empty_like(vals)
+        for s in range(0, idx.shape[0], _CHUNK):  # sampled dot products, a chunk of rows at a time
+            rows = w_dec[idx[s : s + _CHUNK]]  # [c, k, D]
+            g_vals[s : s + _CHUNK] = torch.bmm(rows, g_out[s : s + _CHUNK, :, None])[..., 0]
+        grad_w = torch.sparse.mm(_csr_t(idx, vals, w_dec.shape[0]), g_out)
+        return g_vals, None, grad_w

@@ -1,0 +1,199 @@
+"""SAE training, activation collection and the automatic catalog, on builtin tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmm_steer.models.builtin import _CORPUS
+from lmm_steer.training.sparse_ops import SparseDecode, TopKEncode
+from lmm_steer.training.trainer import SAETrainer, TrainConfig, train
+from sae_weights import load_sae
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lmm_steer.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    lines = [s.strip() + "." for s in _CORPUS.replace("\n", " ").split(".") if s.strip()]
+    path.write_text("\n".join(lines * 6) + "\n")
+    return path
+
+
+def test_sparse_backward_equals_dense_autograd():
+    torch.manual_seed(0)
+    b, d, m, k = 37, 24, 96, 5
+    x = torch.randn(b, d, dtype=torch.float64)
+    w_enc = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    b_enc = torch.randn(m, dtype=torch.float64, requires_grad=True)
+    w_dec = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(b, d, dtype=torch.float64)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[::3] = True
+
+    vals, idx, aux_vals, aux_idx = TopKEncode.apply(x, w_enc, b_enc, k, dead, 4)
+    loss = ((SparseDecode.apply(vals, idx, w_dec) - target) ** 2).sum() + SparseDecode.apply(aux_vals, aux_idx,
+                                                                                              w_dec).pow(2).sum()
+    loss.backward()
+    ours = [t.grad.clone() for t in (w_enc, b_enc, w_dec)]
+    for t in (w_enc, b_enc, w_dec):
+        t.grad = None
+
+    pre = F.relu(x @ w_enc.T + b_enc)
+    sel = torch.zeros_like(pre).scatter(1, pre.topk(k, dim=1).indices, 1.0)
+    aux_pre = pre.masked_fill(~dead, float("-inf"))
+    aux_sel = torch.zeros_like(pre).scatter(1, aux_pre.topk(4, dim=1).indices, 1.0)
+    ref = ((pre * sel) @ w_dec - target).pow(2).sum() + ((pre * aux_sel) @ w_dec).pow(2).sum()
+    ref.backward()
+    for a, r in zip(ours, (w_enc.grad, b_enc.grad, w_dec.grad), strict=True):
+        torch.testing.assert_close(a, r)
+
+
+def _synthetic(n=20000, d=48, true_features=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(true_features, d, generator=g)
+    feats /= feats.norm(dim=1, keepdim=True)
+    codes = torch.zeros(n, true_features)
+    codes.scatter_(1, torch.randint(0, true_features, (n, 4), generator=g), torch.rand(n, 4, generator=g) * 3)
+    return codes @ feats + 0.3
+
+
+def _batches(data, size):
+    def batches(step):
+        return data[torch.randint(0, data.shape[0], (size,), generator=torch.Generator().manual_seed(step))]
+    return batches
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = _synthetic()
+    cfg = TrainConfig(num_latents=256, k=8, batch_size=512, steps=60, warmup_steps=10, dead_tokens=2000, seed=3)
+    straight = SAETrainer(cfg, 48)
+    train(straight, _batches(data, 512), progress=False)
+
+    first = SAETrainer(cfg, 48)
+    while first.step < 30:
+        first.train_step(_batches(data, 512)(first.step))
+    first.save(tmp_path / "ckpt")
+    resumed = SAETrainer(cfg, 48)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.step == 30
+    train(resumed, _batches(data, 512), progress=False)
+    for a, b in zip(straight.params, resumed.params, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.since_fired, resumed.since_fired)
+
+
+def test_auxk_trains_dead_latents_and_only_with_auxk():
+    """A latent counted dead, with positive pre-activations that never make the top k, is moved
+    by the AuxK loss (as in sparsify) and left alone without it."""
+    data = _synthetic(n=4000)
+    moved = {}
+    for alpha in (1 / 32, 0.0):
+        tr = SAETrainer(TrainConfig(num_latents=2048, k=2, batch_size=128, steps=3, warmup_steps=1, dead_tokens=1,
+                                    seed=2, auxk_alpha=alpha), 48)
+        tr.train_step(_batches(data, 128)(0))  # every latent that did not fire is now dead
+        dead = (tr.since_fired >= 1).nonzero()[:, 0]
+        before = tr.sae.W_dec[dead].clone()
+        tr.train_step(_batches(data, 128)(1))
+        silent = tr.since_fired[dead] >= 2 * 128  # did not fire in the main top k of either step
+        changed = (tr.sae.W_dec[dead] - before).abs().amax(1) > 1e-5  # beyond renormalisation rounding
+        moved[alpha] = int((changed & silent).sum())
+        assert len(dead) > 0
+    assert moved[1 / 32] > 0 and moved[0.0] == 0
+    torch.testing.assert_close(tr.sae.W_dec.norm(dim=1), torch.ones(2048))
+
+
+def test_train_command_on_a_builtin_model_lowers_fvu_and_serves(corpus, tmp_path):
+    out = tmp_path / "sae"
+    r = _cli("sae", "train", "--model", "builtin:tiny-llama", "--hookpoint", "model.layers.2", "--data", str(corpus),
+             "--tokens", "6000", "--latents", "256", "--k", "16", "--batch", "512", "--steps", "300",
+             "--warmup", "20", "--dead-tokens", "20000", "--out", str(out), "--eval-every", "150",
+             "--eval-examples", "4", "--log-every", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "sae.log.jsonl").read_text().splitlines()]
+    assert log[0]["fvu"] > 0.5
+    assert summary["fvu"] < 0.25, summary  # bound for this setup: 300 steps, 256 latents, k 16
+    assert summary["l0"] <= 16 and 0 <= summary["dead_share"] < 0.5
+    assert summary["ce_spliced"] >= summary["ce_clean"] - 0.05 and summary["kl"] >= 0
+    assert any("kl" in row for row in log)
+    # the checkpoint is the sparsify layout the server loads directly
+    sae = load_sae(out, hookpoint="model.layers.2")
+    assert (sae.num_latents, sae.k, sae.d_in) == (256, 16, 64)
+    from lmm_steer.engine import FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
+    from lmm_steer.engine.factory import build_engine
+
+    engine = build_engine("builtin:tiny-llama", str(out), hookpoint="model.layers.2")
+    res = engine.generate([GenerationRequest(messages=[{"role": "user", "content": "hi"}],
+                                             steering=SteeringSpec([FeatureEdit(3, 20.0)]),
+                                             sampling=SamplingParams(max_tokens=4, ignore_eos=True))])[0]
+    assert len(res.token_ids) == 4
+
+
+def test_activation_cache_is_reused(corpus, tmp_path):
+    from lmm_steer.models.loader import load_model
+    from lmm_steer.training.activations import collect
+    from lmm_steer.training.data import iter_examples
+
+    lm = load_model("builtin:tiny-llama")
+    key = {"data": str(corpus)}
+    first = collect(lm, 2, iter_examples(str(corpus)), 1000, cache_dir=tmp_path / "c", cache_key=key)
+    assert first.shape == (1000, 64) and (tmp_path / "c" / "manifest.json").exists()
+    again = collect(lm, 2, iter(()), 1000, cache_dir=tmp_path / "c", cache_key=key)  # no data: from disk
+    assert torch.equal(first, again)
+    assert collect(lm, 2, iter_examples(str(corpus)), 500, cache_dir=tmp_path / "c",
+                   cache_key={"data": "other"}).shape == (500, 64)
+
+
+def test_two_process_gloo_ranks_end_identical(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577",
+         "-m", "lmm_steer.cli", "sae", "train", "--model", "builtin:tiny-llama", "--hookpoint", "model.layers.2",
+         "--data", str(corpus), "--tokens", "4000", "--latents", "128", "--k", "8", "--batch", "256",
+         "--steps", "40", "--warmup", "5", "--out", str(out), "--quiet", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 40
+    assert len(summary["rank_digests"]) == 2 and summary["rank_digests"][0] == summary["rank_digests"][1]
+    assert summary["tokens"] == 40 * 256
+
+
+def test_catalog_text_and_images(corpus, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), (80 * i, 40, 200 - 60 * i)).save(images / f"img{i}.png")
+    (images / "img0.txt").write_text("A blue square.")
+    for data, model in ((str(corpus), "builtin:tiny-llama"), (str(images), "builtin:tiny-llava-next")):
+        out = tmp_path / f"{model.split(':')[1]}.jsonl"
+        r = _cli("sae", "catalog", "--model", model, "--sae", "builtin:random-topk:latents=128,k=8",
+                 "--hookpoint", "model.layers.2", "--data", data, "--out", str(out), "--examples", "40",
+                 "--top", "3")
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["feature"] for row in rows] == list(range(128))
+        assert all(0 <= row["density"] <= 1 and row["max_activation"] >= 0 for row in rows)
+        active = [row for row in rows if row["density"] > 0]
+        assert active
+        if model == "builtin:tiny-llama":
+            assert all(len(row["top_contexts"]) <= 3 for row in rows)
+            ctx = [c for row in active for c in row["top_contexts"]]
+            assert ctx and all("«" in c["text"] and "»" in c["text"] for c in ctx)
+            acts = [c["activation"] for c in active[0]["top_contexts"]]
+            assert acts == sorted(acts, reverse=True)
+        else:
+            imgs = [im for row in active for im in row.get("top_images", [])]
+            assert imgs and all(len(im["grid"]) == 4 and len(im["grid"][0]) == 4 for im in imgs)
+            assert all(im["image"].endswith(".png") for im in imgs)
