@@ -22,6 +22,7 @@ from pathlib import Path
 
 _PAPER_KEY = re.compile(r"^(?P<hook>.+)_feature(?P<id>\d+)$")
 _WORD = re.compile(r"[a-z0-9]+")
+_MARKED = re.compile(r"«([^»]*)»")
 
 Scorer = Callable[[str, list["FeatureEntry"]], list[float]]
 
@@ -39,10 +40,14 @@ class FeatureEntry:
 
     @property
     def search_text(self) -> str:
-        """What search matches: the explanation and, from automatic catalogs, the top contexts."""
+        """What search matches: the explanation and, from automatic catalogs, the top contexts,
+        where the marked activating tokens (``«dog»``) count three times: a feature that fires *on*
+        a word should outrank one that merely fires near it."""
         contexts = self.extras.get("top_contexts") or []
         texts = [c.get("text", "") if isinstance(c, dict) else str(c) for c in contexts]
-        return " ".join([self.explanation, *texts]).replace("«", " ").replace("»", " ")
+        marked = [m for t in texts for m in _MARKED.findall(t)]
+        plain = " ".join(texts).replace("«", " ").replace("»", " ")
+        return " ".join([self.explanation, plain, *(marked * 3)])
 
     def to_dict(self) -> dict:
         out = {"feature": self.feature, "explanation": self.explanation, **self.extras}

@@ -34,7 +34,8 @@ def server(tmp_path_factory):
     cat = tmp_path_factory.mktemp("cat") / "catalog.jsonl"
     cat.write_text("".join(json.dumps({"feature": f, "explanation": e, "density": 0.01}) + "\n"
                            for f, e in HOOK_FEATURES.items()))
-    s = Server("--max-batch", "4", "--max-seq-len", "512", "--catalog", str(cat), "--max-body-bytes", "300000",
+    s = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk", "--max-batch", "4",
+               "--max-seq-len", "512", "--catalog", str(cat), "--max-body-bytes", "300000",
                "--max-image-bytes", "60000", "--max-image-pixels", "1000000", "--max-images", "2",
                "--allow-image-urls")
     yield s

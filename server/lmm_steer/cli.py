@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from sae_weights.default import DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+
 
 def _sae_info(args) -> int:
     from sae_weights import layouts
@@ -62,8 +64,12 @@ def _generate(args) -> int:
     from .engine import EngineConfig, EngineError, GenerationRequest, SamplingParams, SteeringSpec
     from .engine.factory import build_engine
 
+    sae, hookpoint = args.sae, args.hookpoint
+    if sae is None:
+        sae = str(DEFAULT_SAE) if args.model == DEFAULT_MODEL else "none"
+        hookpoint = hookpoint or (DEFAULT_HOOKPOINT if args.model == DEFAULT_MODEL else None)
     engine = build_engine(
-        args.model, args.sae, hookpoint=args.hookpoint, dtype=args.dtype, device=args.device,
+        args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device,
         config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, max_seq_len=args.max_seq_len),
     )
     images = []
@@ -104,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=serve_module.main)
 
     gen = sub.add_parser("generate", help="one steered generation, for scripts and debugging")
-    gen.add_argument("--model", default="builtin:tiny-llava-next")
-    gen.add_argument("--sae", default="builtin:random-topk", help="SAE source, or 'none' for the plain model")
+    gen.add_argument("--model", default=DEFAULT_MODEL)
+    gen.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
     gen.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own, else 3/4 of the depth)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], metavar="PATH")
@@ -145,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sae.add_parser("catalog", help="record each feature's top contexts, density and maximum")
     training.add_catalog_arguments(catalog)
     catalog.set_defaults(func=training.catalog_command)
+
+    from .training import bench as train_bench
+
+    bench_train = sae.add_parser("bench-train", help="training step rate against the dense encoder matmul alone")
+    train_bench.add_arguments(bench_train)
+    bench_train.set_defaults(func=train_bench.main)
 
     convert = sae.add_parser("convert", help="rewrite an SAE in the other layout")
     convert.add_argument("src")

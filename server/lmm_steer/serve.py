@@ -6,13 +6,12 @@ import argparse
 import logging
 import sys
 
-DEFAULT_MODEL = "builtin:tiny-llava-next"
-DEFAULT_SAE = "builtin:random-topk"
+from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or builtin: name (default {DEFAULT_MODEL})")
-    p.add_argument("--sae", default=None, help=f"SAE source, or 'none' (default {DEFAULT_SAE} with the default model)")
+    p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
     p.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own)")
     p.add_argument("--revision", help="SAE revision on the hub")
     p.add_argument("--catalog", action="append", default=[], metavar="PATH",
@@ -48,16 +47,19 @@ def build_app(args):
     from .metrics import Metrics
     from .service import SteeringService
 
-    sae = args.sae
+    sae, catalogs, hookpoint = args.sae, list(args.catalog), args.hookpoint
     if sae is None:
-        sae = DEFAULT_SAE if args.model == DEFAULT_MODEL else "none"
+        sae = str(DEFAULT_SAE) if args.model == DEFAULT_MODEL else "none"
+        if args.model == DEFAULT_MODEL:
+            catalogs = catalogs or [str(DEFAULT_CATALOG)]
+            hookpoint = hookpoint or DEFAULT_HOOKPOINT
     engine = build_engine(
-        args.model, sae, hookpoint=args.hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
+        args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
                             max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs),
     )
     catalog = FeatureCatalog()
-    for path in args.catalog:
+    for path in catalogs:
         for entry in FeatureCatalog.load(path)._by_id.values():
             catalog.add(entry)
     keys = []

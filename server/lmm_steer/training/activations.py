@@ -155,8 +155,9 @@ def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: 
     n = 0
 
     def splice(module, args, output):
+        # every position but the first, attention-sink one, which training leaves out too
         h = output[0] if isinstance(output, tuple) else output
-        recon = sae(h.to(sae.W_dec.dtype)).to(h.dtype)
+        recon = torch.cat([h[:, :1], sae(h[:, 1:].to(sae.W_dec.dtype)).to(h.dtype)], dim=1)
         return (recon, *output[1:]) if isinstance(output, tuple) else recon
 
     for inputs in _batches(loaded, examples, max_len, 8):

@@ -19,13 +19,16 @@ _CHUNK = 512  # rows per chunk when gathering decoder rows in the backward pass
 
 
 def _csr_t(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Tensor:
-    """The transposed sparse code, ``[M, B]``, as CSR (built from COO, which sorts by latent)."""
+    """The transposed sparse code, ``[M, B]``, as CSR: entries sorted by latent with one stable
+    argsort (no coalescing of 2-D indices)."""
     b, k = idx.shape
-    rows = idx.reshape(-1)
-    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.reshape(-1), (num_latents, b),
-                                  check_invariants=False)
-    return coo.coalesce().to_sparse_csr()
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_latents)
+    crow = torch.zeros(num_latents + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    cols = torch.div(order, k, rounding_mode="floor")  # the token each entry came from
+    return torch.sparse_csr_tensor(crow, cols, vals.reshape(-1)[order], (num_latents, b), check_invariants=False)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -35,10 +38,12 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
     def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int):
-        pre = F.relu(torch.addmm(b_enc, x, w_enc.t()))  # the one dense matmul
+        pre = torch.addmm(b_enc, x, w_enc.t())  # the one dense matmul
+        # TopK then ReLU on the k chosen values equals TopK of ReLU, without a pass over [B, M]
         vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals = vals.clamp_min(0)
         if dead is not None and k_aux > 0:
-            masked = pre.masked_fill(~dead, float("-inf"))
+            masked = pre.masked_fill_(~dead, float("-inf"))  # pre is not needed after this
             aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
             aux_vals = aux_vals.clamp_min(0)  # rows with fewer dead latents than k_aux pick -inf
             aux_idx = torch.where(torch.isfinite(masked.gather(-1, aux_idx)), aux_idx, idx[:, :1].expand_as(aux_idx))

@@ -1,0 +1,62 @@
+"""``lmm-steer sae bench-train``: a training step's rate against the dense encoder matmul alone,
+measured in the same run on the same synthetic activations (the only dense work a TopK step needs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from .trainer import SAETrainer, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d-in", type=int, default=1024)
+    p.add_argument("--latents", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--k", default="32,128", help="comma-separated k values")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--json", metavar="PATH")
+
+
+def _time(fn, steps: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(args) -> int:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, generator=g)
+    w = torch.randn(args.latents, args.d_in, generator=g) / args.d_in**0.5
+    bias = torch.zeros(args.latents)
+    matmul_s = _time(lambda: torch.addmm(bias, x, w.t()), args.steps)
+    rows = []
+    for k in (int(v) for v in args.k.split(",")):
+        trainer = SAETrainer(TrainConfig(num_latents=args.latents, k=k, batch_size=args.batch, steps=10**6,
+                                         dead_tokens=10**9), args.d_in)
+        step_s = _time(lambda trainer=trainer: trainer.train_step(x), args.steps)
+        params = sum(p.numel() * p.element_size() for p in trainer.params)
+        rows.append({"k": k, "step_s": step_s, "matmul_s": matmul_s, "ratio": matmul_s / step_s,
+                     "sae_param_bytes": params, "adam_state_bytes": 2 * params,
+                     "pre_activation_bytes": args.batch * args.latents * 4})
+        del trainer
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"d_in {args.d_in}, latents {args.latents}, batch {args.batch}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| k | train step (s) | encoder matmul alone (s) | step rate / matmul rate |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['k']} | {r['step_s']:.3f} | {r['matmul_s']:.3f} | {r['ratio']:.3f} |")
+    need = rows[0]["sae_param_bytes"] * 3 + rows[0]["pre_activation_bytes"]
+    print(f"peak host memory {peak / 2**30:.2f} GiB; SAE + Adam state + one batch of pre-activations "
+          f"{need / 2**30:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "peak_host_bytes": peak}, f, indent=2)
+    return 0
