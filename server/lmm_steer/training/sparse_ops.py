@@ -1,9 +1,9 @@
 """The two TopK SAE operations with sparse backward passes.
 
 Only the encoder's forward matmul is dense. Every gradient touches just the k chosen latents per
-token: weight gradients are sparse (CSR) x dense products, the gradient of the chosen
-activations is a sampled dot product computed in row chunks, and no ``[batch, k, d]`` tensor is
-ever held whole.
+token: weight gradients are sparse (CSR) x dense products and the gradient of the chosen
+activations is a sampled dense-dense product (``torch.sparse.sampled_addmm``), so no
+``[batch, k, d]`` tensor is ever built.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
-_CHUNK = 512  # rows per chunk when gathering decoder rows in the backward pass
 
 
 def _csr_t(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Tensor:
@@ -31,22 +30,35 @@ def _csr_t(idx: torch.Tensor, vals: torch.Tensor, num_latents: int) -> torch.Ten
     return torch.sparse_csr_tensor(crow, cols, vals.reshape(-1)[order], (num_latents, b), check_invariants=False)
 
 
+def _by_latent(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row's selection by latent id (the CSR layout the backward's sparse kernels want)."""
+    idx, order = idx.sort(dim=-1)
+    return vals.gather(-1, order), idx
+
+
 class TopKEncode(torch.autograd.Function):
     """``x -> (values, ids)`` of TopK(ReLU(W_enc x + b_enc)); optionally also the AuxK selection
     among ``dead`` latents. Gradients flow to W_enc and b_enc through the selected entries only."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
-    def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int):
-        pre = torch.addmm(b_enc, x, w_enc.t())  # the one dense matmul
+    def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int, workspace=None):
+        # The one dense matmul. Writing it into a reused workspace matters on a CPU: a fresh
+        # [batch, latents] tensor every step costs as much in page faults as a third of the matmul.
+        shape = (x.shape[0], w_enc.shape[0])
+        if workspace is not None and workspace.shape == shape and workspace.dtype == x.dtype:
+            pre = torch.addmm(b_enc, x, w_enc.t(), out=workspace)
+        else:
+            pre = torch.addmm(b_enc, x, w_enc.t())
         # TopK then ReLU on the k chosen values equals TopK of ReLU, without a pass over [B, M]
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals, idx = _by_latent(*pre.topk(k, dim=-1, sorted=False))
         vals = vals.clamp_min(0)
         if dead is not None and k_aux > 0:
             masked = pre.masked_fill_(~dead, float("-inf"))  # pre is not needed after this
             aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
             aux_vals = aux_vals.clamp_min(0)  # rows with fewer dead latents than k_aux pick -inf
             aux_idx = torch.where(torch.isfinite(masked.gather(-1, aux_idx)), aux_idx, idx[:, :1].expand_as(aux_idx))
+            aux_vals, aux_idx = _by_latent(aux_vals, aux_idx)
         else:
             aux_vals = x.new_zeros(x.shape[0], 0)
             aux_idx = idx.new_zeros(x.shape[0], 0)
@@ -70,7 +82,7 @@ class TopKEncode(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)  # bf16 inputs accumulate in fp32
         grad_w = torch.sparse.mm(g_t.to(acc), x.to(acc))
         grad_b = torch.zeros(m, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1).to(acc))
-        return None, grad_w, grad_b, None, None, None
+        return None, grad_w, grad_b, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -84,9 +96,13 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         vals, idx, w_dec = ctx.saved_tensors
-        g_vals = torch.empty_like(vals)
-        for s in range(0, idx.shape[0], _CHUNK):  # sampled dot products, a chunk of rows at a time
-            rows = w_dec[idx[s : s + _CHUNK]]  # [c, k, D]
-            g_vals[s : s + _CHUNK] = torch.bmm(rows, g_out[s : s + _CHUNK, :, None])[..., 0]
+        b, k = idx.shape
+        if k == 0:
+            return torch.zeros_like(vals), None, torch.zeros_like(w_dec)
+        # sampled dense-dense product: <g_out[b], W_dec[idx[b, j]]> only where the code is non-zero
+        crow = torch.arange(0, b * k + 1, k, device=idx.device)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k, dtype=g_out.dtype, device=idx.device),
+                                          (b, w_dec.shape[0]), check_invariants=False)
+        g_vals = torch.sparse.sampled_addmm(pattern, g_out, w_dec.t().to(g_out.dtype), beta=0.0).values().reshape(b, k)
         grad_w = torch.sparse.mm(_csr_t(idx, vals, w_dec.shape[0]), g_out)
-        return g_vals, None, grad_w
+        return g_vals.to(vals.dtype), None, grad_w

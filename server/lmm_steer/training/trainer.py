@@ -78,6 +78,7 @@ class SAETrainer:
         self.since_fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=self.device)
         self.b_dec_initialised = False
         self.log: list[dict] = []
+        self._workspace: torch.Tensor | None = None  # the [batch, latents] pre-activations, reused
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -106,9 +107,11 @@ class SAETrainer:
         k_aux = min(x.shape[1] // 2, int(dead.sum())) if cfg.auxk_alpha > 0 else 0
         xc = x - sae.b_dec
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        if self._workspace is None or self._workspace.shape[0] != x.shape[0]:
+            self._workspace = torch.empty(x.shape[0], cfg.num_latents, device=self.device)
         with autocast:
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, cfg.k,
-                                                             dead if k_aux else None, k_aux)
+                                                             dead if k_aux else None, k_aux, self._workspace)
         x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec) + sae.b_dec
         err = x_hat - x
         total_var = (x - x.mean(0)).pow(2).sum()
