@@ -76,6 +76,11 @@ class FeatureCatalog:
             self._by_id[entry.feature] = entry
         self._index = None
 
+    def merge(self, other: FeatureCatalog) -> None:
+        """Add every entry of ``other`` (e.g. explanations beside an automatic catalog's stats)."""
+        for entry in other._by_id.values():
+            self.add(entry)
+
     def __len__(self) -> int:
         return len(self._by_id)
 

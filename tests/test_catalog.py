@@ -36,8 +36,7 @@ def test_jsonl_rows_with_extras_and_merge(tmp_path):
     assert [e.feature for e, _ in cat.search("red apples")][0] == 3
     more = tmp_path / "more.jsonl"
     more.write_text('{"feature": 3, "top_contexts": ["an apple a day"]}\n')
-    for e in FeatureCatalog.load(more)._by_id.values():
-        cat.add(e)
+    cat.merge(FeatureCatalog.load(more))
     assert cat.get(3).explanation == "red apples" and cat.get(3).extras["top_contexts"] == ["an apple a day"]
 
 

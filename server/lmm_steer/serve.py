@@ -60,8 +60,7 @@ def build_app(args):
     )
     catalog = FeatureCatalog()
     for path in catalogs:
-        for entry in FeatureCatalog.load(path)._by_id.values():
-            catalog.add(entry)
+        catalog.merge(FeatureCatalog.load(path))
     keys = []
     if args.api_key_file:
         with open(args.api_key_file) as f:
