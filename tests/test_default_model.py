@@ -73,3 +73,22 @@ def test_clamping_a_searched_feature_brings_its_concept(engine, catalog):
     # at least 3 of the 4 concepts: in at least 3 of 5 steered completions, at most 1 of 5 unsteered
     good = [c for c, (_, steered, unsteered) in report.items() if steered >= 3 and unsteered <= 1]
     assert len(good) >= 3, report
+
+
+def test_serve_with_no_arguments_serves_the_default():
+    from servers import Server
+
+    server = Server()  # exactly `lmm-steer serve`, plus a free port
+    try:
+        model = server.get("/v1/models").json()["data"][0]
+        assert model["id"] == DEFAULT_MODEL
+        assert model["sae"]["hookpoint"] == DEFAULT_HOOKPOINT and model["sae"]["catalog_entries"] == 4096
+        hit = server.get("/v1/features", params={"q": "music", "limit": 1}).json()["data"][0]
+        value = CLAMP_TIMES_MAX * server.get(f"/v1/features/{hit['id']}").json()["stats"]["max_activation"]
+        r = server.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Write a short poem."}], "max_tokens": 40, "temperature": 0,
+            "clamps": {str(hit["id"]): value}, "return_unsteered": True}).json()
+        assert mentions(r["choices"][0]["message"]["content"], CONCEPTS["music"])
+        assert not mentions(r["unsteered"]["content"], CONCEPTS["music"])
+    finally:
+        server.stop()
