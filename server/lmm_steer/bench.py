@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import Engine, EngineConfig, FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
-from .engine.factory import pick_device, pick_dtype
+from .engine.factory import add_device_arguments, pick_device, pick_dtype
 from .engine.hookpoint import default_hookpoint, language_model
 from .models.loader import load_model
 
@@ -370,8 +370,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--image", action="store_true", help="also time the first token of a one-image prompt")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_device_arguments(p)
     p.add_argument("--hf-max-batch", type=int, default=1 << 30, help="skip generate() above this batch size")
     p.add_argument("--agreement-rows", type=int, default=8)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from sae_weights.default import DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
+from .engine.factory import add_device_arguments
+
 
 def _sae_info(args) -> int:
     from sae_weights import layouts
@@ -121,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
+    add_device_arguments(gen)
     gen.add_argument("--max-seq-len", type=int, default=4096)
     gen.add_argument("--no-cuda-graphs", action="store_true")
     gen.add_argument("--json", action="store_true")

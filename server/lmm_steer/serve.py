@@ -8,6 +8,8 @@ import sys
 
 from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
+from .engine.factory import add_device_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or builtin: name (default {DEFAULT_MODEL})")
@@ -31,8 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=25_000_000)
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_device_arguments(p)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--log-level", default="info")
 

@@ -14,6 +14,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def add_device_arguments(parser) -> None:
+    """``--dtype`` and ``--device``, the same for every command that loads a model."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

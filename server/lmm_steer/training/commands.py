@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..engine.factory import add_device_arguments
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
@@ -38,8 +40,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-examples", type=int, default=32)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (when installed)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -151,8 +152,7 @@ def add_catalog_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=8, help="contexts kept per feature")
     p.add_argument("--window", type=int, default=12, help="tokens of context before the activating token")
     p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_device_arguments(p)
 
 
 def catalog_command(args) -> int:
