@@ -197,3 +197,20 @@ def test_catalog_text_and_images(corpus, tmp_path):
             imgs = [im for row in active for im in row.get("top_images", [])]
             assert imgs and all(len(im["grid"]) == 4 and len(im["grid"][0]) == 4 for im in imgs)
             assert all(im["image"].endswith(".png") for im in imgs)
+
+
+def test_gradient_buffers_receive_the_same_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(20, 16)
+    w_enc, b_enc, w_dec = torch.randn(64, 16), torch.randn(64), torch.randn(64, 16)
+    target = torch.randn(20, 16)
+    grads = []
+    for buffers in (False, True):
+        params = [t.clone().requires_grad_() for t in (w_enc, b_enc, w_dec)]
+        enc_buf = torch.full_like(w_enc, 7.0) if buffers else None  # overwritten, whatever it held
+        dec_buf = torch.zeros_like(w_dec) if buffers else None  # accumulated into
+        vals, idx, _, _ = TopKEncode.apply(x, params[0], params[1], 4, None, 0, None, enc_buf)
+        ((SparseDecode.apply(vals, idx, params[2], dec_buf) - target) ** 2).sum().backward()
+        grads.append([enc_buf if buffers else params[0].grad, params[1].grad, dec_buf if buffers else params[2].grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

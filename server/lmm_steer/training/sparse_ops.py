@@ -42,7 +42,8 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
-    def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int, workspace=None):
+    def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int, workspace=None,
+                w_grad=None):
         # The one dense matmul. Writing it into a reused workspace matters on a CPU: a fresh
         # [batch, latents] tensor every step costs as much in page faults as a third of the matmul.
         shape = (x.shape[0], w_enc.shape[0])
@@ -64,6 +65,7 @@ class TopKEncode(torch.autograd.Function):
             aux_idx = idx.new_zeros(x.shape[0], 0)
         ctx.save_for_backward(x, idx, vals, aux_idx, aux_vals)
         ctx.num_latents = w_enc.shape[0]
+        ctx.w_grad = w_grad
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
 
@@ -80,17 +82,22 @@ class TopKEncode(torch.autograd.Function):
         m = ctx.num_latents
         g_t = _csr_t(idx, g, m)  # [M, B]
         acc = torch.promote_types(x.dtype, torch.float32)  # bf16 inputs accumulate in fp32
-        grad_w = torch.sparse.mm(g_t.to(acc), x.to(acc))
         grad_b = torch.zeros(m, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1).to(acc))
-        return None, grad_w, grad_b, None, None, None, None
+        if ctx.w_grad is not None:
+            # straight into the caller's gradient buffer: a fresh [M, D] result costs several times
+            # the sparse product itself (allocation, zero fill and copy)
+            torch.addmm(ctx.w_grad, g_t.to(acc), x.to(acc), beta=0.0, out=ctx.w_grad)
+            return None, None, grad_b, None, None, None, None, None
+        return None, torch.sparse.mm(g_t.to(acc), x.to(acc)), grad_b, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
     """``(values, ids) -> sum_j values_j W_dec[ids_j]`` with gradients to the values and W_dec."""
 
     @staticmethod
-    def forward(ctx, vals, idx, w_dec):
+    def forward(ctx, vals, idx, w_dec, w_grad=None):
         ctx.save_for_backward(vals, idx, w_dec)
+        ctx.w_grad = w_grad  # when given, the W_dec gradient is added into it (zeroed by the caller)
         return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
 
     @staticmethod
@@ -98,11 +105,14 @@ class SparseDecode(torch.autograd.Function):
         vals, idx, w_dec = ctx.saved_tensors
         b, k = idx.shape
         if k == 0:
-            return torch.zeros_like(vals), None, torch.zeros_like(w_dec)
+            return torch.zeros_like(vals), None, None, None
         # sampled dense-dense product: <g_out[b], W_dec[idx[b, j]]> only where the code is non-zero
         crow = torch.arange(0, b * k + 1, k, device=idx.device)
         pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k, dtype=g_out.dtype, device=idx.device),
                                           (b, w_dec.shape[0]), check_invariants=False)
         g_vals = torch.sparse.sampled_addmm(pattern, g_out, w_dec.t().to(g_out.dtype), beta=0.0).values().reshape(b, k)
-        grad_w = torch.sparse.mm(_csr_t(idx, vals, w_dec.shape[0]), g_out)
-        return g_vals.to(vals.dtype), None, grad_w
+        codes = _csr_t(idx, vals, w_dec.shape[0])
+        if ctx.w_grad is not None:
+            torch.addmm(ctx.w_grad, codes, g_out, out=ctx.w_grad)
+            return g_vals.to(vals.dtype), None, None, None
+        return g_vals.to(vals.dtype), None, torch.sparse.mm(codes, g_out), None

@@ -109,10 +109,16 @@ class SAETrainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         if self._workspace is None or self._workspace.shape[0] != x.shape[0]:
             self._workspace = torch.empty(x.shape[0], cfg.num_latents, device=self.device)
+        for p in self.params:  # gradient buffers live across steps; the sparse products write into them
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p is not sae.W_enc:  # W_enc's is overwritten whole
+                p.grad.zero_()
         with autocast:
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, cfg.k,
-                                                             dead if k_aux else None, k_aux, self._workspace)
-        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec) + sae.b_dec
+                                                             dead if k_aux else None, k_aux, self._workspace,
+                                                             sae.W_enc.grad)
+        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad) + sae.b_dec
         err = x_hat - x
         total_var = (x - x.mean(0)).pow(2).sum()
         fvu = err.pow(2).sum() / total_var
@@ -120,10 +126,9 @@ class SAETrainer:
         aux_fvu = torch.zeros(())
         if k_aux:
             residual = err.detach()
-            e_hat = SparseDecode.apply(aux_vals.float(), aux_idx, sae.W_dec)
+            e_hat = SparseDecode.apply(aux_vals.float(), aux_idx, sae.W_dec, sae.W_dec.grad)
             aux_fvu = (e_hat + residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + cfg.auxk_alpha * aux_fvu
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.world > 1:
             for p in self.params:
@@ -132,7 +137,8 @@ class SAETrainer:
         with torch.no_grad():
             # keep decoder rows on the unit sphere: drop the gradient along each row, step, renormalise
             w, g = sae.W_dec, sae.W_dec.grad
-            g -= (g * w).sum(1, keepdim=True) * w
+            along = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # row dot products, no [M, D] temporary
+            g.addcmul_(w, along, value=-1)
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
             self.opt.step()
