@@ -214,3 +214,25 @@ def test_gradient_buffers_receive_the_same_gradients():
         grads.append([enc_buf if buffers else params[0].grad, params[1].grad, dec_buf if buffers else params[2].grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_training_with_bf16_autocast_lowers_fvu_and_matches_cpu_gradients():
+    data = _synthetic(n=8000)
+    cfg = TrainConfig(num_latents=512, k=8, batch_size=512, steps=120, warmup_steps=10, dead_tokens=5000, seed=4)
+    gpu = SAETrainer(cfg, 48, device="cuda")
+    log = train(gpu, lambda step: _batches(data, 512)(step).cuda(), progress=False)
+    assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]
+    torch.testing.assert_close(gpu.sae.W_dec.norm(dim=1), torch.ones(512, device="cuda"))
+    # one step's sparse gradients on the GPU (fp32 inputs, no autocast) equal the CPU's
+    torch.manual_seed(0)
+    x = torch.randn(64, 48)
+    w_enc, b_enc, w_dec = torch.randn(128, 48), torch.randn(128), torch.randn(128, 48)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        p = [t.to(dev).requires_grad_() for t in (w_enc, b_enc, w_dec)]
+        vals, idx, _, _ = TopKEncode.apply(x.to(dev), p[0], p[1], 4, None, 0)
+        (SparseDecode.apply(vals, idx, p[2]) ** 2).sum().backward()
+        grads.append([t.grad.cpu() for t in p])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
