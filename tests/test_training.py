@@ -230,7 +230,7 @@ def test_cuda_training_with_bf16_autocast_lowers_fvu_and_matches_cpu_gradients()
     w_enc, b_enc, w_dec = torch.randn(128, 48), torch.randn(128), torch.randn(128, 48)
     grads = []
     for dev in ("cpu", "cuda"):
-        p = [t.to(dev).requires_grad_() for t in (w_enc, b_enc, w_dec)]
+        p = [t.detach().to(dev).requires_grad_() for t in (w_enc, b_enc, w_dec)]
         vals, idx, _, _ = TopKEncode.apply(x.to(dev), p[0], p[1], 4, None, 0)
         (SparseDecode.apply(vals, idx, p[2]) ** 2).sum().backward()
         grads.append([t.grad.cpu() for t in p])

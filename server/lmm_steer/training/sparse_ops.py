@@ -41,7 +41,6 @@ class TopKEncode(torch.autograd.Function):
     among ``dead`` latents. Gradients flow to W_enc and b_enc through the selected entries only."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
     def forward(ctx, x, w_enc, b_enc, k: int, dead: torch.Tensor | None, k_aux: int, workspace=None,
                 w_grad=None):
         # The one dense matmul. Writing it into a reused workspace matters on a CPU: a fresh
@@ -70,7 +69,6 @@ class TopKEncode(torch.autograd.Function):
         return vals, idx, aux_vals, aux_idx
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
         x, idx, vals, aux_idx, aux_vals = ctx.saved_tensors
         # ReLU: no gradient where the selected value is 0

@@ -106,18 +106,19 @@ class SAETrainer:
         dead = self.since_fired >= cfg.dead_tokens
         k_aux = min(x.shape[1] // 2, int(dead.sum())) if cfg.auxk_alpha > 0 else 0
         xc = x - sae.b_dec
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        # bf16 for the dense encoder matmul on a GPU (the casts are explicit: gradients still
+        # accumulate in fp32 buffers)
+        enc_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if self._workspace is None or self._workspace.shape[0] != x.shape[0]:
-            self._workspace = torch.empty(x.shape[0], cfg.num_latents, device=self.device)
+            self._workspace = torch.empty(x.shape[0], cfg.num_latents, device=self.device, dtype=enc_dtype)
         for p in self.params:  # gradient buffers live across steps; the sparse products write into them
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             elif p is not sae.W_enc:  # W_enc's is overwritten whole
                 p.grad.zero_()
-        with autocast:
-            vals, idx, aux_vals, aux_idx = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, cfg.k,
-                                                             dead if k_aux else None, k_aux, self._workspace,
-                                                             sae.W_enc.grad)
+        vals, idx, aux_vals, aux_idx = TopKEncode.apply(
+            xc.to(enc_dtype), sae.W_enc.detach().to(enc_dtype), sae.b_enc.to(enc_dtype), cfg.k,
+            dead if k_aux else None, k_aux, self._workspace, sae.W_enc.grad)
         x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad) + sae.b_dec
         err = x_hat - x
         total_var = (x - x.mean(0)).pow(2).sum()
