@@ -1,0 +1,81 @@
+"""``lmm-steer-client``: chat, feature search and inspect heatmaps from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .client import Client
+from .errors import LmmSteerError
+from .steering import Steering
+
+
+def _clamp(text: str) -> tuple[int, float, str]:
+    fid, sep, rest = text.partition("=")
+    value, _, mode = rest.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(fid), float(value), mode or "clamp"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE]") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lmm-steer-client")
+    p.add_argument("--base-url")
+    p.add_argument("--api-key")
+    sub = p.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat")
+    chat.add_argument("question")
+    chat.add_argument("--image", action="append", default=[])
+    chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE]")
+    chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    features = sub.add_parser("features").add_subparsers(dest="features_command", required=True)
+    search = features.add_parser("search")
+    search.add_argument("text")
+    search.add_argument("--limit", type=int, default=10)
+    inspect = sub.add_parser("inspect")
+    inspect.add_argument("--image", required=True)
+    inspect.add_argument("--feature", type=int, required=True)
+    inspect.add_argument("--prompt", default="Describe the image.")
+    inspect.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        with Client(args.base_url, args.api_key) as client:
+            if args.command == "chat":
+                steering = Steering()
+                for fid, value, mode in args.clamp:
+                    getattr(steering, mode)(fid, value)
+                kw = {"prompt": args.question, "images": args.image, "steering": steering if args.clamp else None,
+                      "max_tokens": args.max_tokens, "temperature": args.temperature}
+                if args.stream:
+                    for delta in client.chat(stream=True, **kw):
+                        print(delta, end="", flush=True)
+                    print()
+                else:
+                    print(client.chat(**kw).text)
+            elif args.command == "features":
+                for hit in client.features.search(args.text, args.limit):
+                    print(json.dumps(hit.model_dump()))
+            else:
+                from .heatmap import render_heatmap
+
+                result = client.inspect(prompt=args.prompt, images=[args.image], features=[args.feature],
+                                        positions=False)
+                if not result["images"]:
+                    print("lmm-steer-client: the server returned no image grid", file=sys.stderr)
+                    return 1
+                render_heatmap(args.image, result["images"][0]["features"][str(args.feature)]).save(args.out)
+                print(args.out)
+    except (LmmSteerError, ValueError) as e:
+        print(f"lmm-steer-client: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

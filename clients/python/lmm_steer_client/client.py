@@ -1,0 +1,305 @@
+"""Sync and async clients for lmm-steer. Only httpx and pydantic; Pillow optional (heatmaps)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+from .errors import APIConnectionError, raise_for_error
+from .steering import Steering
+
+RETRY_STATUSES = (429, 503)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResult(BaseModel):
+    id: str
+    text: str
+    finish_reason: str
+    usage: Usage | None = None
+    steering: dict | None = None
+    unsteered_text: str | None = None
+    raw: dict = Field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_response(cls, body: dict) -> ChatResult:
+        choice = body["choices"][0]
+        unsteered = body.get("unsteered") or {}
+        return cls(id=body["id"], text=choice["message"]["content"], finish_reason=choice["finish_reason"],
+                   usage=body.get("usage"), steering=body.get("steering"), unsteered_text=unsteered.get("content"),
+                   raw=body)
+
+
+class Feature(BaseModel):
+    id: int
+    explanation: str | None = None
+    hookpoint: str | None = None
+    decoder_norm: float | None = None
+    stats: dict = Field(default_factory=dict)
+
+
+class FeatureHit(BaseModel):
+    id: int
+    explanation: str = ""
+    score: float
+    contexts: list[str] = Field(default_factory=list)
+
+
+def _image_part(image) -> dict:
+    """A path, bytes or PIL image -> an ``image_url`` content part with a data URL."""
+    if isinstance(image, str | Path):
+        data = Path(image).read_bytes()
+    elif isinstance(image, bytes | bytearray):
+        data = bytes(image)
+    elif hasattr(image, "save"):  # PIL image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    else:
+        raise TypeError(f"image must be a path, bytes or PIL image, got {type(image).__name__}")
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+
+
+def build_body(messages=None, prompt=None, images=(), clamps=None, steering=None, **params) -> dict:
+    if messages is None:
+        if prompt is None:
+            raise ValueError("give messages or prompt")
+        content = [_image_part(im) for im in images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+    elif images:
+        raise ValueError("images go inside messages when messages are given")
+    body = {"messages": messages, **{k: v for k, v in params.items() if v is not None}}
+    if clamps:
+        steering = (steering or Steering())
+        for feature, value in clamps.items():
+            steering.clamp(int(feature), value)
+    if steering is not None:
+        body["steering"] = steering.to_dict() if isinstance(steering, Steering) else steering
+    return body
+
+
+class _Base:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 120.0,
+                 max_retries: int = 3, backoff: float = 0.5) -> None:
+        self.base_url = (base_url or os.environ.get("LMM_STEER_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+        self.api_key = api_key or os.environ.get("LMM_STEER_API_KEY")
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None and "retry-after" in response.headers:
+            try:
+                return float(response.headers["retry-after"])
+            except ValueError:
+                pass
+        return self.backoff * (2 ** attempt) * (1 + random.random() / 4)
+
+
+class Client(_Base):
+    """``Client("http://localhost:8000").chat(prompt="...", clamps={1234: 50})``."""
+
+    def __init__(self, *args, transport: httpx.BaseTransport | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
+                                  transport=transport)
+        self.features = _Features(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _request(self, method: str, path: str, *, idempotent: bool, **kw) -> httpx.Response:
+        # 429/503 mean the server did not take the request, so any call may be retried; after a
+        # connection error only idempotent ones are, since the server may have acted on it.
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                if not idempotent or attempt == self.max_retries:
+                    raise APIConnectionError(f"{method} {path}: {e}") from e
+                time.sleep(self._delay(attempt, None))
+                continue
+            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                time.sleep(self._delay(attempt, r))
+                continue
+            raise_for_error(r)
+            return r
+        raise AssertionError("unreachable")
+
+    def chat(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None, stream=False,
+             return_unsteered=False, seed=None, max_tokens=None, temperature=None, **params):
+        body = build_body(messages, prompt, images, clamps, steering, seed=seed, max_tokens=max_tokens,
+                          temperature=temperature, return_unsteered=return_unsteered or None, **params)
+        if stream:
+            return ChatStream(self, body)
+        return ChatResult.from_response(self._request("POST", "/v1/chat/completions", json=body,
+                                                      idempotent=False).json())
+
+    def inspect(self, messages=None, *, prompt=None, images=(), features=None, top_k=5, positions=True) -> dict:
+        body = build_body(messages, prompt, images)
+        body.update({"top_k": top_k, "positions": positions})
+        if features:
+            body["features"] = list(features)
+        return self._request("POST", "/v1/inspect", json=body, idempotent=True).json()
+
+    def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", concurrency: int = 4,
+              **chat_kw) -> list[ChatResult]:
+        """One completion per value of one feature, issued concurrently (at most ``concurrency``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(value):
+            return self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value), **chat_kw)
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, values))
+
+
+class ChatStream:
+    """Iterate text deltas; ``.result`` holds the final ChatResult once the stream ends."""
+
+    def __init__(self, client: Client, body: dict) -> None:
+        self._client, self._body = client, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        state = _stream_state()
+        with self._client._http.stream("POST", "/v1/chat/completions", json=self._body) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise_for_error(r)
+            for line in r.iter_lines():
+                delta = _consume(state, line)
+                if delta:
+                    yield delta
+        self.result = _result(state)
+
+
+class _Features:
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def get(self, feature: int) -> Feature:
+        return Feature(**self._client._request("GET", f"/v1/features/{int(feature)}", idempotent=True).json())
+
+    def search(self, text: str, limit: int = 10) -> list[FeatureHit]:
+        body = self._client._request("GET", "/v1/features", params={"q": text, "limit": limit}, idempotent=True).json()
+        return [FeatureHit(**hit) for hit in body["data"]]
+
+
+class AsyncClient(_Base):
+    """The same calls, awaitable; ``chat(stream=True)`` returns an async iterator of text deltas."""
+
+    def __init__(self, *args, transport: httpx.AsyncBaseTransport | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
+                                       transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, *, idempotent: bool, **kw) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = await self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                if not idempotent or attempt == self.max_retries:
+                    raise APIConnectionError(f"{method} {path}: {e}") from e
+                await asyncio.sleep(self._delay(attempt, None))
+                continue
+            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                await asyncio.sleep(self._delay(attempt, r))
+                continue
+            raise_for_error(r)
+            return r
+        raise AssertionError("unreachable")
+
+    async def chat(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None,
+                   return_unsteered=False, seed=None, max_tokens=None, temperature=None, **params) -> ChatResult:
+        body = build_body(messages, prompt, images, clamps, steering, seed=seed, max_tokens=max_tokens,
+                          temperature=temperature, return_unsteered=return_unsteered or None, **params)
+        r = await self._request("POST", "/v1/chat/completions", json=body, idempotent=False)
+        return ChatResult.from_response(r.json())
+
+    def chat_stream(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None,
+                    **params) -> AsyncChatStream:
+        """``async for delta in client.chat_stream(...)``; ``.result`` holds the ChatResult afterwards."""
+        return AsyncChatStream(self, build_body(messages, prompt, images, clamps, steering, **params))
+
+
+def _stream_state():
+    return {"parts": [], "finish": None, "usage": None, "extra": {}, "id": ""}
+
+
+def _consume(state: dict, line: str) -> str | None:
+    """Fold one SSE line into ``state``; returns the text delta it carried, if any."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    event = json.loads(line[6:])
+    if "error" in event:
+        raise_for_error(httpx.Response(500, json=event))
+    state["id"] = event.get("id", state["id"])
+    if event.get("usage"):
+        state["usage"] = event["usage"]
+    delta = None
+    for choice in event.get("choices", []):
+        delta = choice.get("delta", {}).get("content") or None
+        if delta:
+            state["parts"].append(delta)
+        if choice.get("finish_reason"):
+            state["finish"] = choice["finish_reason"]
+            state["extra"] = {k: event.get(k) for k in ("steering", "unsteered")}
+    return delta
+
+
+def _result(state: dict) -> ChatResult:
+    unsteered = state["extra"].get("unsteered") or {}
+    return ChatResult(id=state["id"], text="".join(state["parts"]), finish_reason=state["finish"] or "stop",
+                      usage=state["usage"], steering=state["extra"].get("steering"),
+                      unsteered_text=unsteered.get("content"))
+
+
+class AsyncChatStream:
+    def __init__(self, client: AsyncClient, body: dict) -> None:
+        self._client, self._body = client, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        self.result: ChatResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        state = _stream_state()
+        async with self._client._http.stream("POST", "/v1/chat/completions", json=self._body) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                raise_for_error(r)
+            async for line in r.aiter_lines():
+                delta = _consume(state, line)
+                if delta:
+                    yield delta
+        self.result = _result(state)

@@ -1,0 +1,65 @@
+"""A builder for the ``steering`` object the server accepts; invalid input never leaves the client."""
+
+from __future__ import annotations
+
+import math
+
+MODES = ("clamp", "add", "scale")
+SCOPES = ("all", "prompt", "generated", "image")
+SEMANTICS = ("delta", "paper")
+
+
+class Steering:
+    """``Steering().clamp(1234, 50).add(77, -3).scope("generated")`` -> the request's ``steering``."""
+
+    def __init__(self) -> None:
+        self._features: list[dict] = []
+        self._scope: str | None = None
+        self._semantics = "delta"
+
+    def _edit(self, feature: int, value: float, mode: str) -> Steering:
+        if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
+            raise ValueError(f"feature id must be a non-negative integer, got {feature!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"value for feature {feature} must be a finite number, got {value!r}")
+        if any(f["id"] == feature for f in self._features):
+            raise ValueError(f"feature {feature} is already set")
+        self._features.append({"id": feature, "value": float(value), "mode": mode})
+        return self
+
+    def clamp(self, feature: int, value: float) -> Steering:
+        return self._edit(feature, value, "clamp")
+
+    def add(self, feature: int, value: float) -> Steering:
+        return self._edit(feature, value, "add")
+
+    def scale(self, feature: int, value: float) -> Steering:
+        return self._edit(feature, value, "scale")
+
+    def ablate(self, feature: int) -> Steering:
+        return self._edit(feature, 0.0, "clamp")
+
+    def scope(self, scope: str) -> Steering:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self._scope = scope
+        return self
+
+    def semantics(self, semantics: str) -> Steering:
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        self._semantics = semantics
+        return self
+
+    def to_dict(self) -> dict:
+        out: dict = {"features": [dict(f) for f in self._features], "semantics": self._semantics}
+        if self._scope is not None:
+            out["scope"] = self._scope
+        return out
+
+    @classmethod
+    def from_clamps(cls, clamps: dict[int, float]) -> Steering:
+        s = cls()
+        for feature, value in clamps.items():
+            s.clamp(int(feature), value)
+        return s

@@ -1,0 +1,193 @@
+"""The Python client SDK and its CLI, against a real server and an HTTP-level test double."""
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+from lmm_steer_client import (
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    NotFoundError,
+    RateLimitError,
+    Steering,
+)
+from PIL import Image
+from servers import Server
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk", "--max-batch", "4",
+               "--max-seq-len", "512")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(40, 96, 3, generator=g) * 255).to(torch.uint8).numpy()).save(path)
+    return path
+
+
+def test_chat_steering_and_unsteered(client):
+    plain = client.chat(prompt="Tell me a story", max_tokens=10, temperature=0)
+    steered = client.chat(prompt="Tell me a story", max_tokens=10, temperature=0, clamps={11: 40.0},
+                          return_unsteered=True)
+    assert steered.unsteered_text == plain.text and steered.text != plain.text
+    assert steered.steering["features"] == [{"id": 11, "value": 40.0, "mode": "clamp", "explanation": None}]
+    assert plain.usage.completion_tokens == 10 and plain.finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming(client, image_path):
+    kw = {"prompt": "What is this?", "images": [image_path], "max_tokens": 12, "temperature": 0,
+          "steering": Steering().add(7, 5.0).scope("generated")}
+    whole = client.chat(**kw)
+    stream = client.chat(stream=True, **kw)
+    deltas = list(stream)
+    assert "".join(deltas) == whole.text == stream.result.text
+    assert stream.result.usage.completion_tokens == 12 and stream.result.steering["scope"] == "generated"
+
+
+def test_async_client(server):
+    async def run():
+        async with AsyncClient(server.url) as c:
+            r = await c.chat(prompt="hi", max_tokens=5, temperature=0)
+            stream = c.chat_stream(prompt="hi", max_tokens=5, temperature=0)
+            parts = [d async for d in stream]
+            return r, parts, stream.result
+
+    result, parts, final = asyncio.run(run())
+    assert "".join(parts) == result.text == final.text and final.usage.completion_tokens == 5
+
+
+def test_sweep_one_completion_per_value(client):
+    values = [0, 10, 25, 50]
+    results = client.sweep("Tell me a story", feature=11, values=values, max_tokens=8, temperature=0)
+    assert [r.steering["features"][0]["value"] for r in results] == values
+    alone = client.chat(prompt="Tell me a story", max_tokens=8, temperature=0, steering=Steering().clamp(11, 25))
+    assert results[2].text == alone.text
+    assert len({r.text for r in results}) > 1
+
+
+def test_features(client):
+    f = client.features.get(7)
+    assert f.id == 7 and abs(f.decoder_norm - 1.0) < 1e-4
+    with pytest.raises(NotFoundError) as info:
+        client.features.get(10**6)
+    assert info.value.status == 404 and info.value.param == "id"
+    assert client.features.search("nothing in an empty catalog") == []
+
+
+def test_error_mapping(client):
+    with pytest.raises(BadRequestError) as info:
+        client.chat(prompt="hi", clamps={512: 1.0})
+    assert info.value.status == 400 and info.value.param == "steering.features[0].id"
+    assert "does not exist" in info.value.message
+
+
+def test_builder_rejects_bad_input_before_sending():
+    for bad in (lambda: Steering().clamp(1, float("nan")), lambda: Steering().clamp(-1, 2.0),
+                lambda: Steering().clamp(1, 2).add(1, 3), lambda: Steering().scope("everywhere"),
+                lambda: Steering().semantics("sparsify"), lambda: Steering().clamp(True, 1.0)):
+        with pytest.raises(ValueError):
+            bad()
+    assert Steering().clamp(3, 10).ablate(4).scale(5, 2).to_dict() == {
+        "features": [{"id": 3, "value": 10.0, "mode": "clamp"}, {"id": 4, "value": 0.0, "mode": "clamp"},
+                     {"id": 5, "value": 2.0, "mode": "scale"}], "semantics": "delta"}
+
+
+def test_inspect_heatmap_png_sized_like_the_image(server, image_path, tmp_path):
+    out = tmp_path / "heat.png"
+    r = subprocess.run([sys.executable, "-m", "lmm_steer_client.cli", "--base-url", server.url, "inspect",
+                        "--image", str(image_path), "--feature", "7", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    heat, original = Image.open(out), Image.open(image_path)
+    assert heat.size == original.size and heat.format == "PNG"
+
+
+def test_cli_chat_and_search(server):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lmm_steer_client.cli", "--base-url", server.url, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("chat", "--clamp", "11=40", "--clamp", "7=2:add", "--no-stream", "--max-tokens", "6", "Tell me a story")
+    assert r.returncode == 0 and r.stdout.strip()
+    bad = cli("chat", "--clamp", "11=oops", "hi")
+    assert bad.returncode != 0
+    err = cli("chat", "--clamp", "9999=1", "--no-stream", "hi")
+    assert err.returncode == 1 and "does not exist" in err.stderr
+
+
+def test_retries_honour_retry_after_on_429():
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        if len(calls) < 3:
+            return httpx.Response(429, headers={"Retry-After": "0.05"},
+                                  json={"error": {"message": "queue full", "type": "rate_limit_error",
+                                                  "param": None, "code": "queue_full"}})
+        return httpx.Response(200, json={"id": 5, "explanation": "x", "stats": {}})
+
+    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=3) as c:
+        t0 = __import__("time").perf_counter()
+        assert c.features.get(5).explanation == "x"
+        assert __import__("time").perf_counter() - t0 >= 0.1
+    assert len(calls) == 3
+    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=0) as c:
+        calls.clear()
+        with pytest.raises(RateLimitError) as info:
+            c.features.get(5)
+        assert info.value.code == "queue_full"
+
+
+def test_connection_errors_retry_only_idempotent_calls():
+    calls = []
+
+    def handler(request):
+        calls.append(request.method)
+        raise httpx.ConnectError("refused")
+
+    from lmm_steer_client import APIConnectionError
+
+    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=2, backoff=0.001) as c:
+        with pytest.raises(APIConnectionError):
+            c.features.get(1)
+        assert calls == ["GET"] * 3
+        calls.clear()
+        with pytest.raises(APIConnectionError):
+            c.chat(prompt="hi")
+        assert calls == ["POST"]
+
+
+def test_api_key_from_environment(monkeypatch):
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(401, json={"error": {"message": "bad key", "type": "authentication_error"}})
+
+    monkeypatch.setenv("LMM_STEER_API_KEY", "k-123")
+    with Client("http://test", transport=httpx.MockTransport(handler)) as c, pytest.raises(AuthenticationError):
+        c.features.get(1)
+    assert seen == ["Bearer k-123"]
+
+
+def test_sdk_imports_without_torch_or_transformers():
+    code = "import sys, lmm_steer_client, lmm_steer_client.cli; print([m for m in ('torch', 'transformers', 'numpy') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
