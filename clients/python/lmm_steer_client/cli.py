@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     except (LmmSteerError, ValueError) as e:
         print(f"lmm-steer-client: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     return 0
 
 
