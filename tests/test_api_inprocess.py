@@ -66,3 +66,43 @@ def test_private_addresses_are_refused(address, public):
     from lmm_steer.api.images import _public
 
     assert _public(address) is public
+
+
+def test_metrics_after_steered_and_unsteered_requests():
+    from sae_weights import load_sae
+
+    lm = load_model("builtin:tiny-llava-next")
+    sae = load_sae("builtin:random-topk", d_in=64)
+    service = SteeringService(Engine(lm, sae, "model.layers.2", EngineConfig(max_batch=2, max_seq_len=256)))
+    service.metrics = Metrics(service.model_name, service, top_features=2)
+    service.start()
+    try:
+        with TestClient(create_app(service, ServerSettings(), service.metrics)) as client:
+            msgs = [{"role": "user", "content": "hi"}]
+            for clamps in (None, {"3": 5.0}, {"3": 2.0, "9": 1.0}, {"3": 1.0, "9": 2.0, "40": 3.0}, {"77": 1.0}):
+                r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "ignore_eos": True,
+                                                              **({"clamps": clamps} if clamps else {})})
+                assert r.status_code == 200
+            text = client.get("/metrics").text
+    finally:
+        service.stop()
+
+    def value(name, **labels):
+        want = ",".join(f'{k}="{v}"' for k, v in {"model_name": service.model_name, **labels}.items())
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{name}{{") and all(
+            f'{k}="{v}"' in ln for k, v in {"model_name": service.model_name, **labels}.items()))
+        assert want.split(",")[0] in line
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("lmm_steer:steered_requests_total") == 4 and value("lmm_steer:unsteered_requests_total") == 1
+    assert value("lmm_steer:clamps_per_request_count") == 5 and value("lmm_steer:clamps_per_request_sum") == 7
+    # top 2 features by use: 3 (three requests) and 9 (two); 40 and 77 once each -> other = 2
+    assert value("lmm_steer:feature_clamps_total", feature="3") == 3
+    assert value("lmm_steer:feature_clamps_total", feature="9") == 2
+    assert value("lmm_steer:feature_clamps_total", feature="other") == 2
+    assert value("lmm_steer:generation_tokens_total") == 20
+    assert value("lmm_steer:inter_token_latency_seconds_count") == 15  # 3 gaps per 4-token request
+    assert value("lmm_steer:request_queue_time_seconds_count") == 5
+    assert value("lmm_steer:decode_steps", kind="eager") > 0 and value("lmm_steer:decode_steps", kind="cuda_graph") == 0
+    assert 0 <= value("lmm_steer:kv_cache_usage_perc") <= 1
+    assert value("lmm_steer:request_success_total", finished_reason="length") == 5

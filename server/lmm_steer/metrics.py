@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 PREFIX = "lmm_steer:"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CLAMP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
 class Metrics:
-    def __init__(self, model_name: str, service=None) -> None:
+    def __init__(self, model_name: str, service=None, top_features: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         label = ["model_name"]
@@ -29,18 +36,64 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "End-to-end request latency", label,
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between streamed tokens", label,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(f"{PREFIX}request_queue_time_seconds", "Time waiting for a batch row", label,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram(f"{PREFIX}request_prefill_time_seconds", "Prefill time", label,
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram(f"{PREFIX}request_decode_time_seconds", "Decode time", label,
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_hist = Histogram(f"{PREFIX}request_prompt_tokens", "Prompt tokens per request", label,
+                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.gen_hist = Histogram(f"{PREFIX}request_generation_tokens", "Generated tokens per request", label,
+                                  buckets=TOKEN_BUCKETS, registry=r)
+        self.steered = Counter(f"{PREFIX}steered_requests", "Finished requests that edited SAE features", label,
+                               registry=r)
+        self.unsteered = Counter(f"{PREFIX}unsteered_requests", "Finished requests without feature edits", label,
+                                 registry=r)
+        self.clamps = Histogram(f"{PREFIX}clamps_per_request", "Feature edits per request", label,
+                                buckets=CLAMP_BUCKETS, registry=r)
+        # per-feature usage with bounded cardinality: the top-N most used features get their own label,
+        # the rest are summed as "other" (the ranking is recomputed at every scrape)
+        self.top_features = top_features
+        self.feature_counts: collections.Counter = collections.Counter()
+        r.register(_FeatureUsage(self))
+        self.kv_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "Share of KV cache positions in use", label,
+                              registry=r)
+        self.device_memory = Gauge(f"{PREFIX}device_memory_bytes", "Device memory allocated", label, registry=r)
+        self.steps = Gauge(f"{PREFIX}decode_steps", "Decode steps so far, by how they ran", [*label, "kind"],
+                           registry=r)
         if service is not None:
+            engine = service.engine
             self.running.labels(model_name).set_function(lambda: service.running)
             self.waiting.labels(model_name).set_function(lambda: service.waiting)
+            self.kv_usage.labels(model_name).set_function(engine.kv_usage)
+            self.device_memory.labels(model_name).set_function(engine.device_memory_bytes)
+            self.steps.labels(model_name, "cuda_graph").set_function(lambda: engine.stats["graph_replays"])
+            self.steps.labels(model_name, "eager").set_function(lambda: engine.stats["eager_steps"])
 
     def on_finish(self, result) -> None:
         m = self.model_name
         self.success.labels(m, result.finish_reason).inc()
         self.prompt_tokens.labels(m).inc(result.prompt_tokens)
         self.generation_tokens.labels(m).inc(len(result.token_ids))
-        if "ttft_s" in result.timings:
-            self.ttft.labels(m).observe(result.timings["ttft_s"])
-            self.e2e.labels(m).observe(result.timings["total_s"])
+        self.prompt_hist.labels(m).observe(result.prompt_tokens)
+        self.gen_hist.labels(m).observe(len(result.token_ids))
+        t = result.timings
+        if "ttft_s" in t:
+            self.ttft.labels(m).observe(t["ttft_s"])
+            self.e2e.labels(m).observe(t["total_s"])
+            self.queue.labels(m).observe(t["queue_s"])
+            self.prefill.labels(m).observe(t["prefill_s"])
+            self.decode.labels(m).observe(t["decode_s"])
+        features = result.steered_features
+        (self.steered if features else self.unsteered).labels(m).inc()
+        self.clamps.labels(m).observe(len(features))
+        self.feature_counts.update(features)
+
+    def on_token_gap(self, seconds: float) -> None:
+        self.itl.labels(self.model_name).observe(seconds)
 
     def on_abort(self) -> None:
         self.aborted.labels(self.model_name).inc()
@@ -50,3 +103,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FeatureUsage:
+    """``lmm_steer:feature_clamps_total{feature}`` for the top-N features, the rest as ``other``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        family = CounterMetricFamily(f"{PREFIX}feature_clamps", "Requests editing each feature (top N, rest as other)",
+                                     labels=["model_name", "feature"])
+        top = m.feature_counts.most_common(m.top_features)
+        for feature, count in top:
+            family.add_metric([m.model_name, str(feature)], count)
+        other = sum(m.feature_counts.values()) - sum(c for _, c in top)
+        family.add_metric([m.model_name, "other"], other)
+        yield family

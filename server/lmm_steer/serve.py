@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     add_device_arguments(p)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--metrics-top-features", type=int, default=50,
+                   help="features with their own label in lmm_steer:feature_clamps_total; the rest are 'other'")
     p.add_argument("--log-level", default="info")
 
 
@@ -70,7 +72,7 @@ def build_app(args):
             raise SystemExit(f"lmm-steer: error: --api-key-file {args.api_key_file} holds no keys")
     name = args.served_model_name or args.model
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
-    metrics = Metrics(name, service)
+    metrics = Metrics(name, service, top_features=args.metrics_top_features)
     service.metrics = metrics
     settings = ServerSettings(
         api_keys=keys, max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class SteeringService:
         self._jobs: list[tuple[Callable, Future]] = []
         self._aborts: set[str] = set()
         self._preparing = 0
+        self._last_token: dict[str, float] = {}  # for inter-token latency
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -170,6 +172,7 @@ class SteeringService:
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         future.set_exception(e)
             for rid in aborts:
+                self._last_token.pop(rid, None)
                 if self.engine.abort(rid) and self.metrics is not None:
                     self.metrics.on_abort()
             if not self.engine.has_work:
@@ -181,13 +184,21 @@ class SteeringService:
             except Exception:  # noqa: BLE001 - the engine isolates failures; this is a last resort
                 log.exception("engine step failed")
                 continue
+            now = time.perf_counter()
             for event in out.events:
+                last = self._last_token.get(event.request_id)
+                if last is not None and self.metrics is not None:
+                    self.metrics.on_token_gap(now - last)
+                self._last_token[event.request_id] = now
+                if event.finished:
+                    self._last_token.pop(event.request_id, None)
                 self._send(event.request_id, event)
             for result in out.finished:
                 if self.metrics is not None:
                     self.metrics.on_finish(result)
                 self._send(result.request_id, _Finished(result))
             for rid, message in out.failed:
+                self._last_token.pop(rid, None)
                 log.error("request %s failed: %s", rid, message)
                 if self.metrics is not None:
                     self.metrics.on_error("internal")

@@ -72,6 +72,7 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     timings: dict = field(default_factory=dict)
+    steered_features: list[int] = field(default_factory=list)  # the features this request edited
 
 
 @dataclass
@@ -401,8 +402,15 @@ class Engine:
             done.append(GenerationResult(
                 seq.req.request_id, list(seq.generated), seq.text, reason, seq.prompt_len,
                 list(seq.logprobs) if p.logprobs else None,
-                self._timings(seq),
+                self._timings(seq), list(seq.steering_row.ids),
             ))
+
+    def kv_usage(self) -> float:
+        """Share of the KV cache's positions holding live sequences' tokens."""
+        return sum(s.length for s in self.active) / (self.cache.rows * self.cache.max_len)
+
+    def device_memory_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     @staticmethod
     def _timings(seq: _Sequence) -> dict:
