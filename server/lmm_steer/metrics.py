@@ -64,6 +64,9 @@ class Metrics:
         self.device_memory = Gauge(f"{PREFIX}device_memory_bytes", "Device memory allocated", label, registry=r)
         self.steps = Gauge(f"{PREFIX}decode_steps", "Decode steps so far, by how they ran", [*label, "kind"],
                            registry=r)
+        # series that exist from the start, so dashboards show 0 rather than no data
+        for counter in (self.aborted, self.steered, self.unsteered, self.prompt_tokens, self.generation_tokens):
+            counter.labels(model_name)
         if service is not None:
             engine = service.engine
             self.running.labels(model_name).set_function(lambda: service.running)
