@@ -22,6 +22,10 @@ class Metrics:
         self.model_name = model_name
         label = ["model_name"]
         r = self.registry
+
+        def histogram(name, doc, buckets=LATENCY_BUCKETS):
+            return Histogram(f"{PREFIX}{name}", doc, label, buckets=buckets, registry=r)
+
         self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch", label, registry=r)
         self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting for a batch row", label, registry=r)
         self.success = Counter(f"{PREFIX}request_success", "Finished requests by finish reason",
@@ -32,28 +36,19 @@ class Metrics:
                               [*label, "type"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed", label, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", label, registry=r)
-        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to first token", label,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "End-to-end request latency", label,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between streamed tokens", label,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram(f"{PREFIX}request_queue_time_seconds", "Time waiting for a batch row", label,
-                               buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill = Histogram(f"{PREFIX}request_prefill_time_seconds", "Prefill time", label,
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.decode = Histogram(f"{PREFIX}request_decode_time_seconds", "Decode time", label,
-                                buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_hist = Histogram(f"{PREFIX}request_prompt_tokens", "Prompt tokens per request", label,
-                                     buckets=TOKEN_BUCKETS, registry=r)
-        self.gen_hist = Histogram(f"{PREFIX}request_generation_tokens", "Generated tokens per request", label,
-                                  buckets=TOKEN_BUCKETS, registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency")
+        self.itl = histogram("inter_token_latency_seconds", "Time between streamed tokens")
+        self.queue = histogram("request_queue_time_seconds", "Time waiting for a batch row")
+        self.prefill = histogram("request_prefill_time_seconds", "Prefill time")
+        self.decode = histogram("request_decode_time_seconds", "Decode time")
+        self.prompt_hist = histogram("request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
+        self.gen_hist = histogram("request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
         self.steered = Counter(f"{PREFIX}steered_requests", "Finished requests that edited SAE features", label,
                                registry=r)
         self.unsteered = Counter(f"{PREFIX}unsteered_requests", "Finished requests without feature edits", label,
                                  registry=r)
-        self.clamps = Histogram(f"{PREFIX}clamps_per_request", "Feature edits per request", label,
-                                buckets=CLAMP_BUCKETS, registry=r)
+        self.clamps = histogram("clamps_per_request", "Feature edits per request", CLAMP_BUCKETS)
         # per-feature usage with bounded cardinality: the top-N most used features get their own label,
         # the rest are summed as "other" (the ranking is recomputed at every scrape)
         self.top_features = top_features
