@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -171,8 +172,6 @@ class SAETrainer:
             return out
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         save_sae(self.sae.cpu(), tmp / "sae", "sparsify", hookpoint=self.cfg.hookpoint)
         self.sae.to(self.device)
@@ -188,8 +187,6 @@ class SAETrainer:
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
         # the SAE itself sits at out/<hookpoint>/ so `serve --sae out` finds it
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         (tmp / "sae" / self.cfg.hookpoint).rename(tmp / self.cfg.hookpoint)
         (tmp / "sae").rmdir()
