@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmm_steer.models.builtin import _CORPUS
-from lmm_steer.training.sparse_ops import SparseDecode, TopKEncode
+from lmm_steer.training.sparse_ops import SparseDecode, TopKEncode, row_topk
 from lmm_steer.training.trainer import SAETrainer, TrainConfig, train
 from sae_weights import load_sae
 
@@ -39,7 +39,7 @@ def test_sparse_backward_equals_dense_autograd():
     dead = torch.zeros(m, dtype=torch.bool)
     dead[::3] = True
 
-    vals, idx, aux_vals, aux_idx = TopKEncode.apply(x, w_enc, b_enc, k, dead, 4)
+    vals, idx, aux_vals, aux_idx, _ = TopKEncode.apply(x, w_enc, b_enc, k, dead, 4)
     loss = ((SparseDecode.apply(vals, idx, w_dec) - target) ** 2).sum() + SparseDecode.apply(aux_vals, aux_idx,
                                                                                               w_dec).pow(2).sum()
     loss.backward()
@@ -55,6 +55,20 @@ def test_sparse_backward_equals_dense_autograd():
     ref.backward()
     for a, r in zip(ours, (w_enc.grad, b_enc.grad, w_dec.grad), strict=True):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("b,m,k", [(7, 96, 5), (16, 32768, 32), (16, 32768, 128), (5, 1000, 10), (9, 4096, 64)])
+def test_row_topk_selects_what_torch_topk_selects(b, m, k):
+    """The group-pruned top-k returns the same values as torch.topk, with distinct indices that
+    point at them, also with ties and rows that are mostly -inf (the AuxK mask)."""
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(b, m, generator=g)
+    x[0, ::2] = float("-inf")
+    x[1] = torch.randint(0, 4, (m,), generator=g).float()
+    vals, idx = row_topk(x, k)
+    torch.testing.assert_close(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values, rtol=0, atol=0)
+    assert torch.equal(x.gather(-1, idx), vals)
+    assert all(len(set(row.tolist())) == k for row in idx)
 
 
 def _synthetic(n=20000, d=48, true_features=192, seed=0):
@@ -209,8 +223,8 @@ def test_gradient_buffers_receive_the_same_gradients():
         params = [t.clone().requires_grad_() for t in (w_enc, b_enc, w_dec)]
         enc_buf = torch.full_like(w_enc, 7.0) if buffers else None  # overwritten, whatever it held
         dec_buf = torch.zeros_like(w_dec) if buffers else None  # accumulated into
-        vals, idx, _, _ = TopKEncode.apply(x, params[0], params[1], 4, None, 0, None, enc_buf)
-        ((SparseDecode.apply(vals, idx, params[2], dec_buf) - target) ** 2).sum().backward()
+        vals, idx, _, _, layout = TopKEncode.apply(x, params[0], params[1], 4, None, 0, None, enc_buf)
+        ((SparseDecode.apply(vals, idx, params[2], dec_buf, layout) - target) ** 2).sum().backward()
         grads.append([enc_buf if buffers else params[0].grad, params[1].grad, dec_buf if buffers else params[2].grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
@@ -231,7 +245,7 @@ def test_cuda_training_with_bf16_autocast_lowers_fvu_and_matches_cpu_gradients()
     grads = []
     for dev in ("cpu", "cuda"):
         p = [t.detach().to(dev).requires_grad_() for t in (w_enc, b_enc, w_dec)]
-        vals, idx, _, _ = TopKEncode.apply(x.to(dev), p[0], p[1], 4, None, 0)
+        vals, idx, _, _, _ = TopKEncode.apply(x.to(dev), p[0], p[1], 4, None, 0)
         (SparseDecode.apply(vals, idx, p[2]) ** 2).sum().backward()
         grads.append([t.grad.cpu() for t in p])
     for a, b in zip(*grads, strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -18,16 +19,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", type=int, default=32768)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", default="32,128", help="comma-separated k values")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds per configuration (after one warm-up); each round times a step and a matmul")
     p.add_argument("--json", metavar="PATH")
 
 
-def _time(fn, steps: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
+def _interleaved(a, b, rounds: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, run alternately after one warm-up each, so that a
+    shared machine's drifting speed hits both sides of the ratio alike."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main(args) -> int:
@@ -35,12 +41,13 @@ def main(args) -> int:
     x = torch.randn(args.batch, args.d_in, generator=g)
     w = torch.randn(args.latents, args.d_in, generator=g) / args.d_in**0.5
     bias = torch.zeros(args.latents)
-    matmul_s = _time(lambda: torch.addmm(bias, x, w.t()), args.steps)
+    out = torch.empty(args.batch, args.latents)  # the baseline at its fastest: no page faults on a fresh output
     rows = []
     for k in (int(v) for v in args.k.split(",")):
         trainer = SAETrainer(TrainConfig(num_latents=args.latents, k=k, batch_size=args.batch, steps=10**6,
                                          dead_tokens=10**9), args.d_in)
-        step_s = _time(lambda trainer=trainer: trainer.train_step(x), args.steps)
+        matmul_s, step_s = _interleaved(lambda: torch.addmm(bias, x, w.t(), out=out),
+                                        lambda trainer=trainer: trainer.train_step(x), args.steps)
         params = sum(p.numel() * p.element_size() for p in trainer.params)
         rows.append({"k": k, "step_s": step_s, "matmul_s": matmul_s, "ratio": matmul_s / step_s,
                      "sae_param_bytes": params, "adam_state_bytes": 2 * params,
@@ -49,7 +56,7 @@ def main(args) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"d_in {args.d_in}, latents {args.latents}, batch {args.batch}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| k | train step (s) | encoder matmul alone (s) | step rate / matmul rate |")
+    print("| k | train step (s, median) | encoder matmul alone (s, median) | step rate / matmul rate |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['step_s']:.3f} | {r['matmul_s']:.3f} | {r['ratio']:.3f} |")

@@ -8,6 +8,7 @@ safetensors and JSON, never pickle; a resumed seeded run continues exactly where
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -56,6 +57,31 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return m
 
 
+def _unit_rows_step(w: torch.Tensor, g: torch.Tensor, step: Callable[[], None], rows: int = 512) -> None:
+    """Keep the decoder rows ``w`` on the unit sphere around an optimiser ``step``: drop the part of
+    each gradient row ``g`` along its row, step, renormalise. Slab by slab, so each slab is still in
+    cache for its second pass; no [M, D] temporary (2-3x faster on a CPU than whole-matrix ops)."""
+    for i in range(0, w.shape[0], rows):
+        ws, gs = w[i:i + rows], g[i:i + rows]
+        gs.addcmul_(ws, (gs * ws).sum(1, keepdim=True), value=-1)
+    step()
+    for i in range(0, w.shape[0], rows):
+        ws = w[i:i + rows]
+        ws /= torch.linalg.vector_norm(ws, dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def _keep_freed_blocks() -> None:
+    """Ask glibc to keep freed [batch, d] blocks for reuse instead of unmapping them: otherwise every
+    step's temporaries are fresh mappings whose page faults make each elementwise op 3-5x slower
+    on a CPU. (A process-wide setting; nothing changes where glibc is not the allocator.)"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its ceiling on 64-bit glibc
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
 class SAETrainer:
     def __init__(self, cfg: TrainConfig, d_in: int, *, device="cpu") -> None:
         self.cfg = cfg
@@ -71,6 +97,8 @@ class SAETrainer:
             self.sae.W_dec.copy_(w)
             self.sae.W_enc.copy_(w)
         self.sae.to(self.device)
+        if self.device.type == "cpu":
+            _keep_freed_blocks()
         self.params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
         fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.Adam(self.params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused)
@@ -117,12 +145,13 @@ class SAETrainer:
                 p.grad = torch.zeros_like(p)
             elif p is not sae.W_enc:  # W_enc's is overwritten whole
                 p.grad.zero_()
-        vals, idx, aux_vals, aux_idx = TopKEncode.apply(
+        vals, idx, aux_vals, aux_idx, layout = TopKEncode.apply(
             xc.to(enc_dtype), sae.W_enc.detach().to(enc_dtype), sae.b_enc.to(enc_dtype), cfg.k,
             dead if k_aux else None, k_aux, self._workspace, sae.W_enc.grad)
-        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad) + sae.b_dec
+        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad, layout) + sae.b_dec
         err = x_hat - x
-        total_var = (x - x.mean(0)).pow(2).sum()
+        with torch.no_grad():
+            total_var = torch.linalg.vector_norm(x - x.mean(0)).square()
         fvu = err.pow(2).sum() / total_var
         loss = fvu
         aux_fvu = torch.zeros(())
@@ -137,14 +166,9 @@ class SAETrainer:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
         with torch.no_grad():
-            # keep decoder rows on the unit sphere: drop the gradient along each row, step, renormalise
-            w, g = sae.W_dec, sae.W_dec.grad
-            along = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # row dot products, no [M, D] temporary
-            g.addcmul_(w, along, value=-1)
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
-            self.opt.step()
-            w /= w.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            _unit_rows_step(sae.W_dec, sae.W_dec.grad, self.opt.step)
             fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=self.device)
             fired.index_add_(0, idx[vals > 0], torch.ones_like(idx[vals > 0]))
             if self.world > 1:
