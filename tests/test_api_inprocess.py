@@ -73,7 +73,8 @@ def test_metrics_after_steered_and_unsteered_requests():
 
     lm = load_model("builtin:tiny-llava-next")
     sae = load_sae("builtin:random-topk", d_in=64)
-    service = SteeringService(Engine(lm, sae, "model.layers.2", EngineConfig(max_batch=2, max_seq_len=256)))
+    service = SteeringService(Engine(lm, sae, "model.layers.2", EngineConfig(max_batch=2, max_seq_len=256,
+                                                                         clamp_effect_every=1)))
     service.metrics = Metrics(service.model_name, service, top_features=2)
     service.start()
     try:
@@ -106,3 +107,12 @@ def test_metrics_after_steered_and_unsteered_requests():
     assert value("lmm_steer:decode_steps", kind="eager") > 0 and value("lmm_steer:decode_steps", kind="cuda_graph") == 0
     assert 0 <= value("lmm_steer:kv_cache_usage_perc") <= 1
     assert value("lmm_steer:request_success_total", finished_reason="length") == 5
+    # clamp effect, measured at every decode step (3 per 4-token request, one request at a time):
+    # feature 3 in three requests -> 9 observations aiming at 3 * (5 + 2 + 1); 9 -> 6; 40, 77 -> other
+    effect = "lmm_steer:clamp_effect_activation"
+    assert value(f"{effect}_count", feature="3", when="target") == 9
+    assert value(f"{effect}_sum", feature="3", when="target") == pytest.approx(24)
+    assert value(f"{effect}_sum", feature="9", when="target") == pytest.approx(9)
+    assert value(f"{effect}_count", feature="other", when="after") == 6
+    assert value(f"{effect}_count", feature="3", when="before") == value(f"{effect}_count", feature="3", when="after") == 9
+    assert value("lmm_steer:clamp_effect_abs_error_count") == 21

@@ -92,3 +92,26 @@ def test_serve_with_no_arguments_serves_the_default():
         assert not mentions(r["unsteered"]["content"], CONCEPTS["music"])
     finally:
         server.stop()
+
+
+def test_clamp_effect_shows_the_clamp_taking_hold(engine, catalog):
+    """What the clamp-effect metric reports on the real SAE: the clamped feature, mostly silent on
+    its own, reads back at a large part of the clamp value on every generated token (not all of
+    it: this SAE's encoder re-reads its decoder direction at about half its length; measured
+    2026-11-28: after 40-50 for a target of 82, before 0 on most tokens)."""
+    entry, _ = catalog.search("music", limit=1)[0]
+    value = CLAMP_TIMES_MAX * entry.extras["max_activation"]
+    engine.config.clamp_effect_every = 1
+    try:
+        engine.submit(GenerationRequest(messages=[{"role": "user", "content": PROMPTS[0]}],
+                                        steering=SteeringSpec([FeatureEdit(entry.feature, value)]),
+                                        sampling=SamplingParams(max_tokens=12)))
+        effects = []
+        while engine.has_work:
+            effects += engine.step().clamp_effects
+    finally:
+        engine.config.clamp_effect_every = 0
+    assert len(effects) == 11 and all(e.feature == entry.feature and e.target == value for e in effects)
+    # before: the feature's own activation given the (already steered) text so far, mostly 0
+    assert sum(e.before for e in effects) / len(effects) < 0.1 * value
+    assert all(0.3 * value < e.after < value and e.after > e.before for e in effects)

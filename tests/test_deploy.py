@@ -29,7 +29,8 @@ def _exported_names() -> set[str]:
 
     from lmm_steer.metrics import Metrics
 
-    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count"), "counter": ("_total",),
+                "gauge": ("",)}
     names = set()
     for family in text_string_to_metric_families(Metrics("m").render().decode()):
         names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
@@ -82,7 +83,8 @@ def test_kubernetes_manifests():
 @pytest.mark.skipif(shutil.which("prometheus") is None,
                     reason="needs Debian's prometheus package (.ci/run installs it)")
 def test_every_dashboard_query_returns_data_from_real_prometheus(tmp_path):
-    server = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk", "--max-seq-len", "512")
+    server = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk", "--max-seq-len", "512",
+                    "--clamp-effect-every", "2")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({

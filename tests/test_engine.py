@@ -291,6 +291,66 @@ def test_sae_width_must_match_model(llava):
         Engine(lm, load_sae("builtin:random-topk", d_in=32), HOOK)
 
 
+# -- clamp effect measurement -----------------------------------------------------------------
+
+def test_measuring_step_reports_exact_activations_and_changes_nothing():
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64)
+    h = torch.randn(4, 64) * 3
+    specs = [SteeringSpec([FeatureEdit(11, 25.0), FeatureEdit(7, 5.0, "add")]),
+             None,
+             SteeringSpec([FeatureEdit(int(sae.encode(h)[2].argmax()), 0.5, "scale")]),
+             SteeringSpec([FeatureEdit(40, 30.0)], semantics="paper", scope="all")]
+    table = SteeringTable(4, 3, "cpu", torch.float32)
+    rows = [SteeringRow.from_spec(s) for s in specs]
+    for r, row in enumerate(rows):
+        table.write(r, row, True)
+    args = (h, sae, table.ids, table.delta_a, table.delta_b, table.paper_c, table.paper_d, table.paper)
+    plain_variant = variant_for([(r, True) for r in rows])
+    measuring = variant_for([(r, True) for r in rows], measure=True)
+    assert measuring.measure and not plain_variant.measure
+    effect = torch.full((2, 4, 3), float("nan"))
+    out = apply_steering(*args, measuring, effect)
+    assert torch.equal(out, apply_steering(*args, plain_variant))  # measuring never changes the output
+    before, after = sae.encode(h).gather(-1, table.ids), sae.encode(out).gather(-1, table.ids)
+    for r, row in enumerate(rows):
+        n = len(row.ids)
+        torch.testing.assert_close(effect[0, r, :n], before[r, :n])
+        torch.testing.assert_close(effect[1, r, :n], after[r, :n])
+    assert after[0, 0] > 5 * max(float(before[0, 0]), 1.0)  # the clamp to 25 moved feature 11 up
+
+
+def test_engine_reports_clamp_effects_on_generated_tokens(llava):
+    lm, sae = llava
+    specs = [SteeringSpec([FeatureEdit(11, 25.0), FeatureEdit(7, 4.0, "add")]), None,
+             SteeringSpec([FeatureEdit(11, 25.0)], scope="prompt")]
+
+    def run(every):
+        engine = _engine(lm, sae, clamp_effect_every=every)
+        ids = [engine.submit(_request(lm, f"Story number {i}.", steering=s)) for i, s in enumerate(specs)]
+        tokens, effects, steps = {i: [] for i in ids}, [], 0
+        while engine.has_work:
+            out = engine.step()
+            steps += 1
+            effects += out.clamp_effects
+            for e in out.events:
+                tokens[e.request_id].append(e.token_id)
+        return [tokens[i] for i in ids], effects, engine.stats["decode_steps"]
+
+    plain_tokens, none, _ = run(0)
+    tokens, effects, decode_steps = run(2)
+    assert tokens == plain_tokens and not none
+    measured = (decode_steps + 1) // 2  # steps 0, 2, 4, ... while all three rows decode together
+    assert len(effects) == 3 * measured  # two edits of the first request, one of the third, none of the second
+    clamp_all = [e for e in effects if e.feature == 11 and e.target == 25.0]
+    add = [e for e in effects if e.mode == "add"]
+    prompt_only = [e for e in effects if e.feature == 11 and e not in clamp_all]
+    assert len(clamp_all) == len(add) == len(prompt_only) == measured
+    assert all(e.target == pytest.approx(e.before + 4.0) for e in add)
+    # out of scope on generated tokens: nothing is edited, so after == before == target
+    assert all(e.before == e.after == e.target for e in prompt_only)
+    assert all(abs(e.after - 25.0) < abs(e.before - 25.0) for e in clamp_all)
+
+
 # -- GPU ------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -303,6 +363,19 @@ def test_cuda_graph_equals_eager_greedy():
     graphs = graph_engine.generate(reqs())
     assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
     assert graph_engine.stats["graph_replays"] > 0 and graph_engine.stats["eager_steps"] == 0
+    # measuring steps (their own captured variants) report what eager steps report
+    effects = []
+    for graphs_on in (False, True):
+        engine = _engine(lm, sae, max_batch=8, cuda_graphs=graphs_on, clamp_effect_every=1)
+        for r in reqs():
+            engine.submit(r)
+        found = []
+        while engine.has_work:
+            found += engine.step().clamp_effects
+        effects.append(found)
+    assert effects[0] and len(effects[0]) == len(effects[1])
+    for e, g in zip(*effects, strict=True):
+        assert e.feature == g.feature and e.after == pytest.approx(g.after, abs=1e-3, rel=1e-3)
 
 
 def test_topk_membership_by_count_equals_by_threshold(monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
 PREFIX = "lmm_steer:"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -14,6 +14,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 
 
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CLAMP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+EFFECT_ERROR_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
+_EFFECT_KINDS = ("before", "after", "target")
 
 
 class Metrics:
@@ -54,6 +56,12 @@ class Metrics:
         self.top_features = top_features
         self.feature_counts: collections.Counter = collections.Counter()
         r.register(_FeatureUsage(self))
+        # measured activations of edited features on generated tokens: feature -> when -> [sum, count]
+        self.effects: dict[int, dict[str, list[float]]] = {}
+        r.register(_ClampEffect(self))
+        self.effect_error = histogram("clamp_effect_abs_error",
+                                      "|after - target| of edited features' SAE activations on generated tokens",
+                                      EFFECT_ERROR_BUCKETS)
         self.kv_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "Share of KV cache positions in use", label,
                               registry=r)
         self.device_memory = Gauge(f"{PREFIX}device_memory_bytes", "Device memory allocated", label, registry=r)
@@ -90,6 +98,15 @@ class Metrics:
         self.clamps.labels(m).observe(len(features))
         self.feature_counts.update(features)
 
+    def on_clamp_effects(self, effects) -> None:
+        for e in effects:
+            per_feature = self.effects.setdefault(e.feature, {w: [0.0, 0] for w in _EFFECT_KINDS})
+            for when in _EFFECT_KINDS:
+                acc = per_feature[when]
+                acc[0] += getattr(e, when)
+                acc[1] += 1
+            self.effect_error.labels(self.model_name).observe(abs(e.after - e.target))
+
     def on_token_gap(self, seconds: float) -> None:
         self.itl.labels(self.model_name).observe(seconds)
 
@@ -118,4 +135,32 @@ class _FeatureUsage:
             family.add_metric([m.model_name, str(feature)], count)
         other = sum(m.feature_counts.values()) - sum(c for _, c in top)
         family.add_metric([m.model_name, "other"], other)
+        yield family
+
+
+class _ClampEffect:
+    """``lmm_steer:clamp_effect_activation{feature, when}``: a summary (sum and count) of the SAE's
+    activation of each edited feature on generated tokens, ``before`` the edit, ``after`` it, and
+    the ``target`` the edit aims at. Mean after close to mean target: the clamp took. The top-N
+    most measured features get their own label, the rest are summed as ``other``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        family = SummaryMetricFamily(f"{PREFIX}clamp_effect_activation",
+                                     "SAE activation of edited features on generated tokens (top N, rest as other)",
+                                     labels=["model_name", "feature", "when"])
+        ranked = sorted(m.effects.items(), key=lambda kv: (-kv[1]["before"][1], kv[0]))
+        other = {w: [0.0, 0] for w in _EFFECT_KINDS}
+        for rank, (feature, per_kind) in enumerate(ranked):
+            for when, (total, count) in per_kind.items():
+                if rank < m.top_features:
+                    family.add_metric([m.model_name, str(feature), when], count, total)
+                else:
+                    other[when][0] += total
+                    other[when][1] += count
+        for when, (total, count) in other.items():
+            family.add_metric([m.model_name, "other", when], count, total)
         yield family

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--metrics-top-features", type=int, default=50,
                    help="features with their own label in lmm_steer:feature_clamps_total; the rest are 'other'")
+    p.add_argument("--clamp-effect-every", type=int, default=16, metavar="N",
+                   help="every N-th decode step with edited features measures their activation before and after "
+                        "the edit for lmm_steer:clamp_effect_activation (one more SAE encode that step); 0: never")
     p.add_argument("--log-level", default="info")
 
 
@@ -59,7 +62,8 @@ def build_app(args):
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
-                            max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs),
+                            max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs,
+                            clamp_effect_every=args.clamp_effect_every),
     )
     catalog = FeatureCatalog()
     for path in catalogs:

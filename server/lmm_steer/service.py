@@ -193,6 +193,8 @@ class SteeringService:
                 if event.finished:
                     self._last_token.pop(event.request_id, None)
                 self._send(event.request_id, event)
+            if out.clamp_effects and self.metrics is not None:
+                self.metrics.on_clamp_effects(out.clamp_effects)
             for result in out.finished:
                 if self.metrics is not None:
                     self.metrics.on_finish(result)

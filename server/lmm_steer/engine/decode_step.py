@@ -110,6 +110,8 @@ class DecodeStep:
         self.key_index = torch.arange(cache.max_len, device=device)
         table_dtype = sae.W_dec.dtype if sae is not None else self.dtype
         self.table = SteeringTable(rows, table_width, device, table_dtype)
+        # a measuring step's activations of each row's edited features, before and after the edit
+        self.effect = torch.zeros(2, rows, table_width, device=device, dtype=table_dtype)
         rotary = self.decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.to(device=device, dtype=torch.float32)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -146,7 +148,7 @@ class DecodeStep:
             if i == self.hook_index and not variant.plain:
                 h = apply_steering(
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],
-                    t.paper[:b], variant,
+                    t.paper[:b], variant, self.effect[:, :b],
                 )
         logits = self.lm_head(self.decoder.norm(h)).float()
         # Advance the inputs on the device, assuming every row greedy: a batch of greedy rows then

@@ -41,6 +41,8 @@ class EngineConfig:
     max_clamps: int = 32
     cuda_graphs: bool = True
     min_length_bucket: int = 128
+    # every N-th decode step with edited features also measures them (one more SAE encode); 0: never
+    clamp_effect_every: int = 0
 
 
 @dataclass
@@ -75,11 +77,25 @@ class GenerationResult:
     steered_features: list[int] = field(default_factory=list)  # the features this request edited
 
 
+@dataclass(frozen=True)
+class ClampEffect:
+    """One edited feature of one request at one generated token, from a measuring step: the SAE's
+    activation of the feature in the hook block's output before the edit and after it, and the
+    activation the edit aims at (the natural one where the edit is out of scope)."""
+
+    feature: int
+    mode: str
+    before: float
+    after: float
+    target: float
+
+
 @dataclass
 class StepOutput:
     events: list[TokenEvent]
     finished: list[GenerationResult]
     failed: list[tuple[str, str]]  # (request id, message): the request ended with an internal error
+    clamp_effects: list[ClampEffect] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +126,23 @@ class _Sequence:
     def decode_in_scope(self) -> bool:
         spec = self.req.steering
         return spec is not None and spec.effective_scope in ("all", "generated")
+
+
+def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEffect]:
+    """The measured ``effect [2, rows, width]`` of each sequence's edits, with their targets."""
+    found = []
+    for i, s in enumerate(seqs):
+        spec = s.req.steering
+        if spec is None:
+            continue
+        in_scope = s.decode_in_scope
+        for j, e in enumerate(spec.edits):
+            before, after = float(effect[0, i, j]), float(effect[1, i, j])
+            target = before
+            if in_scope:
+                target = {"clamp": e.value, "add": before + e.value, "scale": e.value * before}[e.mode]
+            found.append(ClampEffect(e.feature, e.mode, before, after, float(target)))
+    return found
 
 
 def _buckets(limit: int, start: int = 1) -> list[int]:
@@ -289,7 +322,7 @@ class Engine:
             t0 = time.perf_counter()
             n = len(self.active)
             try:
-                self._decode(out.events, out.finished)  # ends with a device sync: tokens are read back
+                self._decode(out)  # ends with a device sync: tokens are read back
             except Exception as e:  # noqa: BLE001
                 for seq in list(self.active):
                     self._release(seq)
@@ -331,7 +364,8 @@ class Engine:
         self.step_fn.table.write(seq.row, seq.steering_row, seq.decode_in_scope)
         self._inputs_stale = True
 
-    def _decode(self, events, done) -> None:
+    def _decode(self, out: StepOutput) -> None:
+        events, done = out.events, out.finished
         n = len(self.active)
         b = next(x for x in self.batch_buckets if x >= n)
         longest = max(s.length for s in self.active) + 1
@@ -344,7 +378,9 @@ class Engine:
             fn.write_pos[:b].copy_(torch.tensor([s.length for s in self.active] + pad))
             fn.rope_pos[:b].copy_(torch.tensor([s.rope_pos for s in self.active] + pad))
             self._inputs_stale, self._last_bucket = False, b
-        variant = variant_for([(s.steering_row, s.decode_in_scope) for s in self.active])
+        every = self.config.clamp_effect_every
+        measure = self.sae is not None and every > 0 and self.stats["decode_steps"] % every == 0
+        variant = variant_for([(s.steering_row, s.decode_in_scope) for s in self.active], measure)
         if self.graphs is not None:
             logits = self.graphs(b, attend, variant)
             self.stats["graph_replays"] += 1
@@ -355,6 +391,8 @@ class Engine:
         self.stats["decode_steps"] += 1
         seqs = list(self.active)
         greedy = fn.next_tokens[:n].tolist()  # the one device sync of a greedy step
+        if variant.measure:
+            out.clamp_effects.extend(_clamp_effects(seqs, fn.effect[:, :n].float().cpu()))
         tokens_out = []
         for i, s in enumerate(seqs):
             if s.req.sampling.greedy:

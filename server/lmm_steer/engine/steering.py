@@ -181,6 +181,7 @@ class StepVariant:
     encode: bool  # some row needs z_j(h) (clamp / scale under delta semantics, or paper)
     delta: bool  # some row adds decoder directions
     paper: bool  # some row replaces h by the reconstruction
+    measure: bool = False  # also report each edited feature's activation before and after the edit
 
     @property
     def plain(self) -> bool:
@@ -190,11 +191,14 @@ class StepVariant:
 PLAIN = StepVariant(False, False, False)
 
 
-def variant_for(rows: list[tuple[SteeringRow, bool]]) -> StepVariant:
-    """The cheapest variant that computes every (row, in_scope) exactly."""
+def variant_for(rows: list[tuple[SteeringRow, bool]], measure: bool = False) -> StepVariant:
+    """The cheapest variant that computes every (row, in_scope) exactly; with ``measure``, one
+    that also measures the edited features of every row that has edits (a second SAE encode)."""
     paper = any(r.paper for r, _ in rows)
     delta = any(r.has_delta and s for r, s in rows)
     encode = paper or any(r.needs_z and s for r, s in rows)
+    if measure and any(r.ids for r, _ in rows):
+        return StepVariant(True, delta, paper, True)
     return StepVariant(encode, delta, paper)
 
 
@@ -220,9 +224,28 @@ def topk_member(pre: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor
     return torch.where(chosen >= kth, chosen, zero)
 
 
-def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant):
+def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor):
+    """``(pre, chosen, z)``: ReLU'd pre-activations ``[N, M]``, those of ``ids`` ``[N, C]``, and the
+    SAE's activations of ``ids`` (TopK: the pre-activation where it is among the top k, else 0)."""
+    pre = F.relu(sae.pre_activations(x))
+    chosen = pre.gather(-1, ids)
+    act = sae.cfg.activation
+    if act == "topk":
+        z = topk_member(pre, chosen, sae.cfg.k)
+    elif act == "jumprelu":
+        # chosen is relu(p), and relu(p) * (relu(p) > t) == relu(p) * (p > t) for every t
+        z = chosen * (chosen > sae.threshold[ids])
+    else:
+        z = chosen
+    return pre, chosen, z
+
+
+def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
+                   effect: torch.Tensor | None = None):
     """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``).
 
+    With ``variant.measure``, ``effect [2, N, C]`` receives the SAE's activation of each table
+    feature in the block output before the edit and in the edited output (exact: a second encode).
     Pure tensor code with static shapes and no host synchronisation, so it runs inside a
     captured CUDA graph.
     """
@@ -231,16 +254,7 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
     w_dec = sae.W_dec
     x = h.to(w_dec.dtype)
     if variant.encode:
-        pre = F.relu(sae.pre_activations(x))  # [N, M]
-        chosen = pre.gather(-1, ids)  # [N, C]
-        act = sae.cfg.activation
-        if act == "topk":
-            z = topk_member(pre, chosen, sae.cfg.k)
-        elif act == "jumprelu":
-            # chosen is relu(p), and relu(p) * (relu(p) > t) == relu(p) * (p > t) for every t
-            z = chosen * (chosen > sae.threshold[ids])
-        else:
-            z = chosen
+        pre, chosen, z = feature_activations(sae, x, ids)
         coef = delta_a * z + delta_b
     else:
         coef = delta_b
@@ -253,4 +267,7 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
         vals, idx = torch.topk(F.relu(edited), sae.cfg.k, dim=-1, sorted=False)
         recon = F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
         out = torch.where(paper.unsqueeze(-1), recon.to(h.dtype), out)
+    if variant.measure:
+        effect[0].copy_(z)
+        effect[1].copy_(feature_activations(sae, out.to(w_dec.dtype), ids)[2])
     return out
