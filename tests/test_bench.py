@@ -17,9 +17,10 @@ def test_bench_smoke_prints_table_and_ratios(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "b.json").read_text())
     rows = result["decode_tok_s"]
-    for name in ("hf generate()", "engine, no SAE", "engine + SAE, no clamps", "engine + SAE, 4 clamps/row"):
+    for name in ("hf generate()", "engine, no SAE", "engine + SAE, no clamps", "engine + SAE, 4 clamps/row",
+                 "engine + SAE, 4 clamps/row, clamp effect 1/16"):
         assert set(rows[name]) == {"1", "2"} and all(v > 0 for v in rows[name].values()), name
-    assert result["ratios"]["engine / hf generate()"]["1"] > 0
+    assert result["ratios"]["engine / hf generate()"]["1"] > 0 and result["ratios"]["clamp effect 1/16 / steered"]["1"] > 0
     assert result["ttft_text_s"] > 0 and result["ttft_image_s"] > 0
     assert result["greedy_agreement"]["batched_vs_alone"]["sequences_identical"] == 2
     assert result["errors"] == []

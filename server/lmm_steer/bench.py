@@ -257,6 +257,13 @@ def run_bench(a: BenchArgs) -> dict:
                         False, a.clamps, graphs)
                 measure(f"engine + SAE, {a.clamps} clamps/row{tag}", b, engine_decode_rate, steerable, prompts,
                         a.new_tokens, True, a.clamps, graphs)
+                # serve's default: one decode step in 16 also measures the clamp effect
+                steerable.config.clamp_effect_every = 16
+                try:
+                    measure(f"engine + SAE, {a.clamps} clamps/row, clamp effect 1/16{tag}", b, engine_decode_rate,
+                            steerable, prompts, a.new_tokens, True, a.clamps, graphs)
+                finally:
+                    steerable.config.clamp_effect_every = 0
         if use_graphs:
             measure("device step only, no SAE [graph]", b, device_step_rate, plain, b, False)
             if steerable is not None:
@@ -320,6 +327,8 @@ def ratios(rows: dict[str, dict[int, float]], clamps: int, limit_b1: float | Non
     ratio("SAE no clamps / no SAE", sae, plain)
     ratio("steered / no SAE", steered, plain)
     ratio("steered / SAE no clamps", steered, sae)
+    ratio("clamp effect 1/16 / steered", rows.get(f"engine + SAE, {clamps} clamps/row, clamp effect 1/16{best}", {}),
+          steered)
     ratio("device step only: steered / no SAE", rows.get(f"device step only, {clamps} clamps/row [graph]", {}),
           rows.get("device step only, no SAE [graph]", {}))
     if graph:
