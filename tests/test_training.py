@@ -219,15 +219,17 @@ def test_gradient_buffers_receive_the_same_gradients():
     w_enc, b_enc, w_dec = torch.randn(64, 16), torch.randn(64), torch.randn(64, 16)
     target = torch.randn(20, 16)
     grads = []
-    for buffers in (False, True):
+    for buffers, overwrite in ((False, False), (True, False), (True, True)):
         params = [t.clone().requires_grad_() for t in (w_enc, b_enc, w_dec)]
         enc_buf = torch.full_like(w_enc, 7.0) if buffers else None  # overwritten, whatever it held
-        dec_buf = torch.zeros_like(w_dec) if buffers else None  # accumulated into
+        # accumulated into, or overwritten whatever it held
+        dec_buf = (torch.full_like(w_dec, 5.0) if overwrite else torch.zeros_like(w_dec)) if buffers else None
         vals, idx, _, _, layout = TopKEncode.apply(x, params[0], params[1], 4, None, 0, None, enc_buf)
-        ((SparseDecode.apply(vals, idx, params[2], dec_buf, layout) - target) ** 2).sum().backward()
+        ((SparseDecode.apply(vals, idx, params[2], dec_buf, layout, overwrite) - target) ** 2).sum().backward()
         grads.append([enc_buf if buffers else params[0].grad, params[1].grad, dec_buf if buffers else params[2].grad])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -127,9 +127,11 @@ class SparseDecode(torch.autograd.Function):
     """``(values, ids) -> sum_j values_j W_dec[ids_j]`` with gradients to the values and W_dec."""
 
     @staticmethod
-    def forward(ctx, vals, idx, w_dec, w_grad=None, layout: LatentMajor | None = None):
+    def forward(ctx, vals, idx, w_dec, w_grad=None, layout: LatentMajor | None = None, overwrite: bool = False):
         ctx.save_for_backward(vals, idx, w_dec)
-        ctx.w_grad = w_grad  # when given, the W_dec gradient is added into it (zeroed by the caller)
+        # when given, the W_dec gradient is added into w_grad (zeroed by the caller), or written over
+        # it with ``overwrite`` (the only decode in the graph: saves zeroing [M, D] every step)
+        ctx.w_grad, ctx.beta = w_grad, 0.0 if overwrite else 1.0
         ctx.layout = layout  # the selection's layout when the encoder already built it
         return F.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
 
@@ -138,7 +140,7 @@ class SparseDecode(torch.autograd.Function):
         vals, idx, w_dec = ctx.saved_tensors
         b, k = idx.shape
         if k == 0:
-            return torch.zeros_like(vals), None, None, None, None
+            return torch.zeros_like(vals), None, None, None, None, None
         layout = ctx.layout or LatentMajor.of(idx, w_dec.shape[0])
         codes = layout.csr(vals)
         # sampled dense-dense product <W_dec[m], g_out[b]> only where the code is non-zero, in the
@@ -149,6 +151,6 @@ class SparseDecode(torch.autograd.Function):
         by_latent = torch.sparse.sampled_addmm(pattern, w_dec.to(g_out.dtype), g_out.t(), beta=0.0).values()
         g_vals = torch.empty_like(by_latent).index_copy_(0, layout.order, by_latent).reshape(b, k)
         if ctx.w_grad is not None:
-            torch.addmm(ctx.w_grad, codes, g_out, out=ctx.w_grad)
-            return g_vals.to(vals.dtype), None, None, None, None
-        return g_vals.to(vals.dtype), None, torch.sparse.mm(codes, g_out), None, None
+            torch.addmm(ctx.w_grad, codes, g_out, beta=ctx.beta, out=ctx.w_grad)
+            return g_vals.to(vals.dtype), None, None, None, None, None
+        return g_vals.to(vals.dtype), None, torch.sparse.mm(codes, g_out), None, None, None

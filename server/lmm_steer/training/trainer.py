@@ -143,12 +143,12 @@ class SAETrainer:
         for p in self.params:  # gradient buffers live across steps; the sparse products write into them
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            elif p is not sae.W_enc:  # W_enc's is overwritten whole
+            elif p is not sae.W_enc and (p is not sae.W_dec or k_aux):  # else overwritten whole
                 p.grad.zero_()
         vals, idx, aux_vals, aux_idx, layout = TopKEncode.apply(
             xc.to(enc_dtype), sae.W_enc.detach().to(enc_dtype), sae.b_enc.to(enc_dtype), cfg.k,
             dead if k_aux else None, k_aux, self._workspace, sae.W_enc.grad)
-        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad, layout) + sae.b_dec
+        x_hat = SparseDecode.apply(vals.float(), idx, sae.W_dec, sae.W_dec.grad, layout, not k_aux) + sae.b_dec
         err = x_hat - x
         with torch.no_grad():
             total_var = torch.linalg.vector_norm(x - x.mean(0)).square()
