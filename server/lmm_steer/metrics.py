@@ -56,8 +56,10 @@ class Metrics:
         self.top_features = top_features
         self.feature_counts: collections.Counter = collections.Counter()
         r.register(_FeatureUsage(self))
-        # measured activations of edited features on generated tokens: feature -> when -> [sum, count]
-        self.effects: dict[int, dict[str, list[float]]] = {}
+        # measured activations of edited features on generated tokens: feature -> measurements, and
+        # feature -> sums of the activation before, after and aimed at (_EFFECT_KINDS order)
+        self.effect_counts: collections.Counter = collections.Counter()
+        self.effect_sums: dict[int, list[float]] = {}
         r.register(_ClampEffect(self))
         self.effect_error = histogram("clamp_effect_abs_error",
                                       "|after - target| of edited features' SAE activations on generated tokens",
@@ -100,11 +102,11 @@ class Metrics:
 
     def on_clamp_effects(self, effects) -> None:
         for e in effects:
-            per_feature = self.effects.setdefault(e.feature, {w: [0.0, 0] for w in _EFFECT_KINDS})
-            for when in _EFFECT_KINDS:
-                acc = per_feature[when]
-                acc[0] += getattr(e, when)
-                acc[1] += 1
+            # sums before count: a scrape that sees the count then finds the feature's sums
+            sums = self.effect_sums.setdefault(e.feature, [0.0] * len(_EFFECT_KINDS))
+            for i, when in enumerate(_EFFECT_KINDS):
+                sums[i] += getattr(e, when)
+            self.effect_counts[e.feature] += 1
             self.effect_error.labels(self.model_name).observe(abs(e.after - e.target))
 
     def on_token_gap(self, seconds: float) -> None:
@@ -130,10 +132,11 @@ class _FeatureUsage:
         m = self.metrics
         family = CounterMetricFamily(f"{PREFIX}feature_clamps", "Requests editing each feature (top N, rest as other)",
                                      labels=["model_name", "feature"])
-        top = m.feature_counts.most_common(m.top_features)
+        counts = m.feature_counts.copy()  # a snapshot: the engine thread updates it during scrapes
+        top = counts.most_common(m.top_features)
         for feature, count in top:
             family.add_metric([m.model_name, str(feature)], count)
-        other = sum(m.feature_counts.values()) - sum(c for _, c in top)
+        other = sum(counts.values()) - sum(c for _, c in top)
         family.add_metric([m.model_name, "other"], other)
         yield family
 
@@ -152,15 +155,17 @@ class _ClampEffect:
         family = SummaryMetricFamily(f"{PREFIX}clamp_effect_activation",
                                      "SAE activation of edited features on generated tokens (top N, rest as other)",
                                      labels=["model_name", "feature", "when"])
-        ranked = sorted(m.effects.items(), key=lambda kv: (-kv[1]["before"][1], kv[0]))
-        other = {w: [0.0, 0] for w in _EFFECT_KINDS}
-        for rank, (feature, per_kind) in enumerate(ranked):
-            for when, (total, count) in per_kind.items():
-                if rank < m.top_features:
-                    family.add_metric([m.model_name, str(feature), when], count, total)
-                else:
-                    other[when][0] += total
-                    other[when][1] += count
-        for when, (total, count) in other.items():
-            family.add_metric([m.model_name, "other", when], count, total)
+        # snapshots, counts first: the engine thread adds features while a scrape runs (dict copies
+        # are atomic, and a feature's sums exist before its count)
+        counts = m.effect_counts.copy()
+        sums = m.effect_sums.copy()
+        top = dict(counts.most_common(m.top_features))
+        for feature, count in top.items():
+            for when, total in zip(_EFFECT_KINDS, sums[feature], strict=True):
+                family.add_metric([m.model_name, str(feature), when], count, total)
+        rest = [f for f in counts if f not in top]
+        other_count = sum(counts[f] for f in rest)
+        other_sums = [sum(sums[f][i] for f in rest) for i in range(len(_EFFECT_KINDS))]
+        for when, total in zip(_EFFECT_KINDS, other_sums, strict=True):
+            family.add_metric([m.model_name, "other", when], other_count, total)
         yield family

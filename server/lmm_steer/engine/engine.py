@@ -22,7 +22,7 @@ from .hookpoint import language_model, resolve_layer_index
 from .kv_cache import StaticKVCache
 from .prefill import run_prefill
 from .sampling import SamplingParams, make_generator, sample_batch, sample_row
-from .steering import SteeringRow, SteeringSpec, variant_for
+from .steering import SteeringRow, SteeringSpec, delta_coefficients, variant_for
 
 
 class EngineError(ValueError):
@@ -138,10 +138,9 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
         in_scope = s.decode_in_scope
         for j, e in enumerate(spec.edits):
             before, after = float(effect[0, i, j]), float(effect[1, i, j])
-            target = before
-            if in_scope:
-                target = {"clamp": e.value, "add": before + e.value, "scale": e.value * before}[e.mode]
-            found.append(ClampEffect(e.feature, e.mode, before, after, float(target)))
+            # the edit adds a z + b along the feature's direction: it aims at z + a z + b
+            a, b = delta_coefficients(e) if in_scope else (0.0, 0.0)
+            found.append(ClampEffect(e.feature, e.mode, before, after, before + a * before + b))
     return found
 
 
