@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .jsonl import json_objects
+
 _PAPER_KEY = re.compile(r"^(?P<hook>.+)_feature(?P<id>\d+)$")
 _WORD = re.compile(r"[a-z0-9]+")
 _MARKED = re.compile(r"«([^»]*)»")
@@ -177,15 +179,7 @@ def _paper_entries(path: Path, text: str) -> Iterable[FeatureEntry]:
 
 
 def _jsonl_entries(path: Path, text: str) -> Iterable[FeatureEntry]:
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CatalogError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise CatalogError(f"{path}:{lineno}: expected an object")
+    for lineno, row in json_objects(text.splitlines(), path, CatalogError):
         fid = row.pop("feature", None)
         if isinstance(fid, bool) or not isinstance(fid, int) or fid < 0:
             raise CatalogError(f"{path}:{lineno}: 'feature' must be a non-negative integer, got {fid!r}")

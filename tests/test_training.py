@@ -71,6 +71,20 @@ def test_row_topk_selects_what_torch_topk_selects(b, m, k):
     assert all(len(set(row.tolist())) == k for row in idx)
 
 
+@pytest.mark.parametrize("text,msg", [
+    ('{"text": "fine"}\n{oops\n', r"d.jsonl:2: not valid JSON"),
+    ('\n"a text line"\n', r"d.jsonl:2: expected an object"),
+    ('{"caption": "x"}\n', r"d.jsonl:1: expected 'conversations', 'messages' or 'text'"),
+])
+def test_jsonl_data_errors_name_file_and_line(tmp_path, text, msg):
+    from lmm_steer.training.data import iter_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=msg):
+        list(iter_examples(str(path)))
+
+
 def _synthetic(n=20000, d=48, true_features=192, seed=0):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(true_features, d, generator=g)

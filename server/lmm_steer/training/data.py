@@ -11,10 +11,11 @@ and a reachable hub).
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sae_weights.jsonl import json_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -107,13 +108,7 @@ def _text_file(path: Path) -> Iterator[Example]:
 
 def _jsonl(path: Path) -> Iterator[Example]:
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, row in json_objects(f, path):
             if "conversations" in row:
                 yield _llava(row, path.parent)
             elif "messages" in row:
