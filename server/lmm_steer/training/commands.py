@@ -44,11 +44,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _launch_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as a launcher such as torchrun sets them; (0, 1, 0) alone."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+
+
+def _join_process_group(world: int) -> None:
+    """Joins the launcher's process group. Called only after the model is loaded: importing
+    ``torch.distributed.checkpoint`` (transformers does, on its first model) while a group exists
+    keeps that group alive past ``destroy_process_group``, and its gloo worker threads then meet
+    interpreter shutdown and abort the process (SIGABRT, 1 run in ~10)."""
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def train_command(args) -> int:
@@ -59,11 +67,12 @@ def train_command(args) -> int:
     from .data import iter_examples
     from .trainer import SAETrainer, TrainConfig, train
 
-    rank, world = _distributed()
+    rank, world, local_rank = _launch_ranks()
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     loaded = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+    _join_process_group(world)
     hook_index = resolve_layer_index(loaded.model, args.hookpoint)
     d_in = language_model(loaded.model).config.hidden_size
     examples = iter_examples(args.data)
