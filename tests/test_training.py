@@ -65,10 +65,11 @@ def test_row_topk_selects_what_torch_topk_selects(b, m, k):
     x = torch.randn(b, m, generator=g)
     x[0, ::2] = float("-inf")
     x[1] = torch.randint(0, 4, (m,), generator=g).float()
-    vals, idx = row_topk(x, k)
-    torch.testing.assert_close(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values, rtol=0, atol=0)
-    assert torch.equal(x.gather(-1, idx), vals)
-    assert all(len(set(row.tolist())) == k for row in idx)
+    for slab_bytes in (64 << 20, 3 * m * 4):  # whole, and in row slabs of 3 (the last one shorter)
+        vals, idx = row_topk(x, k, slab_bytes=slab_bytes)
+        torch.testing.assert_close(vals.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values, rtol=0, atol=0)
+        assert torch.equal(x.gather(-1, idx), vals)
+        assert all(len(set(row.tolist())) == k for row in idx)
 
 
 @pytest.mark.parametrize("text,msg", [
