@@ -185,7 +185,7 @@ def test_activation_cache_is_reused(corpus, tmp_path):
 def test_two_process_gloo_ranks_end_identical(corpus, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
          "-m", "lmm_steer.cli", "sae", "train", "--model", "builtin:tiny-llama", "--hookpoint", "model.layers.2",
          "--data", str(corpus), "--tokens", "4000", "--latents", "128", "--k", "8", "--batch", "256",
          "--steps", "40", "--warmup", "5", "--out", str(out), "--quiet", "--device", "cpu"],
