@@ -247,6 +247,24 @@ def test_gradient_buffers_receive_the_same_gradients():
             torch.testing.assert_close(a, b)
 
 
+def test_bench_train_reports_ratios_and_memory_it_measured(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _cli("sae", "bench-train", "--d-in", "64", "--latents", "2048", "--batch", "512", "--k", "8,32",
+             "--steps", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["k"] for row in rows] == [8, 32]
+    table = {int(line.split("|")[1]): float(line.split("|")[4]) for line in r.stdout.splitlines()
+             if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    for row in rows:
+        assert row["step_s"] > 0 and row["matmul_s"] > 0
+        assert row["ratio"] == pytest.approx(row["matmul_s"] / row["step_s"])
+        assert table[row["k"]] == pytest.approx(row["ratio"], abs=5e-4)  # the printed table is the JSON's
+        assert row["sae_param_bytes"] == (2 * 2048 * 64 + 2048 + 64) * 4
+        assert row["pre_activation_bytes"] == 512 * 2048 * 4
+    assert json.loads(out.read_text())["training_peak_bytes"] >= 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_training_with_bf16_autocast_lowers_fvu_and_matches_cpu_gradients():
     data = _synthetic(n=8000)

@@ -36,34 +36,61 @@ def _interleaved(a, b, rounds: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
+def _rss_bytes() -> int:
+    """The process's resident memory now (Linux), or 0 where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(args) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.d_in, generator=g)
+    ks = [int(v) for v in args.k.split(",")]
+
+    def trainer_for(k):
+        return SAETrainer(TrainConfig(num_latents=args.latents, k=k, batch_size=args.batch, steps=10**6,
+                                      dead_tokens=10**9), args.d_in)
+
+    # Training's own peak first, before the baseline's buffers exist: two steps per k above the
+    # process's resident size at this point (torch, the batch)
+    before = _rss_bytes()
+    for k in ks:
+        trainer = trainer_for(k)
+        trainer.train_step(x)
+        trainer.train_step(x)
+        del trainer
+    train_peak = _peak_bytes() - before
     w = torch.randn(args.latents, args.d_in, generator=g) / args.d_in**0.5
     bias = torch.zeros(args.latents)
     out = torch.empty(args.batch, args.latents)  # the baseline at its fastest: no page faults on a fresh output
     rows = []
-    for k in (int(v) for v in args.k.split(",")):
-        trainer = SAETrainer(TrainConfig(num_latents=args.latents, k=k, batch_size=args.batch, steps=10**6,
-                                         dead_tokens=10**9), args.d_in)
+    for k in ks:
+        trainer = trainer_for(k)
         matmul_s, step_s = _interleaved(lambda: torch.addmm(bias, x, w.t(), out=out),
                                         lambda trainer=trainer: trainer.train_step(x), args.steps)
         params = sum(p.numel() * p.element_size() for p in trainer.params)
         rows.append({"k": k, "step_s": step_s, "matmul_s": matmul_s, "ratio": matmul_s / step_s,
-                     "sae_param_bytes": params, "adam_state_bytes": 2 * params,
+                     "sae_param_bytes": params, "adam_state_bytes": 2 * params, "gradient_bytes": params,
                      "pre_activation_bytes": args.batch * args.latents * 4})
         del trainer
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"d_in {args.d_in}, latents {args.latents}, batch {args.batch}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| k | train step (s, median) | encoder matmul alone (s, median) | step rate / matmul rate |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['step_s']:.3f} | {r['matmul_s']:.3f} | {r['ratio']:.3f} |")
-    need = rows[0]["sae_param_bytes"] * 3 + rows[0]["pre_activation_bytes"]
-    print(f"peak host memory {peak / 2**30:.2f} GiB; SAE + Adam state + one batch of pre-activations "
-          f"{need / 2**30:.2f} GiB")
+    r = rows[0]
+    need = r["sae_param_bytes"] + r["adam_state_bytes"] + r["pre_activation_bytes"]
+    print(f"training's peak memory {train_peak / 2**30:.2f} GiB above the process before it; SAE + Adam state + "
+          f"one batch of pre-activations {need / 2**30:.2f} GiB, + gradients {(need + r['gradient_bytes']) / 2**30:.2f} GiB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "peak_host_bytes": peak}, f, indent=2)
+            json.dump({"rows": rows, "training_peak_bytes": train_peak, "peak_host_bytes": _peak_bytes()}, f, indent=2)
     return 0
