@@ -71,6 +71,7 @@ def train_command(args) -> int:
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)  # NCCL's barrier and communicators use the current device
     loaded = load_model(args.model, dtype=pick_dtype(args.dtype, device), device=device)
     _join_process_group(world)
     hook_index = resolve_layer_index(loaded.model, args.hookpoint)
