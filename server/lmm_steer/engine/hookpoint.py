@@ -48,3 +48,36 @@ def default_hookpoint(model) -> str:
     """The paper's choice scaled to depth: block 24 of 32, i.e. three quarters down."""
     n = len(language_model(model).layers)
     return f"model.layers.{(3 * n) // 4}"
+
+
+def block_hidden(output):
+    """A decoder block's hidden states from what its forward returned (a tensor, or a tuple led by one)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_block_hidden(output, hidden):
+    """``output`` with its hidden states replaced by ``hidden``, in the same form (for forward hooks)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _Captured(Exception):
+    """Raised by the capturing hook to stop the forward pass: no block after the hookpoint is needed."""
+
+
+def capture_block_output(model, index: int, inputs: dict):
+    """Block ``index``'s hidden states ``[B, T, D]`` for ``inputs`` (already on the model's device);
+    the blocks after it and the output head never run."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["h"] = block_hidden(output)
+        raise _Captured
+
+    handle = language_model(model).layers[index].register_forward_hook(hook)
+    try:
+        model(**inputs, logits_to_keep=1)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .hookpoint import language_model
+from .hookpoint import capture_block_output
 from .prefill import image_token_id
 
 _CHUNK = 512  # positions encoded at once: bounds the [positions, latents] pre-activation tensor
@@ -59,18 +59,7 @@ def inspect_prompt(engine, inputs: dict, *, top_k: int = 5, features: list[int] 
     if sae is None:
         raise ValueError("no SAE is loaded")
     model = engine.model
-    decoder = language_model(model)
-    captured = {}
-
-    def hook(module, args, output):
-        captured["h"] = (output[0] if isinstance(output, tuple) else output)[0]
-
-    handle = decoder.layers[engine.hook_index].register_forward_hook(hook)
-    try:
-        model(**inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
-    h = captured["h"].to(sae.W_dec.dtype)
+    h = capture_block_output(model, engine.hook_index, inputs)[0].to(sae.W_dec.dtype)
     ids = inputs["input_ids"][0]
     t_len = h.shape[0]
     img_tok = image_token_id(model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hookpoint import language_model
+from .hookpoint import block_hidden, language_model, with_block_hidden
 from .steering import SteeringRow, SteeringTable, StepVariant, apply_steering, variant_for
 
 
@@ -101,12 +101,12 @@ def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int):
     variant: StepVariant = variant_for([(row, bool(in_scope.any()))])
 
     def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
+        h = block_hidden(output)
         steered = apply_steering(
             h[0], sae, table.ids[which], table.delta_a[which], table.delta_b[which], table.paper_c[which],
             table.paper_d[which], table.paper[which], variant,
         )[None]
         assert steered.shape[1] == t_len
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return with_block_hidden(output, steered)
 
     return hook

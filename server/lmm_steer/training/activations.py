@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..engine.hookpoint import language_model
+from ..engine.hookpoint import block_hidden, capture_block_output, language_model, with_block_hidden
 from ..models.inputs import build_inputs
 from .data import Example
 
@@ -63,10 +63,6 @@ def _batches(loaded, examples, max_len: int, batch: int) -> Iterator[dict]:
         yield flush()
 
 
-class _Captured(Exception):
-    """Raised by the hook to stop the forward pass: no block after the hookpoint is needed."""
-
-
 @torch.inference_mode()
 def hidden_states(loaded, hook_index: int, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Block ``hook_index``'s output ``[B, T, D]`` and the attention mask ``[B, T]``; the blocks
@@ -74,21 +70,9 @@ def hidden_states(loaded, hook_index: int, inputs: dict) -> tuple[torch.Tensor, 
     model = loaded.model
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    captured = {}
-
-    def hook(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Captured
-
-    handle = language_model(model).layers[hook_index].register_forward_hook(hook)
-    try:
-        model(**inputs, logits_to_keep=1)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
+    h = capture_block_output(model, hook_index, inputs)
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-    return captured["h"], mask.bool()
+    return h, mask.bool()
 
 
 def collect(loaded, hook_index: int, examples: Iterable[Example], max_tokens: int, *, max_len: int = 256,
@@ -156,9 +140,9 @@ def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: 
 
     def splice(module, args, output):
         # every position but the first, attention-sink one, which training leaves out too
-        h = output[0] if isinstance(output, tuple) else output
+        h = block_hidden(output)
         recon = torch.cat([h[:, :1], sae(h[:, 1:].to(sae.W_dec.dtype)).to(h.dtype)], dim=1)
-        return (recon, *output[1:]) if isinstance(output, tuple) else recon
+        return with_block_hidden(output, recon)
 
     for inputs in _batches(loaded, examples, max_len, 8):
         inputs = {k: v.to(device) for k, v in inputs.items()}

@@ -169,8 +169,8 @@ class SAETrainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
             _unit_rows_step(sae.W_dec, sae.W_dec.grad, self.opt.step)
-            fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=self.device)
-            fired.index_add_(0, idx[vals > 0], torch.ones_like(idx[vals > 0]))
+            active = vals > 0
+            fired = torch.bincount(idx[active], minlength=cfg.num_latents)
             if self.world > 1:
                 dist.all_reduce(fired)
             n_tokens = x.shape[0] * self.world
@@ -179,7 +179,7 @@ class SAETrainer:
             self.tokens_seen += n_tokens
             self.step += 1
         stats = {"step": self.step, "fvu": float(fvu.detach()), "aux_fvu": float(aux_fvu.detach()),
-                 "l0": float((vals > 0).sum(1).float().mean()), "dead_share": float(dead.float().mean()),
+                 "l0": float(active.sum(1).float().mean()), "dead_share": float(dead.float().mean()),
                  "lr": self.lr_at(self.step - 1), "tokens": self.tokens_seen}
         if self.world > 1:
             t = torch.tensor([stats["fvu"], stats["l0"]], device=self.device)
