@@ -262,7 +262,12 @@ def test_bench_train_reports_ratios_and_memory_it_measured(tmp_path):
         assert table[row["k"]] == pytest.approx(row["ratio"], abs=5e-4)  # the printed table is the JSON's
         assert row["sae_param_bytes"] == (2 * 2048 * 64 + 2048 + 64) * 4
         assert row["pre_activation_bytes"] == 512 * 2048 * 4
-    assert json.loads(out.read_text())["training_peak_bytes"] >= 0
+    report = json.loads(out.read_text())
+    assert report["training_peak_bytes"] >= 0
+    # the machine the ratio belongs to is part of the record, and printed with the table
+    assert report["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["threads"] == torch.get_num_threads()
+    assert f"({report['machine']['isa']})" in r.stdout and report["machine"]["cpu"] in r.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import time
@@ -49,6 +50,20 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def machine() -> dict:
+    """What the ratio depends on: the ratio sets compute-bound GEMM speed against memory-bound
+    sparse work, so a CPU with wider vectors (AVX-512) and the same memory gets a lower ratio from
+    the same code. Recorded beside every result."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
 def main(args) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.d_in, generator=g)
@@ -80,8 +95,9 @@ def main(args) -> int:
                      "sae_param_bytes": params, "adam_state_bytes": 2 * params, "gradient_bytes": params,
                      "pre_activation_bytes": args.batch * args.latents * 4})
         del trainer
-    print(f"d_in {args.d_in}, latents {args.latents}, batch {args.batch}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    host = machine()
+    print(f"d_in {args.d_in}, latents {args.latents}, batch {args.batch}, torch {host['torch']}, "
+          f"{host['threads']} threads, {host['cpu']} ({host['isa']})")
     print("| k | train step (s, median) | encoder matmul alone (s, median) | step rate / matmul rate |")
     print("|---|---|---|---|")
     for r in rows:
@@ -92,5 +108,6 @@ def main(args) -> int:
           f"one batch of pre-activations {need / 2**30:.2f} GiB, + gradients {(need + r['gradient_bytes']) / 2**30:.2f} GiB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "training_peak_bytes": train_peak, "peak_host_bytes": _peak_bytes()}, f, indent=2)
+            json.dump({"rows": rows, "training_peak_bytes": train_peak, "peak_host_bytes": _peak_bytes(),
+                       "machine": host}, f, indent=2)
     return 0
