@@ -10,7 +10,7 @@ from lmm_steer.bench import markdown
 def test_bench_smoke_prints_table_and_ratios(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lmm_steer.cli", "bench", "--batch", "1,2", "--new-tokens", "4",
-         "--prompt-tokens", "8", "--clamps", "4", "--image", "--agreement-rows", "2",
+         "--prompt-tokens", "8", "--clamps", "4", "--image", "--agreement-rows", "2", "--compile",
          "--json", str(tmp_path / "b.json")],
         capture_output=True, text=True, timeout=300,
     )
@@ -18,11 +18,15 @@ def test_bench_smoke_prints_table_and_ratios(tmp_path):
     result = json.loads((tmp_path / "b.json").read_text())
     rows = result["decode_tok_s"]
     for name in ("hf generate()", "engine, no SAE", "engine + SAE, no clamps", "engine + SAE, 4 clamps/row",
-                 "engine + SAE, 4 clamps/row, clamp effect 1/16"):
+                 "engine + SAE, 4 clamps/row, clamp effect 1/16", "engine, no SAE [compiled]",
+                 "engine + SAE, 4 clamps/row [compiled]"):
         assert set(rows[name]) == {"1", "2"} and all(v > 0 for v in rows[name].values()), name
     assert result["ratios"]["engine / hf generate()"]["1"] > 0 and result["ratios"]["clamp effect 1/16 / steered"]["1"] > 0
     assert result["ttft_text_s"] > 0 and result["ttft_image_s"] > 0
     assert result["greedy_agreement"]["batched_vs_alone"]["sequences_identical"] == 2
+    # fp32 on a CPU: the compiled blocks decode the same tokens
+    assert result["greedy_agreement"]["compiled_vs_not"]["sequences_identical"] == 2
+    assert result["ratios"]["compiled / not (steered)"]["2"] > 0
     assert result["errors"] == []
     assert "| engine / hf generate() |" in out.stdout and "| decode tok/s | batch 1 | batch 2 |" in out.stdout
 

@@ -353,6 +353,27 @@ def test_engine_reports_clamp_effects_on_generated_tokens(llava):
 
 # -- GPU ------------------------------------------------------------------------------------
 
+def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
+    """--compile: the blocks' decode work through torch.compile gives the eager step's tokens and
+    log-probabilities, steered and unsteered, batched (rows joining and leaving) and alone; all
+    blocks share the compiled graphs (a handful of shapes, never one per block)."""
+    from torch._dynamo.utils import counters
+
+    lm, sae = llava
+    eager = _engine(lm, sae, max_batch=8)
+    compiled = _engine(lm, sae, max_batch=8, compile=True)
+    graphs_before = counters["stats"]["unique_graphs"]
+    for reqs in (_mixed_requests(lm), _mixed_requests(lm)[:1]):
+        want, got = eager.generate(reqs), compiled.generate(reqs)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        for g, w in zip(got, want, strict=True):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    # batch 1 and a larger batch at two attended lengths: a few graphs, not one per block (4 here)
+    # and per step
+    assert 1 <= counters["stats"]["unique_graphs"] - graphs_before <= 4
+    assert compiled.stats["decode_tokens"] == eager.stats["decode_tokens"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_equals_eager_greedy():
     lm = load_model("builtin:tiny-llava-next", device="cuda", dtype=torch.float32)
@@ -376,6 +397,17 @@ def test_cuda_graph_equals_eager_greedy():
     assert effects[0] and len(effects[0]) == len(effects[1])
     for e, g in zip(*effects, strict=True):
         assert e.feature == g.feature and e.after == pytest.approx(g.after, abs=1e-3, rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_of_compiled_blocks_equal_eager_greedy():
+    lm = load_model("builtin:tiny-llava-next", device="cuda", dtype=torch.float32)
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, device="cuda")
+    eager = _engine(lm, sae, max_batch=8, cuda_graphs=False).generate(_mixed_requests(lm))
+    engine = _engine(lm, sae, max_batch=8, cuda_graphs=True, compile=True)
+    got = engine.generate(_mixed_requests(lm))
+    assert [r.token_ids for r in got] == [r.token_ids for r in eager]
+    assert engine.stats["graph_replays"] > 0 and engine.stats["eager_steps"] == 0
 
 
 def test_topk_membership_by_count_equals_by_threshold(monkeypatch):

@@ -5,7 +5,8 @@ Configurations, each per batch size:
   engine    our engine, no SAE
   sae       our engine with the SAE spliced in, requests without clamps
   steered   our engine with N clamps per row, different in every row
-and on CUDA each engine configuration with and without CUDA graphs. Also: time to first token for
+and on CUDA each engine configuration with and without CUDA graphs; with ``--compile``, also the
+no-SAE and steered engines with torch.compile'd blocks (compile time excluded, like capture time). Also: time to first token for
 a text prompt and for one image, peak host and device memory, and on CUDA the fraction of the
 weight-read limit (weight bytes read per decode step / copy bandwidth measured at start) and the
 greedy agreement between graph and eager decoding.
@@ -18,12 +19,12 @@ import json
 import platform
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .engine import Engine, EngineConfig, FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
-from .engine.factory import add_device_arguments, pick_device, pick_dtype
+from .engine.factory import add_decode_arguments, add_device_arguments, pick_device, pick_dtype
 from .engine.hookpoint import default_hookpoint, language_model
 from .models.loader import load_model
 
@@ -39,6 +40,7 @@ class BenchArgs:
     prompt_tokens: int
     image: bool
     cuda_graphs: bool
+    compile: bool
     dtype: str | None
     device: str | None
     hf_max_batch: int
@@ -173,9 +175,10 @@ def ttft(engine: Engine, images: list, text: str) -> float:
     return result.timings["ttft_s"]
 
 
-def greedy_agreement(engine: Engine, prompts, new_tokens, clamps) -> dict:
-    """Greedy tokens of a mixed batch (every other row steered), compared three ways: graph-captured
-    batch vs the same batch eager, and batch vs each request run alone."""
+def greedy_agreement(engine: Engine, prompts, new_tokens, clamps, compiled: Engine | None = None) -> dict:
+    """Greedy tokens of a mixed batch (every other row steered), compared: batch vs each request run
+    alone, graph-captured batch vs the same batch eager, and, given a ``compiled`` engine, its batch
+    vs this engine's (fused kernels round differently, so on bf16 a few tokens may differ)."""
     num_latents = engine.sae.num_latents if engine.sae is not None else 1
 
     def requests():
@@ -201,6 +204,11 @@ def greedy_agreement(engine: Engine, prompts, new_tokens, clamps) -> dict:
             out["graph_vs_eager"] = compare(batched, [r.token_ids for r in engine.generate(requests())])
         finally:
             engine.graphs = saved
+    if compiled is not None:
+        try:
+            out["compiled_vs_not"] = compare(batched, [r.token_ids for r in compiled.generate(requests())])
+        except Exception as e:  # noqa: BLE001 - the other comparisons still count
+            out["compiled_vs_not"] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -227,6 +235,12 @@ def run_bench(a: BenchArgs) -> dict:
                        cuda_graphs=a.cuda_graphs)
     plain = Engine(loaded, None, None, cfg)
     steerable = Engine(loaded, sae, hookpoint, cfg) if sae is not None else None
+    compiled: list[tuple[str, Engine, bool]] = []  # (row name, engine, steered)
+    if a.compile:
+        ccfg = replace(cfg, compile=True)
+        compiled.append(("engine, no SAE", Engine(loaded, None, None, ccfg), False))
+        if sae is not None:
+            compiled.append((f"engine + SAE, {a.clamps} clamps/row", Engine(loaded, sae, hookpoint, ccfg), True))
     rng = torch.Generator().manual_seed(0)
     vocab = min(len(loaded.tokenizer), model.get_output_embeddings().weight.shape[0])
     rows: dict[str, dict[int, float]] = {}
@@ -264,10 +278,16 @@ def run_bench(a: BenchArgs) -> dict:
                             steerable, prompts, a.new_tokens, True, a.clamps, graphs)
                 finally:
                     steerable.config.clamp_effect_every = 0
+        for name, engine, steer in compiled:
+            measure(f"{name}{' [graph]' if use_graphs else ''} [compiled]", b, engine_decode_rate, engine, prompts,
+                    a.new_tokens, steer, a.clamps, use_graphs)
         if use_graphs:
             measure("device step only, no SAE [graph]", b, device_step_rate, plain, b, False)
             if steerable is not None:
                 measure(f"device step only, {a.clamps} clamps/row [graph]", b, device_step_rate, steerable, b, True)
+            for _, engine, steer in compiled:
+                what = f"{a.clamps} clamps/row" if steer else "no SAE"
+                measure(f"device step only, {what} [graph] [compiled]", b, device_step_rate, engine, b, steer)
     result: dict = {
         "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -292,7 +312,9 @@ def run_bench(a: BenchArgs) -> dict:
         prompts = [_prompt(rng, a.prompt_tokens, vocab) for _ in range(a.agreement_rows)]
         _log("greedy agreement")
         try:
-            result["greedy_agreement"] = greedy_agreement(steerable, prompts, a.new_tokens, a.clamps)
+            compiled_steerable = next((e for _, e, steer in compiled if steer), None)
+            result["greedy_agreement"] = greedy_agreement(steerable, prompts, a.new_tokens, a.clamps,
+                                                          compiled_steerable)
         except Exception as e:  # noqa: BLE001
             errors.append(f"greedy agreement: {type(e).__name__}: {e}")
     weight_bytes = decode_weight_bytes(model)
@@ -334,8 +356,14 @@ def ratios(rows: dict[str, dict[int, float]], clamps: int, limit_b1: float | Non
     if graph:
         for base in ("engine, no SAE", f"engine + SAE, {clamps} clamps/row"):
             ratio(f"graph / eager ({base})", rows.get(f"{base} [graph]", {}), rows.get(f"{base} [eager]", {}))
+    compiled_plain = rows.get(f"engine, no SAE{best} [compiled]", {})
+    compiled_steered = rows.get(f"engine + SAE, {clamps} clamps/row{best} [compiled]", {})
+    ratio("compiled / not (engine, no SAE)", compiled_plain, plain)
+    ratio("compiled / not (steered)", compiled_steered, steered)
+    ratio("steered / no SAE (compiled)", compiled_steered, compiled_plain)
     if limit_b1:
-        for name, vals in (("no SAE", plain), (f"{clamps} clamps/row", steered)):
+        for name, vals in (("no SAE", plain), (f"{clamps} clamps/row", steered),
+                           ("no SAE, compiled", compiled_plain), (f"{clamps} clamps/row, compiled", compiled_steered)):
             if 1 in vals:
                 out[f"fraction of weight-read limit ({name})"] = {1: vals[1] / limit_b1}
     return out
@@ -378,7 +406,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--image", action="store_true", help="also time the first token of a one-image prompt")
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    add_decode_arguments(p)
     add_device_arguments(p)
     p.add_argument("--hf-max-batch", type=int, default=1 << 30, help="skip generate() above this batch size")
     p.add_argument("--agreement-rows", type=int, default=8)
@@ -391,7 +419,7 @@ def main(args) -> int:
         model=args.model, sae=None if (args.sae or "").lower() in ("", "none") else args.sae,
         hookpoint=args.hookpoint, batches=[int(x) for x in args.batch.split(",")], clamps=args.clamps,
         new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, image=args.image,
-        cuda_graphs=not args.no_cuda_graphs, dtype=args.dtype, device=args.device,
+        cuda_graphs=not args.no_cuda_graphs, compile=args.compile, dtype=args.dtype, device=args.device,
         hf_max_batch=args.hf_max_batch, agreement_rows=args.agreement_rows,
     )
     result = run_bench(a)

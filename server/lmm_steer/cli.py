@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sae_weights.default import DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
-from .engine.factory import add_device_arguments
+from .engine.factory import add_decode_arguments, add_device_arguments
 
 
 def _sae_info(args) -> int:
@@ -72,7 +72,8 @@ def _generate(args) -> int:
         hookpoint = hookpoint or (DEFAULT_HOOKPOINT if args.model == DEFAULT_MODEL else None)
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device,
-        config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, max_seq_len=args.max_seq_len),
+        config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
+                            max_seq_len=args.max_seq_len),
     )
     images = []
     for path in args.image:
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     add_device_arguments(gen)
     gen.add_argument("--max-seq-len", type=int, default=4096)
-    gen.add_argument("--no-cuda-graphs", action="store_true")
+    add_decode_arguments(gen)
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=_generate)
 

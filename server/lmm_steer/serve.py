@@ -8,7 +8,7 @@ import sys
 
 from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
-from .engine.factory import add_device_arguments
+from .engine.factory import add_decode_arguments, add_device_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     add_device_arguments(p)
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    add_decode_arguments(p)
     p.add_argument("--metrics-top-features", type=int, default=50,
                    help="features with their own label in lmm_steer:feature_clamps_total; the rest are 'other'")
     p.add_argument("--clamp-effect-every", type=int, default=16, metavar="N",
@@ -62,7 +62,7 @@ def build_app(args):
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
-                            max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs,
+                            max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             clamp_effect_every=args.clamp_effect_every),
     )
     catalog = FeatureCatalog()

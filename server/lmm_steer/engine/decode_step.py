@@ -10,6 +10,7 @@ Python ints that vary (batch size, attended length) are graph keys, never baked-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,26 +42,30 @@ def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @dataclass
 class _Block:
-    """One decoder block's weights as the decode step uses them."""
+    """One decoder block's weights as the decode step uses them: tensors, numbers and one shared
+    activation function, so every block calls :func:`block_step` with arguments of the same kinds
+    (which lets all blocks share one compiled graph)."""
 
     norm1: torch.Tensor
     eps1: float
     qkv_w: torch.Tensor
     qkv_b: torch.Tensor | None
-    o_proj: torch.nn.Module
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
     norm2: torch.Tensor
     eps2: float
     gate_up_w: torch.Tensor
     gate_up_b: torch.Tensor | None
-    down: torch.nn.Module
-    act: torch.nn.Module
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
     heads: int
     kv_heads: int
     head_dim: int
     scaling: float
 
     @classmethod
-    def from_layer(cls, layer) -> _Block:
+    def from_layer(cls, layer, act) -> _Block:
         attn, mlp = layer.self_attn, layer.mlp
         qkv_w, qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         gu_w, gu_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
@@ -72,10 +77,21 @@ class _Block:
             return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
         return cls(
-            layer.input_layernorm.weight, eps(layer.input_layernorm), qkv_w, qkv_b, attn.o_proj,
-            layer.post_attention_layernorm.weight, eps(layer.post_attention_layernorm), gu_w, gu_b,
-            mlp.down_proj, mlp.act_fn, heads, kv_heads, hd, float(attn.scaling),
+            layer.input_layernorm.weight, eps(layer.input_layernorm), qkv_w, qkv_b, attn.o_proj.weight,
+            attn.o_proj.bias, layer.post_attention_layernorm.weight, eps(layer.post_attention_layernorm), gu_w,
+            gu_b, mlp.down_proj.weight, mlp.down_proj.bias, act, heads, kv_heads, hd, float(attn.scaling),
         )
+
+
+def _shared_activation(layers) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The blocks' MLP activation as one callable. transformers builds a new module per block; they
+    are stateless and alike, and a compiled step would guard on (and recompile for) each distinct
+    object. SiLU, the Llama/Qwen2 one, becomes ``F.silu``."""
+    acts = [layer.mlp.act_fn for layer in layers]
+    first = acts[0]
+    if any(type(a) is not type(first) or vars(a) != vars(first) for a in acts[1:]):
+        raise ValueError("decoder blocks with different MLP activations are not supported")
+    return F.silu if isinstance(first, torch.nn.SiLU) else first
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,19 +100,57 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _linear_residual(residual: torch.Tensor, x: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+def _linear_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
     """``residual + linear(x)`` with the add done in the GEMM's epilogue (one kernel, not two)."""
-    out = torch.addmm(residual, x, linear.weight.t())
-    return out if linear.bias is None else out + linear.bias
+    out = torch.addmm(residual, x, weight.t())
+    return out if bias is None else out + bias
+
+
+def block_step(h, cos, sin, mask, rows, pos, keys, values, attend_len: int, blk: _Block) -> torch.Tensor:
+    """One decoder block for one new token per row: writes the rows' keys and values at ``pos``
+    and returns the block's output ``[b, D]``. A pure function of its arguments (the KV cache is
+    written in place), so ``torch.compile`` can fuse its elementwise work into few kernels."""
+    b, nh, nkv, hd = h.shape[0], blk.heads, blk.kv_heads, blk.head_dim
+    qkv = F.linear(_rms_norm(h, blk.norm1, blk.eps1), blk.qkv_w, blk.qkv_b).view(b, nh + 2 * nkv, hd)
+    qk = qkv[:, : nh + nkv]
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # rotary on q and k at once
+    # Grouped-query attention as plain attention: the nh/nkv query heads sharing a key head
+    # become that head's "query positions", so every SDPA backend applies.
+    q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)
+    keys[rows, :, pos] = qk[:, nh:]
+    values[rows, :, pos] = qkv[:, nh + nkv :]
+    o = F.scaled_dot_product_attention(
+        q, keys[:b, :, :attend_len], values[:b, :, :attend_len], attn_mask=mask, scale=blk.scaling
+    )
+    h = _linear_residual(h, o.reshape(b, nh * hd), blk.o_w, blk.o_b)
+    gate, up = F.linear(_rms_norm(h, blk.norm2, blk.eps2), blk.gate_up_w, blk.gate_up_b).chunk(2, dim=-1)
+    return _linear_residual(h, blk.act(gate) * up, blk.down_w, blk.down_b)
+
+
+_compiled_block_step = None
+
+
+def compiled_block_step():
+    """:func:`block_step` through ``torch.compile``, built once per process and shared by every
+    block and engine: blocks differ only in tensor values, so they share one graph per shape (batch
+    and attended length become symbolic after their first change, as torch.compile does)."""
+    global _compiled_block_step
+    if _compiled_block_step is None:
+        _compiled_block_step = torch.compile(block_step)
+    return _compiled_block_step
 
 
 class DecodeStep:
-    def __init__(self, model, sae, hook_index: int, cache: StaticKVCache, table_width: int) -> None:
+    def __init__(self, model, sae, hook_index: int, cache: StaticKVCache, table_width: int,
+                 compiled: bool = False) -> None:
         self.decoder = language_model(model)
         # Fusing re-points the model's weights, so it happens once per model; engines share it.
         if not hasattr(self.decoder, "_lmm_steer_blocks"):
-            self.decoder._lmm_steer_blocks = [_Block.from_layer(layer) for layer in self.decoder.layers]
+            act = _shared_activation(self.decoder.layers)
+            self.decoder._lmm_steer_blocks = [_Block.from_layer(layer, act) for layer in self.decoder.layers]
         self.blocks = self.decoder._lmm_steer_blocks
+        self.block_step = compiled_block_step() if compiled else block_step
         self.lm_head = model.get_output_embeddings()
         self.sae, self.hook_index, self.cache = sae, hook_index, cache
         weight = self.lm_head.weight
@@ -129,22 +183,7 @@ class DecodeStep:
         mask = (self.key_index[None, :attend_len] <= pos[:, None])[:, None, None, :]  # [b, 1, 1, L]
         h = self.decoder.embed_tokens(self.tokens[:b])  # [b, D]
         for i, blk in enumerate(self.blocks):
-            nh, nkv, hd = blk.heads, blk.kv_heads, blk.head_dim
-            qkv = F.linear(_rms_norm(h, blk.norm1, blk.eps1), blk.qkv_w, blk.qkv_b).view(b, nh + 2 * nkv, hd)
-            qk = qkv[:, : nh + nkv]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # rotary on q and k at once
-            # Grouped-query attention as plain attention: the nh/nkv query heads sharing a key head
-            # become that head's "query positions", so every SDPA backend applies.
-            q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)
-            kc, vc = cache.keys[i], cache.values[i]
-            kc[rows, :, pos] = qk[:, nh:]
-            vc[rows, :, pos] = qkv[:, nh + nkv :]
-            o = F.scaled_dot_product_attention(
-                q, kc[:b, :, :attend_len], vc[:b, :, :attend_len], attn_mask=mask, scale=blk.scaling
-            )
-            h = _linear_residual(h, o.reshape(b, nh * hd), blk.o_proj)
-            gate, up = F.linear(_rms_norm(h, blk.norm2, blk.eps2), blk.gate_up_w, blk.gate_up_b).chunk(2, dim=-1)
-            h = _linear_residual(h, blk.act(gate) * up, blk.down)
+            h = self.block_step(h, cos, sin, mask, rows, pos, cache.keys[i], cache.values[i], attend_len, blk)
             if i == self.hook_index and not variant.plain:
                 h = apply_steering(
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],

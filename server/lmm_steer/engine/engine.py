@@ -40,6 +40,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 30% of free memory on CUDA
     max_clamps: int = 32
     cuda_graphs: bool = True
+    # torch.compile each decoder block's decode work (fuses norms, rotary and activations; the first
+    # steps of each new shape compile for seconds to minutes). Off by default.
+    compile: bool = False
     min_length_bucket: int = 128
     # every N-th decode step with edited features also measures them (one more SAE encode); 0: never
     clamp_effect_every: int = 0
@@ -189,7 +192,8 @@ class Engine:
         self.max_len = max_len
         self.cache = StaticKVCache(layers, cfg.max_batch, kv_heads, max_len, head_dim, dtype=self.dtype,
                                    device=self.device)
-        self.step_fn = DecodeStep(self.model, sae, self.hook_index, self.cache, max(1, cfg.max_clamps))
+        self.step_fn = DecodeStep(self.model, sae, self.hook_index, self.cache, max(1, cfg.max_clamps),
+                                  compiled=cfg.compile)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.graphs = CUDAGraphDecoder(self.step_fn) if self.use_graphs else None
         self.batch_buckets = _buckets(cfg.max_batch)
