@@ -89,7 +89,7 @@ def _shared_activation(layers) -> Callable[[torch.Tensor], torch.Tensor]:
     object. SiLU, the Llama/Qwen2 one, becomes ``F.silu``."""
     acts = [layer.mlp.act_fn for layer in layers]
     first = acts[0]
-    if any(type(a) is not type(first) or vars(a) != vars(first) for a in acts[1:]):
+    if any(type(a) is not type(first) or repr(a) != repr(first) for a in acts[1:]):
         raise ValueError("decoder blocks with different MLP activations are not supported")
     return F.silu if isinstance(first, torch.nn.SiLU) else first
 
