@@ -368,9 +368,9 @@ def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
         for g, w in zip(got, want, strict=True):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
-    # batch 1 and a larger batch at two attended lengths: a few graphs, not one per block (4 here)
-    # and per step
-    assert 1 <= counters["stats"]["unique_graphs"] - graphs_before <= 4
+    # batch 1, a larger batch, then both dimensions symbolic: fewer graphs than the model has
+    # blocks (4), so blocks share them instead of compiling one each
+    assert 1 <= counters["stats"]["unique_graphs"] - graphs_before < len(compiled.step_fn.blocks) == 4
     assert compiled.stats["decode_tokens"] == eager.stats["decode_tokens"] > 0
 
 

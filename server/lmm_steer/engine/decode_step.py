@@ -109,8 +109,9 @@ def _linear_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 
 def block_step(h, cos, sin, mask, rows, pos, keys, values, attend_len: int, blk: _Block) -> torch.Tensor:
     """One decoder block for one new token per row: writes the rows' keys and values at ``pos``
-    and returns the block's output ``[b, D]``. A pure function of its arguments (the KV cache is
-    written in place), so ``torch.compile`` can fuse its elementwise work into few kernels."""
+    and returns the block's output ``[b, D]``. It reads nothing but its arguments and writes
+    nothing but the two cache tensors, so ``torch.compile`` can fuse its elementwise work into few
+    kernels."""
     b, nh, nkv, hd = h.shape[0], blk.heads, blk.kv_heads, blk.head_dim
     qkv = F.linear(_rms_norm(h, blk.norm1, blk.eps1), blk.qkv_w, blk.qkv_b).view(b, nh + 2 * nkv, hd)
     qk = qkv[:, : nh + nkv]
