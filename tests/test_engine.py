@@ -351,8 +351,6 @@ def test_engine_reports_clamp_effects_on_generated_tokens(llava):
     assert all(abs(e.after - 25.0) < abs(e.before - 25.0) for e in clamp_all)
 
 
-# -- GPU ------------------------------------------------------------------------------------
-
 def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
     """--compile: the blocks' decode work through torch.compile gives the eager step's tokens and
     log-probabilities, steered and unsteered, batched (rows joining and leaving) and alone; all
@@ -373,6 +371,8 @@ def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
     assert 1 <= counters["stats"]["unique_graphs"] - graphs_before < len(compiled.step_fn.blocks) == 4
     assert compiled.stats["decode_tokens"] == eager.stats["decode_tokens"] > 0
 
+
+# -- GPU ------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_equals_eager_greedy():

@@ -6,10 +6,10 @@ Configurations, each per batch size:
   sae       our engine with the SAE spliced in, requests without clamps
   steered   our engine with N clamps per row, different in every row
 and on CUDA each engine configuration with and without CUDA graphs; with ``--compile``, also the
-no-SAE and steered engines with torch.compile'd blocks (compile time excluded, like capture time). Also: time to first token for
-a text prompt and for one image, peak host and device memory, and on CUDA the fraction of the
-weight-read limit (weight bytes read per decode step / copy bandwidth measured at start) and the
-greedy agreement between graph and eager decoding.
+no-SAE and steered engines with torch.compile'd blocks (compile time excluded, like capture time).
+Also: time to first token for a text prompt and for one image, peak host and device memory, and
+on CUDA the fraction of the weight-read limit (weight bytes read per decode step / copy bandwidth
+measured at start) and the greedy agreement between graph and eager decoding.
 """
 
 from __future__ import annotations
