@@ -17,8 +17,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 tests=${ALL_TESTS:+tests}
 timeout 150 python3 -m pytest -q -p no:cacheprovider ${tests:-tests/test_engine.py tests/test_builtin_models.py} 2>&1 \
   | tail -n 15 | tee "$out/pytest.log"
-# --compile adds rows for engines whose blocks go through torch.compile (compile time excluded);
-# a failure there is reported as an error row and costs none of the other rows.
+# --compile adds rows for engines whose blocks and steering edit go through torch.compile (compile
+# time excluded); a failure there is reported as an error row and costs none of the other rows.
 timeout 420 python3 -m lmm_steer.cli bench --model builtin:random-llava-next-8b \
   --sae builtin:random-topk:latents=131072,k=256 --hookpoint model.layers.24 \
   --batch 1,8,32 --clamps 16 --new-tokens 128 --prompt-tokens 128 --image --hf-max-batch 8 --compile \

@@ -351,16 +351,35 @@ def test_engine_reports_clamp_effects_on_generated_tokens(llava):
     assert all(abs(e.after - 25.0) < abs(e.before - 25.0) for e in clamp_all)
 
 
+def _clamp_effects(engine, reqs):
+    """Every clamp effect a measuring engine reports while it serves ``reqs``."""
+    for r in reqs:
+        engine.submit(r)
+    found = []
+    while engine.has_work:
+        found += engine.step().clamp_effects
+    return found
+
+
+def _assert_same_effects(want, got):
+    assert want and len(want) == len(got)
+    for w, g in zip(want, got, strict=True):
+        assert w.feature == g.feature and g.before == pytest.approx(w.before, abs=1e-3, rel=1e-3)
+        assert g.after == pytest.approx(w.after, abs=1e-3, rel=1e-3)
+
+
 def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
-    """--compile: the blocks' decode work through torch.compile gives the eager step's tokens and
-    log-probabilities, steered and unsteered, batched (rows joining and leaving) and alone; all
-    blocks share the compiled graphs (a handful of shapes, never one per block)."""
-    from torch._dynamo.utils import counters
+    """--compile: the blocks' decode work and the steering edit through torch.compile give the
+    eager step's tokens and log-probabilities, steered and unsteered, batched (rows joining and
+    leaving) and alone; all blocks share the compiled graphs (a handful of shapes, never one per
+    block)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from lmm_steer.engine.decode_step import block_step, steer_by_count
 
     lm, sae = llava
     eager = _engine(lm, sae, max_batch=8)
     compiled = _engine(lm, sae, max_batch=8, compile=True)
-    graphs_before = counters["stats"]["unique_graphs"]
     for reqs in (_mixed_requests(lm), _mixed_requests(lm)[:1]):
         want, got = eager.generate(reqs), compiled.generate(reqs)
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
@@ -368,8 +387,12 @@ def test_compiled_blocks_decode_what_eager_blocks_decode(llava):
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
     # batch 1, a larger batch, then both dimensions symbolic: fewer graphs than the model has
     # blocks (4), so blocks share them instead of compiling one each
-    assert 1 <= counters["stats"]["unique_graphs"] - graphs_before < len(compiled.step_fn.blocks) == 4
+    assert 1 <= len(_debug_get_cache_entry_list(block_step.__code__)) < len(compiled.step_fn.blocks) == 4
+    assert _debug_get_cache_entry_list(steer_by_count.__code__), "the steering edit ran compiled"
     assert compiled.stats["decode_tokens"] == eager.stats["decode_tokens"] > 0
+    # measuring steps (a second encode inside the compiled edit) report what eager ones report
+    _assert_same_effects(*(_clamp_effects(_engine(lm, sae, max_batch=8, clamp_effect_every=1, compile=c),
+                                          _mixed_requests(lm)) for c in (False, True)))
 
 
 # -- GPU ------------------------------------------------------------------------------------
@@ -385,18 +408,9 @@ def test_cuda_graph_equals_eager_greedy():
     assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
     assert graph_engine.stats["graph_replays"] > 0 and graph_engine.stats["eager_steps"] == 0
     # measuring steps (their own captured variants) report what eager steps report
-    effects = []
-    for graphs_on in (False, True):
-        engine = _engine(lm, sae, max_batch=8, cuda_graphs=graphs_on, clamp_effect_every=1)
-        for r in reqs():
-            engine.submit(r)
-        found = []
-        while engine.has_work:
-            found += engine.step().clamp_effects
-        effects.append(found)
-    assert effects[0] and len(effects[0]) == len(effects[1])
-    for e, g in zip(*effects, strict=True):
-        assert e.feature == g.feature and e.after == pytest.approx(g.after, abs=1e-3, rel=1e-3)
+    _assert_same_effects(*(_clamp_effects(_engine(lm, sae, max_batch=8, cuda_graphs=graphs_on,
+                                                   clamp_effect_every=1), reqs())
+                           for graphs_on in (False, True)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -10,6 +10,7 @@ Python ints that vary (batch size, attended length) are graph keys, never baked-
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,17 +130,21 @@ def block_step(h, cos, sin, mask, rows, pos, keys, values, attend_len: int, blk:
     return _linear_residual(h, blk.act(gate) * up, blk.down_w, blk.down_b)
 
 
-_compiled_block_step = None
+def steer_by_count(h, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant, effect):
+    """:func:`apply_steering` ranking clamped features by counting at every batch size. Compiled, the
+    comparison fuses into its sum: one pass over the pre-activations and no ``[b, C, M]`` tensor,
+    where eager steps from batch 8 on pay for a top-k selection over 131072 latents instead."""
+    return apply_steering(h, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant, effect,
+                          rank_by_count=True)
 
 
-def compiled_block_step():
-    """:func:`block_step` through ``torch.compile``, built once per process and shared by every
-    block and engine: blocks differ only in tensor values, so they share one graph per shape (batch
-    and attended length become symbolic after their first change, as torch.compile does)."""
-    global _compiled_block_step
-    if _compiled_block_step is None:
-        _compiled_block_step = torch.compile(block_step)
-    return _compiled_block_step
+@functools.cache
+def compile_once(fn: Callable) -> Callable:
+    """``fn`` through ``torch.compile``, built once per process and shared by every caller: every
+    block calls :func:`block_step` with tensors of the same kinds, so all blocks share one graph per
+    shape (batch and attended length become symbolic after their first change, as torch.compile
+    does), and every engine shares the steering graphs."""
+    return torch.compile(fn)
 
 
 class DecodeStep:
@@ -151,7 +156,8 @@ class DecodeStep:
             act = _shared_activation(self.decoder.layers)
             self.decoder._lmm_steer_blocks = [_Block.from_layer(layer, act) for layer in self.decoder.layers]
         self.blocks = self.decoder._lmm_steer_blocks
-        self.block_step = compiled_block_step() if compiled else block_step
+        self.block_step = compile_once(block_step) if compiled else block_step
+        self.steer = compile_once(steer_by_count) if compiled else apply_steering
         self.lm_head = model.get_output_embeddings()
         self.sae, self.hook_index, self.cache = sae, hook_index, cache
         weight = self.lm_head.weight
@@ -186,7 +192,7 @@ class DecodeStep:
         for i, blk in enumerate(self.blocks):
             h = self.block_step(h, cos, sin, mask, rows, pos, cache.keys[i], cache.values[i], attend_len, blk)
             if i == self.hook_index and not variant.plain:
-                h = apply_steering(
+                h = self.steer(
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],
                     t.paper[:b], variant, self.effect[:, :b],
                 )
@@ -224,7 +230,7 @@ class CUDAGraphDecoder:
 
     def _capture(self, key):
         # Warm up on a side stream (lazy initialisation, cuBLAS workspaces), then capture. The
-        # The step advances its own inputs (tokens, positions), so they are saved before the
+        # step advances its own inputs (tokens, positions), so they are saved before the
         # warm-up and restored after it; the keys and values the warm-up wrote lie beyond the
         # rows' positions, masked until the real steps overwrite them.
         step = self.step

@@ -40,8 +40,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 30% of free memory on CUDA
     max_clamps: int = 32
     cuda_graphs: bool = True
-    # torch.compile each decoder block's decode work (fuses norms, rotary and activations; the first
-    # steps of each new shape compile for seconds to minutes). Off by default.
+    # torch.compile each decoder block's decode work (fuses norms, rotary and activations) and the
+    # steering edit (fuses the top-k membership count); the first steps of each new shape compile
+    # for seconds to minutes. Off by default.
     compile: bool = False
     min_length_bucket: int = 128
     # every N-th decode step with edited features also measures them (one more SAE encode); 0: never

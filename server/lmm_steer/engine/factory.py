@@ -25,8 +25,9 @@ def add_decode_arguments(parser) -> None:
     """``--no-cuda-graphs`` and ``--compile``, the same for every command that decodes."""
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA too")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each decoder block's decode work (fewer, fused kernels; each new "
-                             "batch shape compiles first). bench: measure compiled engines beside the others")
+                        help="torch.compile each decoder block's decode work and the steering edit (fewer, "
+                             "fused kernels; each new batch shape compiles first). bench: measure compiled "
+                             "engines beside the others")
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -207,31 +207,36 @@ def variant_for(rows: list[tuple[SteeringRow, bool]], measure: bool = False) -> 
 _RANK_BY_COUNT_LIMIT = 1 << 22
 
 
-def topk_member(pre: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+def topk_member(pre: torch.Tensor, chosen: torch.Tensor, k: int,
+                rank_by_count: bool | None = None) -> torch.Tensor:
     """``chosen`` where it is among the ``k`` largest of its row of ``pre``, else 0.
 
     Feature j is in the top k exactly when fewer than k latents exceed it, so a few clamped
     features need one comparison pass over the latents, not a top-k selection over all of them
-    (cheaper on a GPU for a single row). Large prefills use the k-th largest
-    value as a threshold instead, to keep the comparison tensor small. Both agree except on exact
-    ties at the threshold, where TopK itself picks arbitrarily.
+    (cheaper on a GPU for a single row). Eagerly that pass materialises an ``[N, C, M]`` tensor, so
+    large inputs use the k-th largest value as a threshold instead; ``rank_by_count`` overrides the
+    choice (compiled code fuses the comparison into its sum, and the tensor never exists). Both
+    agree except on exact ties at the threshold, where TopK itself picks arbitrarily.
     """
     zero = torch.zeros_like(chosen)
-    if pre.shape[0] * chosen.shape[-1] * pre.shape[-1] <= _RANK_BY_COUNT_LIMIT:
+    if rank_by_count is None:
+        rank_by_count = pre.shape[0] * chosen.shape[-1] * pre.shape[-1] <= _RANK_BY_COUNT_LIMIT
+    if rank_by_count:
         above = (pre.unsqueeze(1) > chosen.unsqueeze(-1)).sum(-1)  # [N, C]
         return torch.where(above < k, chosen, zero)
     kth = torch.topk(pre, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     return torch.where(chosen >= kth, chosen, zero)
 
 
-def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor):
+def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor, rank_by_count: bool | None = None):
     """``(pre, chosen, z)``: ReLU'd pre-activations ``[N, M]``, those of ``ids`` ``[N, C]``, and the
-    SAE's activations of ``ids`` (TopK: the pre-activation where it is among the top k, else 0)."""
+    SAE's activations of ``ids`` (TopK: the pre-activation where it is among the top k, else 0;
+    ``rank_by_count`` as in :func:`topk_member`)."""
     pre = F.relu(sae.pre_activations(x))
     chosen = pre.gather(-1, ids)
     act = sae.cfg.activation
     if act == "topk":
-        z = topk_member(pre, chosen, sae.cfg.k)
+        z = topk_member(pre, chosen, sae.cfg.k, rank_by_count)
     elif act == "jumprelu":
         # chosen is relu(p), and relu(p) * (relu(p) > t) == relu(p) * (p > t) for every t
         z = chosen * (chosen > sae.threshold[ids])
@@ -241,20 +246,20 @@ def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor):
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
-                   effect: torch.Tensor | None = None):
+                   effect: torch.Tensor | None = None, rank_by_count: bool | None = None):
     """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``).
 
     With ``variant.measure``, ``effect [2, N, C]`` receives the SAE's activation of each table
     feature in the block output before the edit and in the edited output (exact: a second encode).
-    Pure tensor code with static shapes and no host synchronisation, so it runs inside a
-    captured CUDA graph.
+    ``rank_by_count`` as in :func:`topk_member`. Pure tensor code with static shapes and no host
+    synchronisation, so it runs inside a captured CUDA graph.
     """
     if variant.plain:
         return h
     w_dec = sae.W_dec
     x = h.to(w_dec.dtype)
     if variant.encode:
-        pre, chosen, z = feature_activations(sae, x, ids)
+        pre, chosen, z = feature_activations(sae, x, ids, rank_by_count)
         coef = delta_a * z + delta_b
     else:
         coef = delta_b
@@ -269,5 +274,5 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
         out = torch.where(paper.unsqueeze(-1), recon.to(h.dtype), out)
     if variant.measure:
         effect[0].copy_(z)
-        effect[1].copy_(feature_activations(sae, out.to(w_dec.dtype), ids)[2])
+        effect[1].copy_(feature_activations(sae, out.to(w_dec.dtype), ids, rank_by_count)[2])
     return out
