@@ -6,10 +6,11 @@ Configurations, each per batch size:
   sae       our engine with the SAE spliced in, requests without clamps
   steered   our engine with N clamps per row, different in every row
 and on CUDA each engine configuration with and without CUDA graphs; with ``--compile``, also the
-no-SAE and steered engines with torch.compile'd blocks (compile time excluded, like capture time).
-Also: time to first token for a text prompt and for one image, peak host and device memory, and
-on CUDA the fraction of the weight-read limit (weight bytes read per decode step / copy bandwidth
-measured at start) and the greedy agreement between graph and eager decoding.
+no-SAE and steered engines with torch.compile'd blocks and steering edit (compile time excluded,
+like capture time). Also: time to first token for a text prompt and for one image, peak host and
+device memory, and on CUDA the fraction of the weight-read limit (weight bytes read per decode
+step / copy bandwidth measured at start), the greedy agreement between graph and eager decoding,
+and, last, a kernel profile of every captured step timed alone (where its device time goes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import step_profile
 from .engine import Engine, EngineConfig, FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
 from .engine.factory import add_decode_arguments, add_device_arguments, pick_device, pick_dtype
 from .engine.hookpoint import default_hookpoint, language_model
@@ -125,25 +127,36 @@ def engine_decode_rate(engine: Engine, prompts, new_tokens, steer, clamps, graph
     return engine.stats["decode_tokens"] / engine.stats["decode_time_s"]
 
 
-def device_step_rate(engine: Engine, batch: int, steered: bool, replays: int = 30) -> float:
-    """Tokens per second of the captured step alone (graph replays timed with CUDA events), i.e.
-    without the host's per-step work; the gap to the end-to-end rate is host overhead."""
+def _captured_graph(engine: Engine, batch: int, steered: bool):
+    """The engine's captured step for ``batch`` rows (its longest length bucket), with the rows'
+    positions set back so that replays stay inside the cache (each replay advances them)."""
     keys = [k for k in engine.graphs.graphs if k[0] == batch and (not k[2].plain) == steered]
     if not keys:
         raise RuntimeError(f"no captured graph for batch {batch} (steered={steered})")
-    graph, _ = engine.graphs.graphs[max(keys, key=lambda k: k[1])]
     fn = engine.step_fn
+    fn.write_pos[:batch].fill_(8)
+    fn.rope_pos[:batch].fill_(8)
+    engine._inputs_stale = True  # the engine rewrites its inputs before its next step
+    return engine.graphs.graphs[max(keys, key=lambda k: k[1])][0]
+
+
+def device_step_rate(engine: Engine, batch: int, steered: bool, replays: int = 30) -> float:
+    """Tokens per second of the captured step alone (graph replays timed with CUDA events), i.e.
+    without the host's per-step work; the gap to the end-to-end rate is host overhead."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for n in (3, replays):
-        fn.write_pos[:batch].fill_(8)  # each replay advances positions; keep them inside the cache
-        fn.rope_pos[:batch].fill_(8)
+        graph = _captured_graph(engine, batch, steered)
         start.record()
         for _ in range(n):
             graph.replay()
         end.record()
         torch.cuda.synchronize()
-    engine._inputs_stale = True
     return batch * replays / (start.elapsed_time(end) / 1000)
+
+
+def device_step_profile(engine: Engine, batch: int, steered: bool) -> dict:
+    """The captured step's kernels, by kind, per step (see :mod:`lmm_steer.step_profile`)."""
+    return step_profile.profile_replays(_captured_graph(engine, batch, steered).replay)
 
 
 def hf_decode_rate(model, prompts, new_tokens, device) -> float:
@@ -212,7 +225,11 @@ def greedy_agreement(engine: Engine, prompts, new_tokens, clamps, compiled: Engi
     return out
 
 
-def run_bench(a: BenchArgs) -> dict:
+def run_bench(a: BenchArgs, checkpoint=None) -> dict:
+    """Every measurement of the module docstring, as one JSON-able dict. On CUDA the captured steps
+    are profiled last, after ``checkpoint(result)`` has had the measurements: the profiler (CUPTI)
+    may slow what runs after it, or with some CUDA versions crash on graphs, and neither may cost
+    the measurements."""
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     bandwidth = copy_bandwidth(device)
@@ -248,6 +265,7 @@ def run_bench(a: BenchArgs) -> dict:
     modes = [True, False] if use_graphs else [False]
     _log(f"loaded {a.model} in {load_s:.1f}s; engines ready")
     errors: list[str] = []
+    profiles: dict[str, dict] = {}
 
     def measure(name: str, b: int, fn, *args) -> None:
         # One failing configuration (say, a capture error) must not cost the rest of a GPU run.
@@ -256,6 +274,13 @@ def run_bench(a: BenchArgs) -> dict:
         except Exception as e:  # noqa: BLE001 - reported in the output, never swallowed silently
             errors.append(f"{name}, batch {b}: {type(e).__name__}: {e}")
             _log(errors[-1])
+
+    to_profile: list[tuple[str, Engine, int, bool]] = []
+
+    def device_step(what: str, b: int, engine: Engine, steer: bool, compiled: bool = False) -> None:
+        tag = " [compiled]" if compiled else ""
+        measure(f"device step only, {what} [graph]{tag}", b, device_step_rate, engine, b, steer)
+        to_profile.append((f"{what}{tag}, batch {b}", engine, b, steer))
 
     for b in a.batches:
         prompts = [_prompt(rng, a.prompt_tokens, vocab) for _ in range(b)]
@@ -282,19 +307,18 @@ def run_bench(a: BenchArgs) -> dict:
             measure(f"{name}{' [graph]' if use_graphs else ''} [compiled]", b, engine_decode_rate, engine, prompts,
                     a.new_tokens, steer, a.clamps, use_graphs)
         if use_graphs:
-            measure("device step only, no SAE [graph]", b, device_step_rate, plain, b, False)
+            device_step("no SAE", b, plain, False)
             if steerable is not None:
-                measure(f"device step only, {a.clamps} clamps/row [graph]", b, device_step_rate, steerable, b, True)
+                device_step(f"{a.clamps} clamps/row", b, steerable, True)
             for _, engine, steer in compiled:
-                what = f"{a.clamps} clamps/row" if steer else "no SAE"
-                measure(f"device step only, {what} [graph] [compiled]", b, device_step_rate, engine, b, steer)
+                device_step(f"{a.clamps} clamps/row" if steer else "no SAE", b, engine, steer, compiled=True)
     result: dict = {
         "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
         "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "clamps": a.clamps,
-        "model_load_s": round(load_s, 2), "decode_tok_s": rows, "errors": errors,
+        "model_load_s": round(load_s, 2), "decode_tok_s": rows, "errors": errors, "step_profile": profiles,
     }
     _log("time to first token")
     text_prompt = "Tell me a story about Alice and Bob. " * max(1, a.prompt_tokens // 10)
@@ -326,6 +350,15 @@ def run_bench(a: BenchArgs) -> dict:
         result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     result["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["ratios"] = ratios(rows, a.clamps, result.get("weight_read_limit_tok_s_b1"))
+    if to_profile and checkpoint is not None:
+        checkpoint(result)
+    for name, engine, b, steer in to_profile:
+        _log(f"profile: {name}")
+        try:
+            profiles[name] = device_step_profile(engine, b, steer)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"profile of {name}: {type(e).__name__}: {e}")
+            _log(errors[-1])
     return result
 
 
@@ -361,6 +394,12 @@ def ratios(rows: dict[str, dict[int, float]], clamps: int, limit_b1: float | Non
     ratio("compiled / not (engine, no SAE)", compiled_plain, plain)
     ratio("compiled / not (steered)", compiled_steered, steered)
     ratio("steered / no SAE (compiled)", compiled_steered, compiled_plain)
+    for what in ("no SAE", f"{clamps} clamps/row"):
+        ratio(f"device step only: compiled / not ({what})", rows.get(f"device step only, {what} [graph] [compiled]", {}),
+              rows.get(f"device step only, {what} [graph]", {}))
+    ratio("device step only: steered / no SAE (compiled)",
+          rows.get(f"device step only, {clamps} clamps/row [graph] [compiled]", {}),
+          rows.get("device step only, no SAE [graph] [compiled]", {}))
     if limit_b1:
         for name, vals in (("no SAE", plain), (f"{clamps} clamps/row", steered),
                            ("no SAE, compiled", compiled_plain), (f"{clamps} clamps/row, compiled", compiled_steered)):
@@ -380,6 +419,8 @@ def markdown(result: dict) -> str:
     for name, vals in result["ratios"].items():
         lines.append(f"| {name} | " + " | ".join(f"{vals[b]:.3f}" if b in vals else "-" for b in batches) + " |")
     lines.append("")
+    if result.get("step_profile"):
+        lines += step_profile.markdown(result["step_profile"]) + [""]
     facts = [("time to first token, text prompt", "ttft_text_s", "{:.4f} s"),
              ("time to first token, one image", "ttft_image_s", "{:.4f} s"),
              ("image size (px)", "image_px", "{}"),
@@ -422,13 +463,16 @@ def main(args) -> int:
         cuda_graphs=not args.no_cuda_graphs, compile=args.compile, dtype=args.dtype, device=args.device,
         hf_max_batch=args.hf_max_batch, agreement_rows=args.agreement_rows,
     )
-    result = run_bench(a)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+
+    def write(result: dict) -> str:
+        table = markdown(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2, default=str)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table + "\n")
+        return table
+
+    print(write(run_bench(a, checkpoint=write)))
     return 0
