@@ -14,7 +14,8 @@ def _image(w=50, h=40):
     return Image.fromarray(arr)
 
 
-IMAGE_TOKEN = {"llava-next": "<image>", "llava": "<image>", "qwen2-vl": "<|image_pad|>", "idefics3": "<image>"}
+IMAGE_TOKEN = {"llava-next": "<image>", "llava": "<image>", "llava-onevision": "<image>", "qwen2-vl": "<|image_pad|>",
+               "idefics3": "<image>"}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -66,3 +67,19 @@ def test_random_sae_matches_builtin_hidden_size():
 def test_unknown_builtin_model():
     with pytest.raises(ModelLoadError, match="unknown builtin model 'builtin:tiny-gpt'"):
         load_model("builtin:tiny-gpt")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TINY_MODELS if n != "builtin:tiny-llama"))
+def test_image_grid_of_every_family_lies_on_its_image_tokens(name):
+    """The inspector's per-image feature grid (base view, merged patches or global view) is a
+    rows x cols block of image-token positions, for every multimodal family."""
+    from lmm_steer.engine.inspect import image_grids
+
+    lm = load_model(name)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    inputs = build_inputs(lm, msgs, [_image()])
+    ids = inputs["input_ids"][0]
+    image_id = lm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[lm.family])
+    [(positions, rows, cols)] = image_grids(lm, inputs)
+    assert rows > 1 and cols > 1 and len(positions) == rows * cols
+    assert all(int(ids[p]) == image_id for p in positions)

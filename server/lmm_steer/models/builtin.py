@@ -76,6 +76,13 @@ CHATML_VL_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+CHATML_LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] if c['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -101,6 +108,20 @@ def _image_processor(module: str, class_name: str, **kwargs):
 
         cls = getattr(transformers, class_name)
     return cls(**kwargs)
+
+
+def _without_video_check(processor_cls):
+    """``processor_cls`` without the constructor's class check of its video processor. Without
+    torchvision, transformers' video-processor registry is a placeholder and that check fails even
+    when no video is ever passed; images never touch the video half."""
+
+    class ImageOnly(processor_cls):
+        def check_argument_for_proper_class(self, attribute_name, arg):
+            if attribute_name != "video_processor":
+                return super().check_argument_for_proper_class(attribute_name, arg)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_cls.__name__
+    return ImageOnly
 
 
 def _tiny_llama_config(vocab_size: int, **extra):
@@ -209,60 +230,167 @@ def tiny_llava() -> LoadedModel:
     )
 
 
+_QWEN2_VL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen2_vl_tokenizer():
+    tok = _fast_tokenizer(_QWEN2_VL_SPECIAL, CHATML_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL}
+
+
+def _qwen2_vl_text(tok, ids) -> dict:
+    return {
+        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
+        "initializer_range": 0.15,
+    }
+
+
+def _qwen2_vl_token_ids(ids) -> dict:
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+
+
+def _qwen2_vl_image_processor():
+    return _image_processor(
+        "qwen2_vl", "Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
+        min_pixels=16 * 16, max_pixels=64 * 64,
+    )
+
+
 @_seeded
 def tiny_qwen2_vl() -> LoadedModel:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from .qwen2_vl_inputs import Qwen2VLImageInputs
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    tok = _fast_tokenizer(special, CHATML_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    tok, ids = _qwen2_vl_tokenizer()
     cfg = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
-            "initializer_range": 0.15,
-        },
+        text_config=_qwen2_vl_text(tok, ids),
         vision_config={
             "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
             "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3,
         },
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen2_vl_token_ids(ids),
     )
-    image_processor = _image_processor(
-        "qwen2_vl", "Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
-        min_pixels=16 * 16, max_pixels=64 * 64,
-    )
-    processor = Qwen2VLImageInputs(image_processor, tok, CHATML_VL_TEMPLATE)
+    processor = Qwen2VLImageInputs(_qwen2_vl_image_processor(), tok, CHATML_VL_TEMPLATE)
     return LoadedModel("builtin:tiny-qwen2-vl", "qwen2-vl", Qwen2VLForConditionalGeneration(cfg), tok, processor)
+
+
+_IDEFICS3_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "image_size": 32, "patch_size": 8}
+
+
+def _idefics3_tokenizer():
+    rows = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    special = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+               "<global-img>", *rows]
+    return _fast_tokenizer(special, IDEFICS3_TEMPLATE, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                           pad_token="<|endoftext|>")
 
 
 @_seeded
 def tiny_idefics3() -> LoadedModel:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
-    rows = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
-    special = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-               "<global-img>", *rows]
-    tok = _fast_tokenizer(special, IDEFICS3_TEMPLATE, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                          pad_token="<|endoftext|>")
+    tok = _idefics3_tokenizer()
     text = _tiny_llama_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = Idefics3Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        text_config=text.to_dict(), scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id,
+        vision_config=_IDEFICS3_VISION, text_config=text.to_dict(), scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
     )
     image_processor = _image_processor(
         "idefics3", "Idefics3ImageProcessor", size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
     )
     processor = Idefics3Processor(image_processor, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
     return LoadedModel("builtin:tiny-idefics3", "idefics3", Idefics3ForConditionalGeneration(cfg), tok, processor)
+
+
+@_seeded
+def tiny_llava_onevision() -> LoadedModel:
+    """LLaVA-OneVision's shape: a Qwen2 text tower (biased q/k/v), a SigLIP vision tower whose
+    every patch is kept ("full"), AnyRes tiling with the anyres_max_9 cap, ChatML."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = _fast_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                          CHATML_LLAVA_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=0.15,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    image_processor = _image_processor(
+        "llava_onevision", "LlavaOnevisionImageProcessor", size={"height": 32, "width": 32},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    processor = _without_video_check(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tok, video_processor=None, num_image_tokens=16,
+        vision_feature_select_strategy="full", chat_template=CHATML_LLAVA_TEMPLATE, vision_aspect_ratio="anyres_max_9",
+    )
+    return LoadedModel("builtin:tiny-llava-onevision", "llava-onevision", LlavaOnevisionForConditionalGeneration(cfg),
+                       tok, processor)
+
+
+@_seeded
+def tiny_qwen2_5_vl() -> LoadedModel:
+    """Qwen2.5-VL's shape: Qwen2-VL's text tower and M-RoPE, a windowed-attention vision tower with
+    RMSNorm and a gated MLP."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .qwen2_vl_inputs import Qwen2VLImageInputs
+
+    tok, ids = _qwen2_vl_tokenizer()
+    cfg = Qwen2_5_VLConfig(
+        text_config=_qwen2_vl_text(tok, ids),
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+            "window_size": 16, "fullatt_block_indexes": [1],
+        },
+        **_qwen2_vl_token_ids(ids),
+    )
+    processor = Qwen2VLImageInputs(_qwen2_vl_image_processor(), tok, CHATML_VL_TEMPLATE)
+    return LoadedModel("builtin:tiny-qwen2.5-vl", "qwen2-vl", Qwen2_5_VLForConditionalGeneration(cfg), tok, processor)
+
+
+@_seeded
+def tiny_smolvlm() -> LoadedModel:
+    """SmolVLM's shape: Idefics3's (SigLIP-style vision, pixel shuffle, image splitting) with its
+    own model and processor classes."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+
+    tok = _idefics3_tokenizer()
+    cfg = SmolVLMConfig(
+        vision_config=_IDEFICS3_VISION, text_config=_tiny_llama_config(
+            len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict(),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+    )
+    image_processor = _image_processor(
+        "smolvlm", "SmolVLMImageProcessor", size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+    )
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    # its chat template reads the video processor's frame count even for images
+    processor = _without_video_check(SmolVLMProcessor)(image_processor, tok, SmolVLMVideoProcessor(),
+                                                       image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
+    return LoadedModel("builtin:tiny-smolvlm", "idefics3", SmolVLMForConditionalGeneration(cfg), tok, processor)
 
 
 # LLaVA-NeXT-8B's real shapes (llava-hf/llama3-llava-next-8b-hf): Llama-3-8B text tower, CLIP-L/336
@@ -313,6 +441,9 @@ BUILTIN_MODELS = {
     "builtin:tiny-llava": tiny_llava,
     "builtin:tiny-qwen2-vl": tiny_qwen2_vl,
     "builtin:tiny-idefics3": tiny_idefics3,
+    "builtin:tiny-llava-onevision": tiny_llava_onevision,
+    "builtin:tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+    "builtin:tiny-smolvlm": tiny_smolvlm,
     "builtin:tiny-llama": tiny_llama,
     "builtin:random-llava-next-8b": random_llava_next_8b,
 }
