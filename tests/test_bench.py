@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from lmm_steer.bench import markdown
+from lmm_steer.bench import BenchArgs, markdown, run_bench
 
 
 def test_bench_smoke_prints_table_and_ratios(tmp_path):
@@ -29,6 +29,23 @@ def test_bench_smoke_prints_table_and_ratios(tmp_path):
     assert result["ratios"]["compiled / not (steered)"]["2"] > 0
     assert result["errors"] == []
     assert "| engine / hf generate() |" in out.stdout and "| decode tok/s | batch 1 | batch 2 |" in out.stdout
+
+
+def test_bench_hands_over_what_it_has_after_every_batch():
+    """A GPU run cut short by its time limit keeps the batches it finished: the result goes to the
+    checkpoint after each batch size, complete with ratios, before the later stages run."""
+    seen = []
+
+    def checkpoint(result):
+        seen.append((sorted({b for r in result["decode_tok_s"].values() for b in r}),
+                     sorted(result["ratios"]["steered / no SAE"]), "ttft_text_s" in result))
+
+    a = BenchArgs(model="builtin:tiny-llava-next", sae="builtin:random-topk", hookpoint=None, batches=[1, 2],
+                  clamps=2, new_tokens=3, prompt_tokens=8, image=False, cuda_graphs=True, compile=False, dtype=None,
+                  device="cpu", hf_max_batch=0, agreement_rows=0)
+    final = run_bench(a, checkpoint=checkpoint)
+    assert seen[:2] == [([1], [1], False), ([1, 2], [1, 2], False)]
+    assert seen[-1] == ([1, 2], [1, 2], True) and final["ttft_text_s"] > 0
 
 
 def test_markdown_marks_missing_cells():

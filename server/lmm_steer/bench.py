@@ -226,10 +226,10 @@ def greedy_agreement(engine: Engine, prompts, new_tokens, clamps, compiled: Engi
 
 
 def run_bench(a: BenchArgs, checkpoint=None) -> dict:
-    """Every measurement of the module docstring, as one JSON-able dict. On CUDA the captured steps
-    are profiled last, after ``checkpoint(result)`` has had the measurements: the profiler (CUPTI)
-    may slow what runs after it, or with some CUDA versions crash on graphs, and neither may cost
-    the measurements."""
+    """Every measurement of the module docstring, as one JSON-able dict, also handed to
+    ``checkpoint(result)`` after each batch size and each later stage: a run cut short by its time
+    limit keeps what it measured. On CUDA the captured steps are profiled last, because the
+    profiler (CUPTI) may slow what runs after it, or with some CUDA versions crash on graphs."""
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     bandwidth = copy_bandwidth(device)
@@ -276,6 +276,26 @@ def run_bench(a: BenchArgs, checkpoint=None) -> dict:
             _log(errors[-1])
 
     to_profile: list[tuple[str, Engine, int, bool]] = []
+    result: dict = {
+        "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+        "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "clamps": a.clamps,
+        "model_load_s": round(load_s, 2), "decode_tok_s": rows, "errors": errors, "step_profile": profiles,
+        "decode_weight_bytes": decode_weight_bytes(model),
+    }
+    if bandwidth:
+        result["copy_bandwidth_Bps"] = bandwidth
+        result["weight_read_limit_tok_s_b1"] = bandwidth / result["decode_weight_bytes"]
+
+    def save() -> None:
+        if device.type == "cuda":
+            result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["ratios"] = ratios(rows, a.clamps, result.get("weight_read_limit_tok_s_b1"))
+        if checkpoint is not None:
+            checkpoint(result)
 
     def device_step(what: str, b: int, engine: Engine, steer: bool, compiled: bool = False) -> None:
         tag = " [compiled]" if compiled else ""
@@ -312,14 +332,7 @@ def run_bench(a: BenchArgs, checkpoint=None) -> dict:
                 device_step(f"{a.clamps} clamps/row", b, steerable, True)
             for _, engine, steer in compiled:
                 device_step(f"{a.clamps} clamps/row" if steer else "no SAE", b, engine, steer, compiled=True)
-    result: dict = {
-        "model": a.model, "sae": a.sae, "hookpoint": hookpoint, "device": str(device), "dtype": str(dtype),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-        "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "clamps": a.clamps,
-        "model_load_s": round(load_s, 2), "decode_tok_s": rows, "errors": errors, "step_profile": profiles,
-    }
+        save()
     _log("time to first token")
     text_prompt = "Tell me a story about Alice and Bob. " * max(1, a.prompt_tokens // 10)
     # one row with room for a full AnyRes image (about 2,900 tokens at 672 px)
@@ -332,6 +345,7 @@ def run_bench(a: BenchArgs, checkpoint=None) -> dict:
         img = Image.fromarray((torch.rand(size, size, 3, generator=rng) * 255).to(torch.uint8).numpy())
         result["ttft_image_s"] = ttft(single, [img], "What is in this image?")
         result["image_px"] = size
+    save()
     if steerable is not None and a.agreement_rows:
         prompts = [_prompt(rng, a.prompt_tokens, vocab) for _ in range(a.agreement_rows)]
         _log("greedy agreement")
@@ -341,17 +355,7 @@ def run_bench(a: BenchArgs, checkpoint=None) -> dict:
                                                           compiled_steerable)
         except Exception as e:  # noqa: BLE001
             errors.append(f"greedy agreement: {type(e).__name__}: {e}")
-    weight_bytes = decode_weight_bytes(model)
-    result["decode_weight_bytes"] = weight_bytes
-    if bandwidth:
-        result["copy_bandwidth_Bps"] = bandwidth
-        result["weight_read_limit_tok_s_b1"] = bandwidth / weight_bytes
-    if device.type == "cuda":
-        result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
-    result["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result["ratios"] = ratios(rows, a.clamps, result.get("weight_read_limit_tok_s_b1"))
-    if to_profile and checkpoint is not None:
-        checkpoint(result)
+    save()  # peak memory as the measurements left it, before the profiler adds its own
     for name, engine, b, steer in to_profile:
         _log(f"profile: {name}")
         try:
