@@ -230,54 +230,42 @@ def tiny_llava() -> LoadedModel:
     )
 
 
-_QWEN2_VL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                     "<|image_pad|>", "<|video_pad|>"]
+def _qwen2_vl_like(model_cls, config_cls, vision_config: dict, name: str) -> LoadedModel:
+    """A tiny Qwen2-VL-family model: ChatML with vision tokens, a Qwen2 text tower with M-RoPE, the
+    family's image processor behind :class:`Qwen2VLImageInputs`; ``vision_config`` is the tower."""
+    from .qwen2_vl_inputs import Qwen2VLImageInputs
 
-
-def _qwen2_vl_tokenizer():
-    tok = _fast_tokenizer(_QWEN2_VL_SPECIAL, CHATML_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    return tok, {t: tok.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL}
-
-
-def _qwen2_vl_text(tok, ids) -> dict:
-    return {
-        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
-        "initializer_range": 0.15,
-    }
-
-
-def _qwen2_vl_token_ids(ids) -> dict:
-    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
-
-
-def _qwen2_vl_image_processor():
-    return _image_processor(
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tok = _fast_tokenizer(special, CHATML_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    cfg = config_cls(
+        text_config={
+            "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
+            "initializer_range": 0.15,
+        },
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = _image_processor(
         "qwen2_vl", "Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
         min_pixels=16 * 16, max_pixels=64 * 64,
     )
+    processor = Qwen2VLImageInputs(image_processor, tok, CHATML_VL_TEMPLATE)
+    return LoadedModel(name, "qwen2-vl", model_cls(cfg), tok, processor)
 
 
 @_seeded
 def tiny_qwen2_vl() -> LoadedModel:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from .qwen2_vl_inputs import Qwen2VLImageInputs
-
-    tok, ids = _qwen2_vl_tokenizer()
-    cfg = Qwen2VLConfig(
-        text_config=_qwen2_vl_text(tok, ids),
-        vision_config={
-            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3,
-        },
-        **_qwen2_vl_token_ids(ids),
-    )
-    processor = Qwen2VLImageInputs(_qwen2_vl_image_processor(), tok, CHATML_VL_TEMPLATE)
-    return LoadedModel("builtin:tiny-qwen2-vl", "qwen2-vl", Qwen2VLForConditionalGeneration(cfg), tok, processor)
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3}
+    return _qwen2_vl_like(Qwen2VLForConditionalGeneration, Qwen2VLConfig, vision, "builtin:tiny-qwen2-vl")
 
 
 _IDEFICS3_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -354,20 +342,10 @@ def tiny_qwen2_5_vl() -> LoadedModel:
     RMSNorm and a gated MLP."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .qwen2_vl_inputs import Qwen2VLImageInputs
-
-    tok, ids = _qwen2_vl_tokenizer()
-    cfg = Qwen2_5_VLConfig(
-        text_config=_qwen2_vl_text(tok, ids),
-        vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
-            "window_size": 16, "fullatt_block_indexes": [1],
-        },
-        **_qwen2_vl_token_ids(ids),
-    )
-    processor = Qwen2VLImageInputs(_qwen2_vl_image_processor(), tok, CHATML_VL_TEMPLATE)
-    return LoadedModel("builtin:tiny-qwen2.5-vl", "qwen2-vl", Qwen2_5_VLForConditionalGeneration(cfg), tok, processor)
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+              "window_size": 16, "fullatt_block_indexes": [1]}
+    return _qwen2_vl_like(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, vision, "builtin:tiny-qwen2.5-vl")
 
 
 @_seeded
