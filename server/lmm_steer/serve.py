@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+
+import uvicorn
 
 from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
 from .engine.factory import add_decode_arguments, add_device_arguments
+
+log = logging.getLogger("lmm_steer.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="name in /v1/models and responses (default: --model)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-clamps", type=int, default=32)
+    p.add_argument("--max-steer-value", type=float, default=1e4,
+                   help="largest |value| a steering edit may carry; larger ones are refused with 400 (default 1e4)")
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
@@ -40,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clamp-effect-every", type=int, default=16, metavar="N",
                    help="every N-th decode step with edited features measures their activation before and after "
                         "the edit for lmm_steer:clamp_effect_activation (one more SAE encode that step); 0: never")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT, how long running requests may take to finish before each "
+                        "remaining one is ended with an error (default 30); a second signal stops at once")
     p.add_argument("--log-level", default="info")
 
 
@@ -62,7 +72,8 @@ def build_app(args):
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
-                            max_clamps=args.max_clamps, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
+                            max_clamps=args.max_clamps, max_steer_value=args.max_steer_value,
+                            cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             clamp_effect_every=args.clamp_effect_every),
     )
     catalog = FeatureCatalog()
@@ -87,19 +98,61 @@ def build_app(args):
 
 
 def main(args) -> int:
-    import uvicorn
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, service = build_app(args)
     service.start()
     _warm_up(service)
     print(f"lmm-steer: serving {service.model_name} on http://{args.host}:{args.port} "
           f"(SAE: {'none' if service.engine.sae is None else service.engine.hookpoint})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        DrainingServer(config, service, args.drain_timeout).run()
     finally:
         service.stop()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain in front of its shutdown.
+
+    The first SIGTERM or SIGINT stops admitting work (generation and inspect answer 503 with
+    Retry-After, ``/ready`` 503) while running requests finish; once none is left, or after
+    ``drain_timeout`` seconds, each remaining request is ended with an OpenAI-shaped error (a
+    stream gets an error event, then ``[DONE]``) and uvicorn shuts down. A second signal stops at
+    once. The process exits 0 after a drain: the signal was handled, not fatal.
+    """
+
+    ERROR_FLUSH_S = 2.0  # after failing what was left, time for those errors to reach their callers
+
+    def __init__(self, config: uvicorn.Config, service, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.service, self.drain_timeout = service, drain_timeout
+        self.drain_started: float | None = None
+        self.failed_at: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown (exit -15).
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+            self.service.draining = True
+            log.info("draining: %d request(s) in flight, up to %g s", self.service.in_flight, self.drain_timeout)
+        else:
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            now = time.monotonic()
+            if self.service.in_flight == 0:
+                self.should_exit = True
+            elif self.failed_at is None and now - self.drain_started >= self.drain_timeout:
+                n = self.service.fail_all("the server is shutting down; the request did not finish within "
+                                          f"the drain timeout of {self.drain_timeout:g} s")
+                log.warning("drain timeout: ended %d request(s) with an error", n)
+                self.failed_at = now
+            elif self.failed_at is not None and now - self.failed_at >= self.ERROR_FLUSH_S:
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def _warm_up(service) -> None:

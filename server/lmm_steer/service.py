@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sae_weights import FeatureCatalog
@@ -30,7 +30,15 @@ class QueueFull(Exception):
 
 
 class RequestFailed(Exception):
-    """The engine failed this request (it keeps serving the others)."""
+    """The engine failed this request (it keeps serving the others). ``code`` says why: the
+    engine's ``internal_error`` or ``non_finite_output``, or ``SHUTTING_DOWN``."""
+
+    def __init__(self, message: str, code: str = "internal_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+SHUTTING_DOWN = "server_shutting_down"
 
 
 @dataclass
@@ -41,11 +49,12 @@ class _Finished:
 @dataclass
 class _Failed:
     message: str
+    code: str
 
 
 class SteeringService:
     def __init__(self, engine: Engine, *, catalog: FeatureCatalog | None = None, max_queue: int = 256,
-                 model_name: str | None = None, metrics=None) -> None:
+                 model_name: str | None = None, metrics=None, prepare_workers: int = 2) -> None:
         self.engine = engine
         self.catalog = catalog or FeatureCatalog()
         self.max_queue = max_queue
@@ -55,12 +64,18 @@ class SteeringService:
         self._jobs: list[tuple[Callable, Future]] = []
         self._aborts: set[str] = set()
         self._preparing = 0
+        self._calls = 0  # model work from handlers (inspect) not yet answered
         self._last_token: dict[str, float] = {}  # for inter-token latency
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lmm-steer-engine", daemon=True)
+        # Tokenising and image processing run here, off the event loop; a few workers at most, so a
+        # burst of large prompts queues instead of holding many of them in memory at once.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="lmm-steer-prepare")
         self.ready = False
+        self.draining = False  # set when shutdown begins: no new requests are admitted
+        self._closed = False  # set when the drain's deadline passes: everything left is failed
         self.decoder_norms: list[float] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -77,6 +92,21 @@ class SteeringService:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered: preparing, queued or decoding."""
+        return len(self._channels) + self._preparing + self._calls
+
+    def fail_all(self, message: str, code: str = SHUTTING_DOWN) -> int:
+        """End every request in flight with an error (the drain's deadline passed); returns how many."""
+        self._closed = True
+        channels = list(self._channels.items())
+        for rid, (loop, queue) in channels:
+            loop.call_soon_threadsafe(queue.put_nowait, _Failed(message, code))
+            self.abort(rid)
+        return len(channels)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -104,10 +134,12 @@ class SteeringService:
             self._preparing += 1
         loop = asyncio.get_running_loop()
         try:
-            seq = await loop.run_in_executor(None, self.engine.prepare, req)
+            seq = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, req)
         finally:
             with self._lock:
                 self._preparing -= 1
+        if self._closed:  # prepared after the drain's deadline ended everything else
+            raise RequestFailed("the server is shutting down", SHUTTING_DOWN)
         rid = seq.req.request_id
         queue: asyncio.Queue = asyncio.Queue()
         self._channels[rid] = (loop, queue)
@@ -123,7 +155,7 @@ class SteeringService:
                     return
                 if isinstance(item, _Failed):
                     done = True
-                    raise RequestFailed(item.message)
+                    raise RequestFailed(item.message, item.code)
                 yield item
         finally:
             self._channels.pop(rid, None)
@@ -155,8 +187,13 @@ class SteeringService:
         future: Future = Future()
         with self._lock:
             self._jobs.append((fn, future))
+            self._calls += 1
         self._wake.set()
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            with self._lock:
+                self._calls -= 1
 
     # -- the engine thread ----------------------------------------------------------------------
 
@@ -199,12 +236,10 @@ class SteeringService:
                 if self.metrics is not None:
                     self.metrics.on_finish(result)
                 self._send(result.request_id, _Finished(result))
-            for rid, message in out.failed:
-                self._last_token.pop(rid, None)
-                log.error("request %s failed: %s", rid, message)
-                if self.metrics is not None:
-                    self.metrics.on_error("internal")
-                self._send(rid, _Failed(message))
+            for failure in out.failed:  # counted as errors where they are answered (the API)
+                self._last_token.pop(failure.request_id, None)
+                log.error("request %s failed: %s", failure.request_id, failure.message)
+                self._send(failure.request_id, _Failed(failure.message, failure.code))
 
     def _send(self, request_id: str, item) -> None:
         channel = self._channels.get(request_id)

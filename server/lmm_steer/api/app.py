@@ -26,8 +26,17 @@ from ..engine import (
     SamplingParams,
     SteeringSpec,
 )
-from ..service import QueueFull, RequestFailed, SteeringService
-from .errors import APIError, error_body, error_response, loc_to_param, most_specific
+from ..engine.engine import NON_FINITE_CODE
+from ..service import SHUTTING_DOWN, QueueFull, RequestFailed, SteeringService
+from .errors import (
+    AUTH_CHALLENGE,
+    APIError,
+    ErrorResponse,
+    error_body,
+    error_response,
+    loc_to_param,
+    most_specific,
+)
 from .images import ImageLimits, load_image
 from .schemas import (
     ChatCompletion,
@@ -38,6 +47,7 @@ from .schemas import (
     InspectRequest,
     Message,
     ModelList,
+    unsupported_field,
 )
 
 
@@ -49,24 +59,33 @@ class ServerSettings:
     default_max_tokens: int = 256
 
 
-# -- ASGI middleware: body size, content type, API keys ---------------------------------------------
+# -- ASGI middleware: body size, content type, API keys, draining ---------------------------------------
+
+# Routes that start model work; while the server drains they answer 503 (the rest keep answering).
+ADMITTING_ROUTES = ("/v1/chat/completions", "/v1/inspect")
+
 
 class GuardMiddleware:
-    """Refuses oversized bodies (by header and while streaming), non-JSON POST bodies, and requests
-    without a valid API key when keys are configured (``/health`` stays open)."""
+    """Refuses requests without a valid API key when keys are configured (``/health`` stays open),
+    non-JSON POST bodies, bodies over the limit (by header, and by counting when there is none, as
+    with chunked uploads), and new model work while the server drains. A POST body is read here in
+    full, so the app never sees a partial one."""
 
-    def __init__(self, app, settings: ServerSettings, metrics=None) -> None:
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, settings: ServerSettings, metrics=None, service=None) -> None:
+        self.app, self.settings, self.metrics, self.service = app, settings, metrics, service
         self.keys = [k.encode() for k in settings.api_keys]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
         if self.keys and path != "/health" and not self._authorised(headers.get("authorization", "")):
             return await self._refuse(send, APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                                     code="invalid_api_key"))
+                                                     code="invalid_api_key", headers=AUTH_CHALLENGE))
+        if self.service is not None and self.service.draining and path in ADMITTING_ROUTES:
+            return await self._refuse(send, APIError(503, "the server is shutting down; retry on another replica",
+                                                     code=SHUTTING_DOWN, headers={"Retry-After": "5"}))
         if scope["method"] == "POST":
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -76,11 +95,30 @@ class GuardMiddleware:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit:
                 return await self._refuse(send, _too_large(int(length), limit))
-            receive = self._counting(receive, limit)
-        try:
-            await self.app(scope, receive, send)
-        except _BodyTooLarge as e:
-            await self._refuse(send, _too_large(e.size, self.settings.max_body_bytes))
+            body, disconnected = await self._read_body(receive, limit)
+            if disconnected:
+                return None
+            if body is None:
+                return await self._refuse(send, _too_large(None, limit))
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _read_body(receive, limit: int) -> tuple[bytes | None, bool]:
+        """The whole body, or None once it passes ``limit`` (the rest is not read); and whether the
+        client went away first."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, True
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                return None, False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
 
     def _authorised(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -91,37 +129,35 @@ class GuardMiddleware:
             ok |= hmac.compare_digest(token.strip().encode(), key)
         return ok
 
-    @staticmethod
-    def _counting(receive, limit):
-        seen = 0
-
-        async def wrapped():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(seen)
-            return message
-
-        return wrapped
-
     async def _refuse(self, send, e: APIError) -> None:
         if self.metrics is not None:
             self.metrics.on_error(e.code or str(e.status))
         body = json.dumps(error_body(e.message, e.type, e.param, e.code)).encode()
+        extra = [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
         await send({"type": "http.response.start", "status": e.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *extra]})
         await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
+def _replay(body: bytes, receive):
+    """A receive that hands the app the buffered body, then passes the client's later messages
+    (its disconnect) through."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"request body of {size} bytes is over the limit of {limit}", code="body_too_large")
+def _too_large(size: int | None, limit: int) -> APIError:
+    what = f"request body of {size} bytes" if size is not None else "request body"
+    return APIError(413, f"{what} is over the limit of {limit} bytes", code="body_too_large")
 
 
 # -- request translation ------------------------------------------------------------------------------
@@ -175,6 +211,45 @@ def _param_for(field: str, body: ChatCompletionRequest) -> str:
     return field
 
 
+def _failure(e: RequestFailed, body: ChatCompletionRequest | None = None) -> APIError:
+    """An engine failure of one request, as the error its caller gets."""
+    if e.code == SHUTTING_DOWN:
+        return APIError(503, str(e), code=SHUTTING_DOWN, headers={"Retry-After": "5"})
+    if e.code == NON_FINITE_CODE and body is not None and (body.clamps or body.steering):
+        return APIError(400, str(e), param="steering" if body.steering else "clamps", code=NON_FINITE_CODE)
+    if e.code == NON_FINITE_CODE:
+        return APIError(500, str(e), code=NON_FINITE_CODE)
+    return APIError(500, f"the request failed: {e}", code="internal_error")
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work`` unless the client disconnects first; then cancel it (so its engine row is
+    freed at the next decode step, as a closed stream's is) and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - nobody is left to tell
+        pass
+    raise ClientGone
+
+
 def _usage(result: GenerationResult) -> dict:
     n = len(result.token_ids)
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
@@ -205,13 +280,52 @@ def _logprobs(result: GenerationResult, service: SteeringService) -> dict | None
 
 # -- the app ------------------------------------------------------------------------------------------
 
+# Every route answers errors in one shape; these are the ones each kind of route can give.
+_ERRORS = {
+    400: "invalid request: the message says what, param names the field",
+    401: "missing or invalid API key (only when the server has keys; WWW-Authenticate: Bearer)",
+    404: "no such model, feature or route",
+    405: "method not allowed (Allow lists the methods)",
+    413: "request body over --max-body-bytes",
+    415: "body is not application/json",
+    429: "queue full (Retry-After)",
+    500: "this request failed inside the engine (others are unaffected)",
+    503: "the server is shutting down (Retry-After)",
+}
+_POST_ERRORS = (400, 401, 404, 405, 413, 415, 429, 500, 503)
+_GET_ERRORS = (400, 401, 404, 405)
+
+
+def _error_responses(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
+
+
+def _openapi_without_422(app: FastAPI):
+    """FastAPI lists a 422 on every route with inputs; this server answers bad input with 400."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(service: SteeringService, settings: ServerSettings | None = None, metrics=None) -> FastAPI:
     settings = settings or ServerSettings()
     app = FastAPI(
         title="lmm-steer", version="0.1.0",
         description="OpenAI-compatible chat completions with per-request SAE feature steering.",
     )
-    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    app.openapi = _openapi_without_422(app)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics, service=service)
 
     def count_error(e: APIError) -> None:
         if metrics is not None:
@@ -237,8 +351,20 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        err = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        if e.status_code == 400:
+            # FastAPI's own body parsing failed outside pydantic: JSON nested too deep, bytes that
+            # are not UTF-8
+            err = APIError(400, "request body is not valid JSON (nested too deeply, or not UTF-8 text)",
+                           code="invalid_json")
+        else:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+            err = APIError(e.status_code, str(e.detail), code=code, headers=dict(e.headers or {}))
+        count_error(err)
         return error_response(err)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -268,10 +394,10 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)}) from None
         except RequestFailed as e:
-            raise APIError(500, f"the request failed: {e}", code="internal_error") from None
+            raise _failure(e, body) from None
         return first, stream
 
-    async def finish(first, stream) -> GenerationResult:
+    async def finish(first, stream, body: ChatCompletionRequest) -> GenerationResult:
         if isinstance(first, GenerationResult):
             return first
         try:
@@ -279,17 +405,19 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                 if isinstance(item, GenerationResult):
                     return item
         except RequestFailed as e:
-            raise APIError(500, f"the request failed: {e}", code="internal_error") from None
+            raise _failure(e, body) from None
         raise APIError(500, "the request ended without a result", code="internal_error")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
         200: {"content": {"text/event-stream": {"description": "with stream: chat.completion.chunk events, "
                                                 "then data: [DONE]"}}},
-        400: {"description": "invalid request (OpenAI error shape, param names the field)"},
-        401: {"description": "missing or invalid API key"}, 413: {"description": "body or image too large"},
-        415: {"description": "body is not JSON"}, 429: {"description": "queue full (Retry-After)"}})
-    async def chat_completions(body: ChatCompletionRequest):
+        **_error_responses(*_POST_ERRORS)})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        unsupported = unsupported_field(body)
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported,
+                           code="unsupported_parameter")
         if body.n != 1:
             raise APIError(400, f"n={body.n} is not supported: only n=1", param="n", code="unsupported_value")
         if body.top_logprobs:
@@ -321,11 +449,13 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
         try:
-            result = await finish(first, stream)
-            unsteered = await unsteered_task if unsteered_task else None
+            result, unsteered = await _unless_disconnected(request, _results(first, stream, body, unsteered_task))
+        except RequestFailed as e:  # the unsteered twin failed
+            raise _failure(e) from None
         finally:
             if unsteered_task and not unsteered_task.done():
                 unsteered_task.cancel()
+            await stream.aclose()  # a caller that went away: abort, free the row (a no-op once finished)
         body_out = {
             "id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -336,6 +466,10 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
             body_out["unsteered"] = {"content": unsteered.text, "finish_reason": unsteered.finish_reason,
                                      "usage": _usage(unsteered)}
         return JSONResponse(body_out)
+
+    async def _results(first, stream, body, unsteered_task):
+        result = await finish(first, stream, body)
+        return result, (await unsteered_task if unsteered_task else None)
 
     async def _sse(first, stream, unsteered_task, cid, created, steering, include_usage):
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
@@ -363,14 +497,16 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                     yield chunk({"content": item.text_delta})
                 item = await stream.__anext__()
         except RequestFailed as e:
-            yield f"data: {json.dumps(error_body(f'the request failed: {e}', 'server_error', None, 'internal_error'))}\n\n"
+            err = _failure(e)
+            count_error(err)
+            yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
         finally:
             await stream.aclose()  # a client that went away: abort, free the row
             if unsteered_task is not None and not unsteered_task.done():
                 unsteered_task.cancel()
         yield "data: [DONE]\n\n"
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=_error_responses(401))
     async def models():
         sae = None
         if service.engine.sae is not None:
@@ -388,7 +524,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
             raise APIError(404, f"feature {feature_id} does not exist (the SAE has features 0..{n - 1})",
                            param="id", code="feature_not_found")
 
-    @app.get("/v1/features/{feature_id}", response_model=FeatureInfo)
+    @app.get("/v1/features/{feature_id}", response_model=FeatureInfo, responses=_error_responses(*_GET_ERRORS))
     async def feature(feature_id: int):
         _feature_or_404(feature_id)
         entry = service.catalog.get(feature_id)
@@ -397,7 +533,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                 "decoder_norm": service.decoder_norms[feature_id] if service.decoder_norms else None,
                 "stats": dict(entry.extras) if entry else {}}
 
-    @app.get("/v1/features", response_model=FeatureSearch)
+    @app.get("/v1/features", response_model=FeatureSearch, responses=_error_responses(*_GET_ERRORS))
     async def search_features(q: str = Query(..., min_length=1, max_length=500),
                               limit: int = Query(10, ge=1, le=100)):
         hits = service.catalog.search(q, limit)
@@ -406,7 +542,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                           "contexts": [c["text"] for c in (e.extras.get("top_contexts") or [])[:3]
                                        if isinstance(c, dict) and "text" in c]} for e, s in hits]}
 
-    @app.post("/v1/inspect", response_model=Inspection)
+    @app.post("/v1/inspect", response_model=Inspection, responses=_error_responses(*_POST_ERRORS))
     async def inspect(body: InspectRequest):
         from ..engine.inspect import inspect_prompt
 
@@ -450,6 +586,8 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
 
     @app.get("/ready")
     async def ready():
+        if service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         if not service.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ready", "model": service.model_name}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 
 class APIError(Exception):
@@ -15,6 +16,22 @@ class APIError(Exception):
 
 _TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+# The WWW-Authenticate challenge RFC 6750 asks a 401 to carry.
+AUTH_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="lmm-steer"'}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server returns, from any route, has this shape (OpenAI's)."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:

@@ -2,8 +2,9 @@
 
 Limits are checked before any pixel is decoded: the encoded size against ``max_bytes``, the
 header's width x height against ``max_pixels`` (so a decompression bomb is refused from its header).
-Fetched URLs must resolve to public addresses: private, loopback, link-local and other reserved
-ranges are refused (the server must not become a way into its own network).
+Fetched URLs must resolve to public addresses: private, loopback, link-local, shared and other
+non-global ranges are refused, also where an IPv6 address embeds an IPv4 one (the server must not
+become a way into its own network); the connection goes to the address that was checked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import ipaddress
 import socket
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
@@ -41,7 +41,11 @@ def decode_image(data: bytes, param: str, limits: ImageLimits) -> Image.Image:
         raise _bad(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}", param, "image_too_large")
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        # Pillow's own limit (twice MAX_IMAGE_PIXELS) refuses some headers before ours is asked
+        raise _bad(f"image is too large to decode ({e})", param, "image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        # ValueError: a PNG text chunk that inflates past Pillow's limit, among others
         raise _bad(f"image could not be decoded ({type(e).__name__})", param) from None
     w, h = img.size
     if w * h > limits.max_pixels:
@@ -54,7 +58,8 @@ def decode_image(data: bytes, param: str, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.seek(0)
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as e:
         raise _bad(f"image could not be decoded ({type(e).__name__}: {e})", param) from None
 
 
@@ -74,12 +79,43 @@ def decode_data_url(url: str, param: str, limits: ImageLimits) -> Image.Image:
     return decode_image(data, param, limits)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified)
+    """Whether ``address`` is globally routable, including every IPv4 address an IPv6 one embeds
+    (mapped, 6to4, Teredo, NAT64): ``is_global`` leaves out 100.64.0.0/10 and the other shared and
+    reserved ranges that ``is_private`` misses."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    embedded: list[ipaddress._BaseAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour:
+            embedded.append(ip.sixtofour)
+        if ip.teredo:
+            embedded.extend(ip.teredo)
+        if ip in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return all(a.is_global and not a.is_multicast for a in embedded)
+
+
+def _parse_url(url: str, param: str):
+    """The URL as it will be fetched: one parse (httpx's), used both to check the host and to
+    connect, so the host checked is the host reached."""
+    import httpx
+
+    if "\\" in url or any(ord(c) < 0x21 for c in url):
+        raise _bad("image URL contains a backslash, space or control character", param)
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as e:
+        raise _bad(f"image URL is not a valid URL ({e})", param) from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise _bad("image URL must be http(s)://host/...", param)
+    if parsed.userinfo:
+        raise _bad("image URL must not carry credentials (user@host)", param)
+    return parsed
 
 
 async def fetch_image(url: str, param: str, limits: ImageLimits) -> Image.Image:
@@ -88,23 +124,26 @@ async def fetch_image(url: str, param: str, limits: ImageLimits) -> Image.Image:
     if not limits.allow_urls:
         raise _bad("image URLs are disabled on this server (send a data: URL, or start it with "
                    "--allow-image-urls)", param, "image_urls_disabled")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _bad("image URL must be http(s)://host/...", param)
+    parsed = _parse_url(url, param)
+    host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                             type=socket.SOCK_STREAM), limits.url_timeout_s)
-    except (OSError, TimeoutError):
-        raise _bad(f"image URL host {parts.hostname!r} could not be resolved", param, "image_fetch_failed") from None
-    addresses = {info[4][0] for info in infos}
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), limits.url_timeout_s)
+    except (OSError, TimeoutError, UnicodeError):
+        raise _bad(f"image URL host {host!r} could not be resolved", param, "image_fetch_failed") from None
+    addresses = [info[4][0] for info in infos]
     if not addresses or not all(_public(a) for a in addresses):
-        raise _bad(f"image URL host {parts.hostname!r} resolves to a private, loopback or reserved address",
+        raise _bad(f"image URL host {host!r} resolves to a private, loopback or reserved address",
                    param, "image_url_forbidden")
+    # Connect to the address just checked, not to a second lookup of the name (DNS rebinding);
+    # the Host header and TLS server name keep the original host.
+    pinned = parsed.copy_with(host=addresses[0])
+    headers = {"Host": parsed.netloc.decode("ascii")}
     try:
         async with httpx.AsyncClient(timeout=limits.url_timeout_s, follow_redirects=False) as client:
-            async with client.stream("GET", url) as resp:
+            request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
+            resp = await client.send(request, stream=True)
+            try:
                 if resp.status_code != 200:
                     raise _bad(f"image URL answered HTTP {resp.status_code}", param, "image_fetch_failed")
                 chunks, total = [], 0
@@ -114,6 +153,8 @@ async def fetch_image(url: str, param: str, limits: ImageLimits) -> Image.Image:
                         raise _bad(f"image at URL is over the limit of {limits.max_bytes} bytes", param,
                                    "image_too_large")
                     chunks.append(chunk)
+            finally:
+                await resp.aclose()
     except httpx.HTTPError as e:
         raise _bad(f"image URL could not be fetched ({type(e).__name__})", param, "image_fetch_failed") from None
     return decode_image(b"".join(chunks), param, limits)

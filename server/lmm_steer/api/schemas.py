@@ -6,24 +6,49 @@ the official ``openai`` client sends it with ``extra_body``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
+# Feature ids as JSON object keys: ASCII digits only ("²" and "١" are digits to str.isdigit), and
+# short enough that int() stays cheap and the id fits the engine's int64 table.
+FEATURE_KEY_PATTERN = r"^[0-9]{1,18}$"
+_FEATURE_KEY = re.compile(FEATURE_KEY_PATTERN)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
+
+def _valid_unicode(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be encoded, tokenised or echoed back.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains invalid Unicode (a lone surrogate at index {e.start})") from None
+    return text
 
 
-class TextPart(BaseModel):
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class Request(BaseModel):
+    """Request bodies take JSON types as they are (no "4" for 4, no 0 for false), as the OpenAI API."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(Request):
+    url: Text
+    detail: Text | None = None
+
+
+class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ImagePart(BaseModel):
+class ImagePart(Request):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -31,42 +56,57 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class Message(BaseModel):
+class Message(Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+    # accepted in the schema only to be refused by name: this server has no tool calling
+    tool_calls: Any = Field(None, description="not supported: a non-empty value is refused (400)")
+    function_call: Any = Field(None, description="not supported: a non-empty value is refused (400)")
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self):
+        for name in ("tool_calls", "function_call"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported: this server has no tool calling")
+        return self
 
 
-class SteeringFeature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SteeringFeature(Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
     id: Annotated[int, Field(strict=True, ge=0, description="SAE feature (latent) index")]
     value: FiniteNumber
     mode: Literal["clamp", "add", "scale"] = "clamp"
 
 
-class Steering(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Steering(Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
     features: list[SteeringFeature] = Field(default_factory=list)
     scope: Literal["all", "prompt", "generated", "image"] | None = Field(
         None, description="positions edited; default 'all' (delta) or 'prompt' (paper)")
     semantics: Literal["delta", "paper"] = "delta"
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+# OpenAI fields that change what a completion means; this server cannot honour them, so they are
+# refused by name rather than ignored (a caller asking for JSON output or tools must not get prose).
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
+                      "audio", "modalities", "prediction", "parallel_tool_calls", "web_search_options")
+
+
+class ChatCompletionRequest(Request):
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Text | list[Text] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -76,16 +116,29 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     clamps: dict[str, FiniteNumber] | None = Field(
-        None, description="feature id -> value, mode clamp (shorthand for steering.features)")
+        None, description="feature id -> value, mode clamp (shorthand for steering.features)",
+        json_schema_extra={"propertyNames": {"pattern": FEATURE_KEY_PATTERN}})
     steering: Steering | None = None
     return_unsteered: bool = Field(False, description="also return the unsteered completion, same seed")
+    tools: Any = Field(None, description="not supported: refused (400) when given")
+    tool_choice: Any = Field(None, description="not supported: refused (400) unless 'none'")
+    functions: Any = Field(None, description="not supported: refused (400) when given")
+    function_call: Any = Field(None, description="not supported: refused (400) unless 'none'")
+    response_format: Any = Field(None, description="only {'type': 'text'}; anything else is refused (400)")
+    logit_bias: Any = Field(None, description="not supported: refused (400) unless empty")
+    audio: Any = Field(None, description="not supported: refused (400) when given")
+    modalities: Any = Field(None, description="only ['text']; anything else is refused (400)")
+    prediction: Any = Field(None, description="not supported: refused (400) when given")
+    parallel_tool_calls: Any = Field(None, description="not supported: refused (400) when given")
+    web_search_options: Any = Field(None, description="not supported: refused (400) when given")
 
     @field_validator("clamps")
     @classmethod
     def _integer_keys(cls, v):
         for key in v or {}:
-            if not key.isdigit():
-                raise ValueError(f"clamps keys must be feature ids (non-negative integers), got {key!r}")
+            if not _FEATURE_KEY.match(key):
+                shown = key if len(key) <= 40 else key[:40] + "..."
+                raise ValueError(f"clamps keys must be feature ids (ASCII digits, at most 18), got {shown!r}")
         return v
 
     @field_validator("stop")
@@ -99,9 +152,20 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
 
-class InspectRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+def unsupported_field(body: ChatCompletionRequest) -> str | None:
+    """The first field of ``body`` that asks for something this server does not do, if any."""
+    harmless = {"tool_choice": ("none",), "function_call": ("none",), "response_format": ({"type": "text"},),
+                "modalities": (["text"],)}
+    for name in UNSUPPORTED_FIELDS:
+        value = getattr(body, name)
+        if value is None or value in harmless.get(name, ()) or (name == "logit_bias" and value == {}):
+            continue
+        return name
+    return None
+
+
+class InspectRequest(Request):
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
     top_k: int = Field(5, ge=1, le=50, description="features reported per position and per pool")
     features: list[Annotated[int, Field(strict=True, ge=0)]] | None = Field(

@@ -21,6 +21,8 @@ from .hookpoint import language_model
 from .kv_cache import StaticKVCache
 from .steering import PLAIN, SteeringTable, StepVariant, apply_steering
 
+NON_FINITE = -1  # next_tokens' marker for a row whose logits hold NaN or infinity
+
 
 def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights of linears that read the same input into one matrix, and point each
@@ -202,6 +204,9 @@ class DecodeStep:
         # and rewrites everything when the batch changes).
         torch.argmax(logits, dim=-1, out=self.next_tokens[:b])
         self.tokens[:b].copy_(self.next_tokens[:b])
+        # A row whose logits are not all finite reports token -1, read back with the tokens at no
+        # extra sync: the engine fails that request alone (its neighbours' rows are independent).
+        self.next_tokens[:b].masked_fill_(~torch.isfinite(logits).all(-1), NON_FINITE)
         self.write_pos[:b].add_(1)
         self.rope_pos[:b].add_(1)
         return logits

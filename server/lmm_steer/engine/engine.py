@@ -12,12 +12,13 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..models.inputs import build_inputs
 from ..models.loaded import LoadedModel
-from .decode_step import CUDAGraphDecoder, DecodeStep
+from .decode_step import NON_FINITE, CUDAGraphDecoder, DecodeStep
 from .hookpoint import language_model, resolve_layer_index
 from .kv_cache import StaticKVCache
 from .prefill import run_prefill
@@ -39,6 +40,9 @@ class EngineConfig:
     max_seq_len: int | None = None  # per sequence; default: what the KV budget allows
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 30% of free memory on CUDA
     max_clamps: int = 32
+    # largest |value| a steering edit may carry; far past any useful strength (decoder directions
+    # have unit norm, residual streams norms of tens to hundreds), far below float overflow
+    max_steer_value: float = 1e4
     cuda_graphs: bool = True
     # torch.compile each decoder block's decode work (fuses norms, rotary and activations) and the
     # steering edit (fuses the top-k membership count); the first steps of each new shape compile
@@ -94,11 +98,33 @@ class ClampEffect:
     target: float
 
 
+class RowFailure(NamedTuple):
+    """A request the engine ended with an error; the others in its batch carry on."""
+
+    request_id: str
+    message: str
+    code: str = "internal_error"  # or NON_FINITE_CODE: this request's logits became NaN or infinite
+
+
+NON_FINITE_CODE = "non_finite_output"
+
+
+class NonFiniteOutput(RuntimeError):
+    pass
+
+
+def _non_finite_message(seq: _Sequence) -> str:
+    steered = seq.req.steering is not None and seq.req.steering.active
+    why = ("; the steering values are likely too large for this model's dtype" if steered else "")
+    return (f"the model's output became non-finite (NaN or infinite logits) at generated token "
+            f"{len(seq.generated) + 1}{why}")
+
+
 @dataclass
 class StepOutput:
     events: list[TokenEvent]
     finished: list[GenerationResult]
-    failed: list[tuple[str, str]]  # (request id, message): the request ended with an internal error
+    failed: list[RowFailure]
     clamp_effects: list[ClampEffect] = field(default_factory=list)
 
 
@@ -148,6 +174,25 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
     return found
 
 
+def _longest_token_chars(tokenizer) -> int:
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return 64  # no vocabulary to read: a generous bound on any real tokenizer's longest entry
+    return max((len(t) for t in vocab), default=1)
+
+
+def _text_chars(messages: list[dict]) -> int:
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
+
+
 def _buckets(limit: int, start: int = 1) -> list[int]:
     out, b = [], start
     while b < limit:
@@ -193,6 +238,8 @@ class Engine:
         self.max_len = max_len
         self.cache = StaticKVCache(layers, cfg.max_batch, kv_heads, max_len, head_dim, dtype=self.dtype,
                                    device=self.device)
+        table_dtype = sae.W_dec.dtype if sae is not None else self.dtype
+        self.max_steer_value = min(cfg.max_steer_value, torch.finfo(table_dtype).max)
         self.step_fn = DecodeStep(self.model, sae, self.hook_index, self.cache, max(1, cfg.max_clamps),
                                   compiled=cfg.compile)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
@@ -201,6 +248,11 @@ class Engine:
         self.length_buckets = _buckets(max_len, cfg.min_length_bucket) if max_len > cfg.min_length_bucket else [
             max_len]
         self.eos_ids = self._eos_ids()
+        # No token covers more characters than the longest vocabulary entry (byte-level entries
+        # hold a character per byte), so text beyond max_len of them cannot fit: refuse it by its
+        # length, before the tokenizer spends seconds and gigabytes on it. The factor 2 covers
+        # normalisers that merge characters (NFKC folds a letter and its combining accent).
+        self.max_prompt_chars = 2 * max_len * _longest_token_chars(loaded.tokenizer)
         self.waiting: deque[_Sequence] = deque()
         self.active: list[_Sequence] = []
         self._ids = itertools.count()
@@ -245,7 +297,7 @@ class Engine:
             try:
                 req.steering.validate(
                     self.sae.num_latents if self.sae is not None else None, self.config.max_clamps,
-                    self.sae.cfg.activation if self.sae is not None else "topk",
+                    self.sae.cfg.activation if self.sae is not None else "topk", self.max_steer_value,
                 )
             except SteeringError as e:
                 raise EngineError(str(e), e.field) from None
@@ -256,6 +308,11 @@ class Engine:
         else:
             if not req.messages:
                 raise EngineError("messages must not be empty", "messages")
+            chars = _text_chars(req.messages)
+            if chars > self.max_prompt_chars:
+                raise EngineError(
+                    f"prompt of {chars} characters cannot fit this engine's context of {self.max_len} tokens "
+                    f"(at most {self.max_prompt_chars} characters are tokenised)", "messages")
             try:
                 inputs = build_inputs(self.loaded, req.messages, req.images or None)
             except ValueError as e:
@@ -317,10 +374,13 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 self._admit(seq, out.events, out.finished)
+            except NonFiniteOutput as e:
+                self._release(seq)
+                out.failed.append(RowFailure(seq.req.request_id, str(e), NON_FINITE_CODE))
             except Exception as e:  # noqa: BLE001 - reported to the caller of this one request
                 if seq.row >= 0:
                     self._release(seq)
-                out.failed.append((seq.req.request_id, f"{type(e).__name__}: {e}"))
+                out.failed.append(RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"))
             self.stats["prefill_time_s"] += time.perf_counter() - t0
         if self.active:
             t0 = time.perf_counter()
@@ -330,7 +390,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 for seq in list(self.active):
                     self._release(seq)
-                    out.failed.append((seq.req.request_id, f"{type(e).__name__}: {e}"))
+                    out.failed.append(RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"))
             self.stats["decode_tokens"] += n
             self.stats["decode_time_s"] += time.perf_counter() - t0
         return out
@@ -361,6 +421,8 @@ class Engine:
         seq.t_first = time.perf_counter()
         self.active.append(seq)
         self._write_row(seq)
+        if not bool(torch.isfinite(pre.logits).all()):
+            raise NonFiniteOutput(_non_finite_message(seq))
         token = sample_batch(pre.logits[None], [seq.req.sampling], [seq.generator])[0]
         self._accept(seq, token, pre.logits, events, done)
 
@@ -397,12 +459,18 @@ class Engine:
         greedy = fn.next_tokens[:n].tolist()  # the one device sync of a greedy step
         if variant.measure:
             out.clamp_effects.extend(_clamp_effects(seqs, fn.effect[:, :n].float().cpu()))
-        tokens_out = []
+        tokens_out: list[int | RowFailure] = []
         for i, s in enumerate(seqs):
-            if s.req.sampling.greedy:
+            if greedy[i] == NON_FINITE:
+                tokens_out.append(RowFailure(s.req.request_id, _non_finite_message(s), NON_FINITE_CODE))
+            elif s.req.sampling.greedy:
                 tokens_out.append(greedy[i])
             else:
-                t = sample_row(logits[i], s.req.sampling, s.generator)
+                try:
+                    t = sample_row(logits[i], s.req.sampling, s.generator)
+                except RuntimeError as e:  # this row's sampling alone; its neighbours carry on
+                    tokens_out.append(RowFailure(s.req.request_id, f"sampling failed: {e}"))
+                    continue
                 fn.tokens[i] = t  # replaces the greedy guess the step wrote for this row
                 tokens_out.append(t)
         for s in seqs:
@@ -410,7 +478,11 @@ class Engine:
             s.rope_pos += 1
         # rows are indexed by position at step time: _accept may move a later row into a freed one
         for s, t, row_logits in zip(seqs, tokens_out, logits[:n], strict=True):
-            self._accept(s, t, row_logits, events, done)
+            if isinstance(t, RowFailure):
+                self._release(s)
+                out.failed.append(t)
+            else:
+                self._accept(s, t, row_logits, events, done)
 
     def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor, events, done) -> None:
         p = seq.req.sampling

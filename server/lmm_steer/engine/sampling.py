@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -40,7 +42,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: below this temperature, logits / T overflow to infinity and softmax gives NaN,
+        # and the distribution is greedy anyway to float precision.
+        return self.temperature < GREEDY_BELOW
 
 
 class SamplingError(ValueError):
@@ -71,6 +75,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
         # drop tokens once the mass before them already reaches top_p (always keep the first)
         drop = (cum - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop[0] = False  # a top_p below float32's smallest number rounds to 0 and would drop it too
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -56,13 +56,17 @@ class SteeringSpec:
     def active(self) -> bool:
         return bool(self.edits) or self.semantics == "paper"
 
-    def validate(self, num_latents: int | None, max_edits: int, activation: str = "topk") -> None:
+    def validate(self, num_latents: int | None, max_edits: int, activation: str = "topk",
+                 max_value: float = math.inf) -> None:
+        """Raise SteeringError naming the field at fault. ``max_value`` bounds ``|value|``: the
+        operator's limit, and never more than the steering table's dtype can hold (a value that
+        becomes infinity there would turn the row's logits into NaN)."""
         if self.semantics not in SEMANTICS:
             raise SteeringError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}", "steering.semantics")
         if self.scope is not None and self.scope not in SCOPES:
             raise SteeringError(f"scope must be one of {SCOPES}, got {self.scope!r}", "steering.scope")
         if self.active and num_latents is None:
-            raise SteeringError("this server has no SAE loaded, so it cannot steer", "steering")
+            raise SteeringError("no SAE is loaded, so there is nothing to steer with (give --sae)", "steering")
         if self.semantics == "paper" and activation != "topk":
             raise SteeringError(f"paper semantics re-applies TopK; this SAE is {activation}", "steering.semantics")
         if len(self.edits) > max_edits:
@@ -83,6 +87,10 @@ class SteeringSpec:
             seen.add(e.feature)
             if isinstance(e.value, bool) or not isinstance(e.value, int | float) or not math.isfinite(e.value):
                 raise SteeringError(f"value for feature {e.feature} must be a finite number, got {e.value!r}",
+                                    f"{where}.value")
+            if abs(e.value) > max_value:
+                raise SteeringError(f"value {e.value!r} for feature {e.feature} is outside [-{max_value:g}, "
+                                    f"{max_value:g}], the largest steering value this server takes",
                                     f"{where}.value")
             if e.mode not in MODES:
                 raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
