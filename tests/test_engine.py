@@ -220,6 +220,8 @@ def test_seeded_sampling_reproduces_alone_and_batched(llava):
     ([FeatureEdit(1, 1.0), FeatureEdit(1, 2.0)], "steering.features[1].id", "more than once"),
     ([FeatureEdit(1, 1.0, "multiply")], "steering.features[0].mode", "mode must be one of"),
     ([FeatureEdit(i, 1.0) for i in range(9)], "steering.features", "9 feature edits exceed the limit of 8"),
+    ([FeatureEdit(1, 1.0), FeatureEdit(2, 1e308)], "steering.features[1].value", r"outside \[-10000, 10000\]"),
+    ([FeatureEdit(1, -10000.5, "add")], "steering.features[0].value", "largest steering value"),
 ])
 def test_bad_steering_is_rejected_with_field(llava, edits, field, msg):
     lm, sae = llava
@@ -234,7 +236,7 @@ def test_bad_steering_is_rejected_with_field(llava, edits, field, msg):
 
 def test_steering_without_sae_and_bad_scope(llava):
     lm, sae = llava
-    with pytest.raises(EngineError, match="no SAE loaded"):
+    with pytest.raises(EngineError, match="no SAE is loaded"):
         _engine(lm, None).submit(_request(lm, steering=SteeringSpec([FeatureEdit(1, 1.0)])))
     with pytest.raises(EngineError, match="scope must be one of") as info:
         _engine(lm, sae).submit(_request(lm, steering=SteeringSpec([FeatureEdit(1, 1.0)], scope="everywhere")))
@@ -506,6 +508,88 @@ def test_one_failing_request_does_not_stop_the_others(llava, monkeypatch):
         out = engine.step()
         failed += out.failed
         finished.update({r.request_id: r for r in out.finished})
-    assert [rid for rid, _ in failed] == [good[1]] and "simulated device fault" in failed[0][1]
+    assert [f.request_id for f in failed] == [good[1]] and "simulated device fault" in failed[0].message
     assert set(finished) == {good[0], good[2]}
     assert engine.step().failed == [] and len(engine.generate([_request(lm, max_tokens=2)])[0].token_ids) == 2
+
+
+# -- isolation of bad rows, bounds ------------------------------------------------------------------
+
+def _run(engine, reqs):
+    ids = [engine.submit(r) for r in reqs]
+    finished, failed = {}, []
+    while engine.has_work:
+        out = engine.step()
+        failed += out.failed
+        finished.update({r.request_id: r for r in out.finished})
+    return ids, finished, failed
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_gone_non_finite_fails_alone(llava, temperature):
+    """A value that becomes infinity in the steering table (forced past validation here by lifting
+    the engine's bound) fails its own request; its batch neighbours decode what they decode alone."""
+    from lmm_steer.engine.engine import NON_FINITE_CODE
+
+    lm, sae = llava
+    engine = _engine(lm, sae)
+    engine.max_steer_value = float("inf")
+    poison = SteeringSpec([FeatureEdit(1, 1e308)], scope="generated")
+    others = [_request(lm, seed=7, temperature=temperature),
+              _request(lm, "Bob likes books.", SteeringSpec([FeatureEdit(5, 4.0)]), seed=8, temperature=temperature)]
+    alone = [engine.generate([r])[0] for r in _fresh(others)]
+    reqs = _fresh(others)
+    ids, finished, failed = _run(engine, [reqs[0], _request(lm, steering=poison, temperature=temperature), reqs[1]])
+    assert [f.request_id for f in failed] == [ids[1]] and failed[0].code == NON_FINITE_CODE
+    assert "non-finite" in failed[0].message and "steering values" in failed[0].message
+    assert [finished[ids[0]].token_ids, finished[ids[2]].token_ids] == [a.token_ids for a in alone]
+    # prompt scope: the prefill's own logits are checked before the first token is drawn
+    ids, finished, failed = _run(engine, [_request(lm, steering=SteeringSpec([FeatureEdit(1, 1e308)], scope="all"))])
+    assert [f.code for f in failed] == [NON_FINITE_CODE] and not finished
+    assert len(engine.generate([_request(lm, max_tokens=2)])[0].token_ids) == 2
+
+
+def _fresh(reqs):
+    import copy
+
+    return [copy.deepcopy(r) for r in reqs]
+
+
+def test_steer_value_bound_is_configurable_and_capped_by_the_table_dtype(llava):
+    lm, sae = llava
+    engine = _engine(lm, sae, max_steer_value=50)
+    with pytest.raises(EngineError, match=r"outside \[-50, 50\]"):
+        engine.submit(_request(lm, steering=SteeringSpec([FeatureEdit(1, 50.5)])))
+    assert len(engine.generate([_request(lm, steering=SteeringSpec([FeatureEdit(1, 50.0)]), max_tokens=2)])) == 1
+    half = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, hookpoint=HOOK, dtype=torch.float16)
+    assert _engine(lm, half, max_steer_value=1e30).max_steer_value == torch.finfo(torch.float16).max
+
+
+def test_prompt_too_long_is_refused_by_its_length_before_tokenising(llava, monkeypatch):
+    import lmm_steer.engine.engine as engine_mod
+
+    lm, _ = llava
+    engine = _engine(lm)
+    calls = []
+    monkeypatch.setattr(engine_mod, "build_inputs", lambda *a, **k: calls.append(1))
+    with pytest.raises(EngineError, match="characters cannot fit") as info:
+        engine.submit(_request(lm, "x" * (engine.max_prompt_chars + 1)))
+    assert info.value.field == "messages" and calls == []
+    # the bound is loose enough never to refuse what fits: one character per token fits it many times
+    longest = max(len(t) for t in lm.tokenizer.get_vocab())
+    assert engine.max_prompt_chars == 2 * engine.max_len * longest
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-45])
+def test_top_p_below_float32_keeps_the_top_token(llava, top_p):
+    lm, _ = llava
+    engine = _engine(lm)
+    greedy = engine.generate([_request(lm)])[0].token_ids
+    assert engine.generate([_request(lm, temperature=1.0, top_p=top_p, seed=3)])[0].token_ids == greedy
+
+
+def test_temperature_near_zero_is_greedy(llava):
+    lm, _ = llava
+    engine = _engine(lm)
+    greedy = engine.generate([_request(lm)])[0].token_ids
+    assert engine.generate([_request(lm, temperature=1e-300, seed=3)])[0].token_ids == greedy

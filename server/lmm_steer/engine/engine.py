@@ -375,12 +375,9 @@ class Engine:
             try:
                 self._admit(seq, out.events, out.finished)
             except NonFiniteOutput as e:
-                self._release(seq)
-                out.failed.append(RowFailure(seq.req.request_id, str(e), NON_FINITE_CODE))
+                self._fail(seq, RowFailure(seq.req.request_id, str(e), NON_FINITE_CODE), out)
             except Exception as e:  # noqa: BLE001 - reported to the caller of this one request
-                if seq.row >= 0:
-                    self._release(seq)
-                out.failed.append(RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"))
+                self._fail(seq, RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"), out)
             self.stats["prefill_time_s"] += time.perf_counter() - t0
         if self.active:
             t0 = time.perf_counter()
@@ -389,8 +386,7 @@ class Engine:
                 self._decode(out)  # ends with a device sync: tokens are read back
             except Exception as e:  # noqa: BLE001
                 for seq in list(self.active):
-                    self._release(seq)
-                    out.failed.append(RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"))
+                    self._fail(seq, RowFailure(seq.req.request_id, f"{type(e).__name__}: {e}"), out)
             self.stats["decode_tokens"] += n
             self.stats["decode_time_s"] += time.perf_counter() - t0
         return out
@@ -479,8 +475,7 @@ class Engine:
         # rows are indexed by position at step time: _accept may move a later row into a freed one
         for s, t, row_logits in zip(seqs, tokens_out, logits[:n], strict=True):
             if isinstance(t, RowFailure):
-                self._release(s)
-                out.failed.append(t)
+                self._fail(s, t, out)
             else:
                 self._accept(s, t, row_logits, events, done)
 
@@ -550,6 +545,12 @@ class Engine:
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
             return full[len(prefix) :]
         return ""
+
+    def _fail(self, seq: _Sequence, failure: RowFailure, out: StepOutput) -> None:
+        if seq.row >= 0:
+            self.cache.scrub(seq.row)  # whatever it held (NaN, for a non-finite row) goes with it
+            self._release(seq)
+        out.failed.append(failure)
 
     def _release(self, seq: _Sequence) -> None:
         # Keep rows 0..n-1 dense and active[i].row == i: the last row moves into the freed one.

@@ -31,3 +31,9 @@ class StaticKVCache:
     def move(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.keys, *self.values):
             cache[dst, :, :length].copy_(cache[src, :, :length])
+
+    def scrub(self, row: int) -> None:
+        """Zero ``row``. Masked-out positions still enter attention as 0 x value, and 0 x NaN is NaN:
+        a row whose request went non-finite must not pass its NaN to the row's next occupant."""
+        for cache in (*self.keys, *self.values):
+            cache[row].zero_()
