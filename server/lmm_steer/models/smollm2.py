@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .disk_cache import build_once
 from .loaded import LoadedModel
 
 NAME = "builtin:smollm2-135m-instruct"
@@ -41,35 +40,27 @@ def gguf_path() -> Path:
     return path
 
 
-def _dequantize(target: Path) -> None:
+def _dequantize(out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        tied = model.config.tie_word_embeddings
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.quantization_config = None
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        type(model.config).from_dict(config).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tied = model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.quantization_config = None
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    type(model.config).from_dict(config).save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def load_smollm2(device="cpu", dtype=torch.float32) -> LoadedModel:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    target = cache_dir()
-    if not (target / "model.safetensors").exists():
-        _dequantize(target)
+    target = build_once(cache_dir(), "model.safetensors", _dequantize)
     model = LlamaForCausalLM.from_pretrained(target, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(target)
     return LoadedModel(NAME, "llama", model, tok, None)
