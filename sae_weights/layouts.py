@@ -27,6 +27,27 @@ SPARSIFY, SAELENS = "sparsify", "saelens"
 LAYOUT_FILES = {SPARSIFY: "sae.safetensors", SAELENS: "sae_weights.safetensors"}
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
+# what `sae convert --to saelens` writes: the config format SAELens has read since 6.0
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def _version(text: str):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(text))
+    except InvalidVersion:
+        return None
+
+
+_SAELENS_6 = _version("6.0.0rc0")
+
+
+def saelens_version(raw: dict):
+    """The SAELens version a cfg.json was written by (top level or ``metadata``), if it says."""
+    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    text = raw.get("sae_lens_version") or metadata.get("sae_lens_version")
+    return _version(text) if text else None
 
 
 class SAEFormatError(ValueError):
@@ -107,10 +128,19 @@ def read_config(directory: Path, layout: str | None = None) -> tuple[str, SAECon
             raise SAEFormatError(f"{path}: signed activations are not supported")
         if raw.get("skip_connection") or raw.get("transcode"):
             raise SAEFormatError(f"{path}: skip connections / transcoders are not supported")
-        cfg = SAEConfig(d_in=d_in, num_latents=m, activation="topk", k=k, hookpoint=directory.name)
+        try:
+            cfg = SAEConfig(d_in=d_in, num_latents=m, activation="topk", k=k, hookpoint=directory.name)
+        except ValueError as e:
+            raise SAEFormatError(f"{path}: {e}") from None
     else:
         d_in = _int_field(raw, "d_in", path)
         m = _int_field(raw, "d_sae", path)
+        version = saelens_version(raw)
+        if "architecture" not in raw and version is not None and version >= _SAELENS_6:
+            # SAELens reads a config without a version as pre-6.0 (architecture "standard"); from
+            # 6.0 on the architecture is required, and SAELens refuses a config without one.
+            raise SAEFormatError(f"{path}: a SAELens {version} config without 'architecture' (SAELens refuses "
+                                 "it too); add \"architecture\": \"topk\", \"jumprelu\" or \"standard\"")
         arch = raw.get("architecture", "standard")
         if arch not in _SAELENS_ARCH:
             raise SAEFormatError(
@@ -119,10 +149,11 @@ def read_config(directory: Path, layout: str | None = None) -> tuple[str, SAECon
         norm = raw.get("normalize_activations") or "none"
         if norm != "none":
             raise SAEFormatError(f"{path}: normalize_activations {norm!r} is not supported (only 'none')")
-        if raw.get("rescale_acts_by_decoder_norm"):
-            raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm is not supported")
+        if raw.get("rescale_acts_by_decoder_norm") and arch == "jumprelu":
+            raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm with a JumpReLU SAE is not supported")
         k = _int_field(raw, "k", path) if arch == "topk" else None
-        hook = (raw.get("metadata") or {}).get("hook_name") or raw.get("hook_name")
+        metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+        hook = metadata.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
         try:
             cfg = SAEConfig(
                 d_in=d_in,
@@ -157,35 +188,83 @@ def _check_finite(name: str, t: torch.Tensor, path: Path) -> None:
             raise SAEFormatError(f"{path}: tensor {name!r} contains NaN or infinite values")
 
 
+class _CheckedFile:
+    """The weights file of the SAE in ``directory``, opened and checked against its cfg.json: the
+    tensor names (none missing, none extra) and shapes, from the safetensors header alone."""
+
+    def __init__(self, directory: Path) -> None:
+        self.layout, self.cfg, self.raw = read_config(directory)
+        self.path = Path(directory) / LAYOUT_FILES[self.layout]
+        self.expected = _expected_shapes(self.layout, self.cfg)
+        try:
+            self.handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+            raise SAEFormatError(f"{self.path}: not a readable safetensors file ({e})") from None
+
+    def __enter__(self):
+        f = self.file = self.handle.__enter__()
+        names = set(f.keys())
+        missing = sorted(set(self.expected) - names)
+        if missing:
+            raise SAEFormatError(f"{self.path}: missing tensors {missing} (has {sorted(names)})")
+        extra = sorted(names - set(self.expected))
+        if extra:
+            raise SAEFormatError(f"{self.path}: unexpected tensors {extra}; this SAE variant is not supported")
+        for name, shape in self.expected.items():
+            got = tuple(f.get_slice(name).get_shape())
+            if got != shape:
+                raise SAEFormatError(
+                    f"{self.path}: tensor {name!r} has shape {list(got)}, but cfg.json "
+                    f"(d_in={self.cfg.d_in}, latents={self.cfg.num_latents}) implies {list(shape)}"
+                )
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def dtype_name(self, name: str) -> str:
+        return self.file.get_slice(name).get_dtype()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, checked finite; a truncated data section is reported as such."""
+        try:
+            t = self.file.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types for a short file
+            raise SAEFormatError(f"{self.path}: tensor {name!r} could not be read ({e})") from None
+        _check_finite(name, t, self.path)
+        return t
+
+    @property
+    def rescale_by_decoder_norm(self) -> bool:
+        return self.layout == SAELENS and bool(self.raw.get("rescale_acts_by_decoder_norm"))
+
+
+def check_directory(directory: Path) -> tuple[str, SAEConfig, str]:
+    """Everything ``load_directory`` checks, without building the SAE: the layout, the config and
+    the stored dtype name; raises SAEFormatError with the file and the problem."""
+    with _CheckedFile(directory) as f:
+        for name in f.expected:
+            f.tensor(name)  # read, checked and dropped one at a time: a 2 GB SAE is never held whole
+        if f.rescale_by_decoder_norm:
+            _decoder_norms(f.tensor("W_dec"), f.path)
+        return f.layout, f.cfg, _dtype_name(_safetensors_dtype(f.dtype_name("W_dec")))
+
+
+def _decoder_norms(w_dec: torch.Tensor, path: Path) -> torch.Tensor:
+    norms = w_dec.float().norm(dim=-1)
+    if not bool((norms > 0).all()):
+        raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm with an all-zero decoder row "
+                             f"(latent {int((norms == 0).nonzero()[0])})")
+    return norms
+
+
 def load_directory(
     directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> SparseAutoencoder:
     """Load the SAE in ``directory`` (either layout) into ``dtype`` on ``device``."""
-    directory = Path(directory)
-    layout, cfg, _ = read_config(directory)
-    wpath = directory / LAYOUT_FILES[layout]
-    expected = _expected_shapes(layout, cfg)
-    try:
-        handle = safe_open(str(wpath), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
-        raise SAEFormatError(f"{wpath}: not a readable safetensors file ({e})") from None
-    with handle as f:
-        names = set(f.keys())
-        missing = sorted(set(expected) - names)
-        if missing:
-            raise SAEFormatError(f"{wpath}: missing tensors {missing} (has {sorted(names)})")
-        extra = sorted(names - set(expected))
-        if extra:
-            raise SAEFormatError(f"{wpath}: unexpected tensors {extra}; this SAE variant is not supported")
-        for name, shape in expected.items():
-            got = tuple(f.get_slice(name).get_shape())
-            if got != shape:
-                raise SAEFormatError(
-                    f"{wpath}: tensor {name!r} has shape {list(got)}, but cfg.json "
-                    f"(d_in={cfg.d_in}, latents={cfg.num_latents}) implies {list(shape)}"
-                )
-        first = f.get_slice(next(iter(expected))).get_dtype()
-        target_dtype = dtype or _safetensors_dtype(first)
+    with _CheckedFile(Path(directory)) as f:
+        cfg, expected = f.cfg, f.expected
+        target_dtype = dtype or _safetensors_dtype(f.dtype_name(next(iter(expected))))
         # Allocate once, directly in the target dtype and device; tensors are copied in one by one.
         with torch.device("meta"):
             sae = SparseAutoencoder(cfg, dtype=target_dtype)
@@ -194,16 +273,31 @@ def load_directory(
             "encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_enc": "W_enc", "b_enc": "b_enc",
             "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "threshold",
         }
+        norms = _decoder_norms(f.tensor("W_dec"), f.path) if f.rescale_by_decoder_norm else None
         for name in expected:
-            t = f.get_tensor(name)
-            _check_finite(name, t, wpath)
+            t = f.tensor(name)
             if name == "W_enc":  # SAELens stores [D, M]; we keep sparsify's [M, D]
                 t = t.t()
+            if norms is not None:
+                t = _fold_decoder_norm(name, t, norms)
             param = getattr(sae, ours[name])
             with torch.no_grad():
                 param.copy_(t)
             del t
     return sae
+
+
+def _fold_decoder_norm(name: str, t: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """SAELens's ``rescale_acts_by_decoder_norm``: pre-activations are multiplied by each latent's
+    decoder norm before the activation, and activations divided by it before decoding. Scaling
+    the encoder rows and bias by the norm and dividing the decoder rows by it computes exactly
+    that (for TopK and ReLU, which commute with a positive per-latent scale), so the served SAE
+    needs no special case; its activations are SAELens's."""
+    if name in ("W_enc", "b_enc"):
+        return (t.float() * (norms[:, None] if t.dim() == 2 else norms)).to(t.dtype)
+    if name == "W_dec":
+        return (t.float() / norms[:, None]).to(t.dtype)
+    return t
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
@@ -258,7 +352,8 @@ def _cfg_json(sae: SparseAutoencoder, layout: str, hookpoint: str | None) -> dic
         "architecture": arch, "d_in": c.d_in, "d_sae": c.num_latents,
         "dtype": _dtype_name(sae.W_dec.dtype), "device": "cpu",
         "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": {"hook_name": hookpoint},
+        "reshape_activations": "none",
+        "metadata": {"hook_name": hookpoint, "sae_lens_version": SAELENS_FORMAT_VERSION},
     }
     if c.activation == "topk":
         cfg["k"] = c.k
@@ -280,6 +375,9 @@ def save_sae(sae: SparseAutoencoder, dst: Path, layout: str, *, hookpoint: str |
     hookpoint = hookpoint or sae.cfg.hookpoint
     if layout == SPARSIFY and not hookpoint:
         raise SAEFormatError("the sparsify layout needs a hookpoint name for its subfolder (--hookpoint)")
+    if layout == SPARSIFY and (hookpoint in (".", "..") or "/" in hookpoint or "\\" in hookpoint or "\0" in hookpoint):
+        raise SAEFormatError(f"hookpoint {hookpoint!r} names the sparsify subfolder, so it must be one plain "
+                             "name (e.g. model.layers.24), not a path")
     tensors = _sparsify_tensors(sae) if layout == SPARSIFY else _saelens_tensors(sae)
     cfg = _cfg_json(sae, layout, hookpoint)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -300,9 +398,3 @@ def save_sae(sae: SparseAutoencoder, dst: Path, layout: str, *, hookpoint: str |
 
 def tensor_bytes(directory: Path, layout: str) -> int:
     return (Path(directory) / LAYOUT_FILES[layout]).stat().st_size
-
-
-def stored_dtype(directory: Path, layout: str) -> str:
-    with safe_open(str(Path(directory) / LAYOUT_FILES[layout]), framework="pt", device="cpu") as f:
-        name = f.get_slice("W_dec").get_dtype()
-    return _dtype_name(_safetensors_dtype(name))

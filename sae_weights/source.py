@@ -7,6 +7,7 @@ and revision; ``org/name/model.layers.24`` and ``org/name@rev`` are accepted as 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,13 @@ def _looks_like_repo(source: str) -> bool:
     return len(parts) >= 2 and not source.startswith((".", "/", "~")) and all(parts[:2])
 
 
-def resolve_directory(source: str | Path, hookpoint: str | None = None, revision: str | None = None) -> Path:
-    """A local directory holding cfg.json + weights for ``source`` (downloaded if needed)."""
+DEFAULT_HUB_TIMEOUT_S = 60.0
+
+
+def resolve_directory(source: str | Path, hookpoint: str | None = None, revision: str | None = None,
+                      timeout_s: float = DEFAULT_HUB_TIMEOUT_S) -> Path:
+    """A local directory holding cfg.json + weights for ``source`` (downloaded if needed; a hub
+    that has not finished within ``timeout_s`` seconds is given up on)."""
     path = Path(source).expanduser()
     if path.exists():
         return _pick_subfolder(path, hookpoint)
@@ -67,42 +73,66 @@ def resolve_directory(source: str | Path, hookpoint: str | None = None, revision
     repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:]) or None
     sub = hookpoint or sub
     revision = revision or rev or None
-    root = _download(repo_id, sub, revision)
+    root = _download(repo_id, sub, revision, timeout_s)
     return _pick_subfolder(root, sub)
 
 
-def _download(repo_id: str, sub: str | None, revision: str | None) -> Path:
+def _with_timeout(fn, timeout_s: float):
+    """``fn()``, or TimeoutError after ``timeout_s``. The hub client has no overall deadline (a
+    server that accepts and never answers held it for minutes), so it runs on a daemon thread
+    that is abandoned when time is up."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="lmm-steer-hub", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _download(repo_id: str, sub: str | None, revision: str | None, timeout_s: float) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     # Exact root names: a bare "*.safetensors" would match every hookpoint's weights in the repo.
     patterns = [f"{sub}/*", "cfg.json", "sae.safetensors", "sae_weights.safetensors"] if sub else None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise SAESourceError(f"{repo_id}: not found on the hub ({type(e).__name__})") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        # Offline or unreachable: fall back to the cache, else say exactly that.
-        try:
-            return Path(
-                snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
-            )
-        except Exception:
+        return Path(_with_timeout(
+            lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns), timeout_s))
+    except GatedRepoError:
+        raise SAESourceError(f"{repo_id}: gated on the hub; accept its terms there and give a token "
+                             "(HF_TOKEN, or `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        # the hub answers 401 for a private repo and for a missing one alike when no token is sent
+        raise SAESourceError(f"{repo_id}: not found on the hub, or private (a private repo needs a token: "
+                             "HF_TOKEN, or `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise SAESourceError(f"{repo_id}: revision {revision!r} not found on the hub") from None
+    except Exception as e:  # noqa: BLE001 - offline, unreachable, timed out, or a transport error
+        why = f"no answer within {timeout_s:g} s (--hub-timeout)" if isinstance(e, TimeoutError) else type(e).__name__
+        try:  # fall back to the cache, else say exactly what happened
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001
             raise SAESourceError(
-                f"{repo_id}: the hub is unreachable and no cached copy"
-                f"{f' of {sub!r}' if sub else ''} was found ({type(e).__name__})"
-            ) from None
+                f"{repo_id}: the hub is unreachable ({why}) and no cached copy"
+                f"{f' of {sub!r}' if sub else ''} was found") from None
 
 
 def _pick_subfolder(root: Path, hookpoint: str | None) -> Path:
     if not root.is_dir():
         raise SAESourceError(f"{root}: not a directory")
     if hookpoint:
+        if ".." in Path(hookpoint).parts or Path(hookpoint).is_absolute():
+            raise SAESourceError(f"hookpoint {hookpoint!r} must name a subfolder inside {root}, not climb out of it")
         sub = root / hookpoint
         if sub.is_dir():
             return sub
@@ -132,6 +162,7 @@ def load_sae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     d_in: int | None = None,
+    timeout_s: float = DEFAULT_HUB_TIMEOUT_S,
 ) -> SparseAutoencoder:
     """Load an SAE from any source. ``d_in`` (the model's hidden size) is checked when given and
     sizes ``builtin:random-topk``."""
@@ -146,7 +177,7 @@ def load_sae(
         )
         sae.cfg.hookpoint = hookpoint
     else:
-        sae = load_directory(resolve_directory(source, hookpoint, revision), device=device, dtype=dtype)
+        sae = load_directory(resolve_directory(source, hookpoint, revision, timeout_s), device=device, dtype=dtype)
         if hookpoint and not sae.cfg.hookpoint:
             sae.cfg.hookpoint = hookpoint
     sae.requires_grad_(False)  # served SAEs are read-only; training builds its own

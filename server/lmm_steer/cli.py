@@ -24,11 +24,11 @@ def _sae_info(args) -> int:
             "bytes": sum(p.numel() * p.element_size() for p in sae.parameters()),
         }
     else:
-        directory = resolve_directory(args.src, args.hookpoint, args.revision)
-        layout, cfg, _ = layouts.read_config(directory)
+        directory = resolve_directory(args.src, args.hookpoint, args.revision, timeout_s=args.hub_timeout)
+        layout, cfg, dtype = layouts.check_directory(directory)  # what the loader checks, tensors included
         info = {
             "format": layout, "d_in": cfg.d_in, "num_latents": cfg.num_latents, "k": cfg.k,
-            "activation": cfg.activation, "dtype": layouts.stored_dtype(directory, layout),
+            "activation": cfg.activation, "dtype": dtype,
             "hookpoint": args.hookpoint or cfg.hookpoint, "bytes": layouts.tensor_bytes(directory, layout),
             "path": str(directory),
         }
@@ -40,10 +40,17 @@ def _sae_convert(args) -> int:
     from sae_weights.layouts import save_sae
     from sae_weights.source import load_sae
 
-    sae = load_sae(args.src, hookpoint=args.hookpoint, revision=args.revision)
+    sae = load_sae(args.src, hookpoint=args.hookpoint, revision=args.revision, timeout_s=args.hub_timeout)
     out = save_sae(sae, Path(args.dst), args.to, hookpoint=args.hookpoint)
     print(json.dumps({"written": str(out), "format": args.to}))
     return 0
+
+
+def add_hub_timeout_argument(p: argparse.ArgumentParser) -> None:
+    from sae_weights.source import DEFAULT_HUB_TIMEOUT_S
+
+    p.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up on a hub that does not answer within this long (default {DEFAULT_HUB_TIMEOUT_S:g})")
 
 
 def parse_clamp(text: str):
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("src", help="local directory, hub repo id, or builtin:random-topk:d_in=N")
     info.add_argument("--hookpoint", help="subfolder, e.g. model.layers.24")
     info.add_argument("--revision")
+    add_hub_timeout_argument(info)
     info.set_defaults(func=_sae_info)
 
     from .training import commands as training
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["sparsify", "saelens"])
     convert.add_argument("--hookpoint")
     convert.add_argument("--revision")
+    add_hub_timeout_argument(convert)
     convert.set_defaults(func=_sae_convert)
     return parser
 
