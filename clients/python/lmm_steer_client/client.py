@@ -55,7 +55,7 @@ class Feature(BaseModel):
 
 class FeatureHit(BaseModel):
     id: int
-    explanation: str = ""
+    explanation: str | None = None
     score: float
     contexts: list[str] = Field(default_factory=list)
 

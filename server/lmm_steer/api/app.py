@@ -538,7 +538,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                               limit: int = Query(10, ge=1, le=100)):
         hits = service.catalog.search(q, limit)
         return {"object": "list", "query": q,
-                "data": [{"id": e.feature, "explanation": e.explanation, "score": s,
+                "data": [{"id": e.feature, "explanation": e.explanation or None, "score": s,
                           "contexts": [c["text"] for c in (e.extras.get("top_contexts") or [])[:3]
                                        if isinstance(c, dict) and "text" in c]} for e, s in hits]}
 

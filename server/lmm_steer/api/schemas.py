@@ -248,7 +248,7 @@ class FeatureInfo(BaseModel):
 
 class FeatureHit(BaseModel):
     id: int
-    explanation: str
+    explanation: str | None = Field(description="null where the catalog has none, as in GET /v1/features/{id}")
     score: float
     contexts: list[str] = Field(default_factory=list, description="top-activating contexts (activating token in «»)")
 
