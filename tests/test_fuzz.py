@@ -2,6 +2,9 @@
 on hypothesis): no input gets a 5xx, and every answer is one the schema lists, in its shape.
 Bounded by a fixed number of examples per route and a fixed seed, so CI's time stays fixed."""
 
+import collections
+import os
+
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -20,7 +23,8 @@ from lmm_steer.models.loader import load_model
 from lmm_steer.service import SteeringService
 from sae_weights import load_sae
 
-EXAMPLES_PER_ROUTE = 150
+# CI's fixed budget; docs/hardening.md records a longer run (LMM_STEER_FUZZ_EXAMPLES=2000, pytest -s)
+EXAMPLES_PER_ROUTE = int(os.environ.get("LMM_STEER_FUZZ_EXAMPLES", "150"))
 
 
 @pytest.fixture(scope="module")
@@ -51,5 +55,6 @@ def test_post_routes_never_5xx_and_answer_as_documented(fuzz_app, path):
         seen.append(response.status_code)
 
     fuzz()
+    print(f"\nfuzz {path}: {len(seen)} requests, statuses {dict(sorted(collections.Counter(seen).items()))}")
     # both the accepting and the refusing paths were exercised
     assert len(seen) >= EXAMPLES_PER_ROUTE // 2 and {200, 400} <= set(seen)
