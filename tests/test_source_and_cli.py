@@ -94,3 +94,10 @@ def test_cli_convert_failure_leaves_nothing(tmp_path):
     assert out.returncode == 1 and "only holds TopK" in out.stderr
     assert not (tmp_path / "dst").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j"]
+
+
+def test_generate_without_an_sae_says_so_in_cli_terms():
+    # --model X without --sae runs no SAE, so a clamp has nothing to act on
+    out = _cli("generate", "--model", "builtin:tiny-llama", "--prompt", "hi", "--clamp", "1=2", "--max-tokens", "2")
+    assert out.returncode == 1
+    assert "no SAE is loaded" in out.stderr and "--sae" in out.stderr and "server" not in out.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sae_weights.default import DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
-from .engine.factory import add_decode_arguments, add_device_arguments
+from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
 
 def _sae_info(args) -> int:
@@ -46,13 +46,6 @@ def _sae_convert(args) -> int:
     return 0
 
 
-def add_hub_timeout_argument(p: argparse.ArgumentParser) -> None:
-    from sae_weights.source import DEFAULT_HUB_TIMEOUT_S
-
-    p.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT_S, metavar="SECONDS",
-                   help=f"give up on a hub that does not answer within this long (default {DEFAULT_HUB_TIMEOUT_S:g})")
-
-
 def parse_clamp(text: str):
     """``ID=VALUE[:MODE]`` -> FeatureEdit."""
     from .engine.steering import MODES, FeatureEdit
@@ -78,7 +71,7 @@ def _generate(args) -> int:
         sae = str(DEFAULT_SAE) if args.model == DEFAULT_MODEL else "none"
         hookpoint = hookpoint or (DEFAULT_HOOKPOINT if args.model == DEFAULT_MODEL else None)
     engine = build_engine(
-        args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device,
+        args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device, hub_timeout=args.hub_timeout,
         config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             max_seq_len=args.max_seq_len),
     )
@@ -123,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL)
     gen.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
     gen.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own, else 3/4 of the depth)")
+    add_hub_timeout_argument(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], metavar="PATH")
     gen.add_argument("--clamp", action="append", default=[], type=parse_clamp, metavar="ID=VALUE[:MODE]")

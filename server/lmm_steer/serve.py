@@ -11,7 +11,7 @@ import uvicorn
 
 from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
 
-from .engine.factory import add_decode_arguments, add_device_arguments
+from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
 log = logging.getLogger("lmm_steer.serve")
 
@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
     p.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own)")
     p.add_argument("--revision", help="SAE revision on the hub")
+    add_hub_timeout_argument(p)
     p.add_argument("--catalog", action="append", default=[], metavar="PATH",
                    help="feature explanations (paper JSON or JSONL); repeatable, later files add to earlier ones")
     p.add_argument("--host", default="127.0.0.1")
@@ -71,6 +72,7 @@ def build_app(args):
             hookpoint = hookpoint or DEFAULT_HOOKPOINT
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
+        hub_timeout=args.hub_timeout,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
                             max_clamps=args.max_clamps, max_steer_value=args.max_steer_value,
                             cuda_graphs=not args.no_cuda_graphs, compile=args.compile,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae_weights import load_sae
+from sae_weights.source import DEFAULT_HUB_TIMEOUT_S
 
 from ..models.loader import load_model
 from .engine import Engine, EngineConfig
@@ -30,6 +31,12 @@ def add_decode_arguments(parser) -> None:
                              "engines beside the others")
 
 
+def add_hub_timeout_argument(parser) -> None:
+    """``--hub-timeout``, for every command that may fetch an SAE from the hub."""
+    parser.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT_S, metavar="SECONDS",
+                        help=f"give up on a hub that has not answered within this long (default {DEFAULT_HUB_TIMEOUT_S:g})")
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,6 +55,7 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 def build_engine(
     model: str, sae: str | None = None, *, hookpoint: str | None = None, revision: str | None = None,
     dtype: str | None = None, device: str | None = None, config: EngineConfig | None = None,
+    hub_timeout: float = DEFAULT_HUB_TIMEOUT_S,
 ) -> Engine:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -55,6 +63,7 @@ def build_engine(
     sae_module = None
     if sae and sae.lower() != "none":
         hidden = language_model(loaded.model).config.hidden_size
-        sae_module = load_sae(sae, hookpoint=hookpoint, revision=revision, device=dev, dtype=dt, d_in=hidden)
+        sae_module = load_sae(sae, hookpoint=hookpoint, revision=revision, device=dev, dtype=dt, d_in=hidden,
+                              timeout_s=hub_timeout)
         hookpoint = hookpoint or sae_module.cfg.hookpoint or default_hookpoint(loaded.model)
     return Engine(loaded, sae_module, hookpoint if sae_module is not None else None, config)
