@@ -71,6 +71,13 @@ def test_kubernetes_manifests():
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the pod outlives the server's drain: its --drain-timeout plus the time to send the last errors
+    from lmm_steer.cli import build_parser
+    from lmm_steer.serve import DrainingServer
+
+    args = build_parser().parse_args(["serve", *container["args"]])
+    grace = docs["deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= args.drain_timeout + DrainingServer.ERROR_FLUSH_S + 5
     annotations = docs["deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == "8000"
     assert docs["service"]["spec"]["ports"][0]["port"] == 8000

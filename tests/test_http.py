@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from servers import Server
+from servers import Server, wait_for
 
 HOOK_FEATURES = {3: "red apples and fruit", 7: "dogs and their faces", 11: "written text on signs"}
 
@@ -309,15 +309,6 @@ def _open_stream(server, max_tokens):
     return client, ctx, lines
 
 
-def _wait_for(pred, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_disconnect_frees_the_slot(text_server):
     aborted = text_server.metric("lmm_steer:requests_aborted_total")
     client, ctx, lines = _open_stream(text_server, 4000)
@@ -325,7 +316,7 @@ def test_disconnect_frees_the_slot(text_server):
     assert text_server.metric("lmm_steer:num_requests_running") == 1
     ctx.__exit__(None, None, None)
     client.close()
-    assert _wait_for(lambda: text_server.metric("lmm_steer:num_requests_running") == 0)
+    assert wait_for(lambda: text_server.metric("lmm_steer:num_requests_running") == 0)
     assert text_server.metric("lmm_steer:requests_aborted_total") == aborted + 1
     # the single row is free again: a new request is served at once
     t0 = time.time()
@@ -342,7 +333,7 @@ def test_queue_full_gives_429_with_retry_after(text_server):
 
     t = threading.Thread(target=waiter)
     t.start()
-    assert _wait_for(lambda: text_server.metric("lmm_steer:num_requests_waiting") == 1)
+    assert wait_for(lambda: text_server.metric("lmm_steer:num_requests_waiting") == 1)
     third = text_server.post("/v1/chat/completions", {"messages": _msgs(), "max_tokens": 2})
     assert third.status_code == 429 and int(third.headers["Retry-After"]) >= 1
     assert third.json()["error"]["code"] == "queue_full"

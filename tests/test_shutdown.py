@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from servers import Server
+from servers import Server, wait_for
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 4000, "ignore_eos": True,
         "temperature": 0}
@@ -26,15 +26,6 @@ def serve():
     yield start
     for s in started:  # a test that failed midway leaves no process behind
         s.stop()
-
-
-def _wait(pred, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _stream_events(s, body, out: list, started: threading.Event):
@@ -61,7 +52,7 @@ def test_running_requests_finish_while_new_ones_get_503(serve):
     t.start()
     assert started.wait(20)
     s.proc.send_signal(signal.SIGTERM)
-    assert _wait(lambda: s.get("/ready").status_code == 503, 5)
+    assert wait_for(lambda: s.get("/ready").status_code == 503, 5)
     refused = s.post("/v1/chat/completions", {**LONG, "max_tokens": 2})
     assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
     assert refused.json()["error"]["code"] == "server_shutting_down"
@@ -86,10 +77,10 @@ def test_requests_left_at_the_deadline_end_with_errors(serve):
                threading.Thread(target=_stream_events, args=(s, LONG, stream_events, stream_started))]
     for t in threads:
         t.start()
-    assert _wait(lambda: s.metric("lmm_steer:num_requests_running") == 2)
+    assert wait_for(lambda: s.metric("lmm_steer:num_requests_running") == 2)
     queued = threading.Thread(target=_stream_events, args=(s, LONG, queued_events, queued_started))
     queued.start()
-    assert _wait(lambda: s.metric("lmm_steer:num_requests_waiting") == 1)
+    assert wait_for(lambda: s.metric("lmm_steer:num_requests_waiting") == 1)
     t0 = time.time()
     s.proc.send_signal(signal.SIGTERM)
     for t in (*threads, queued):
