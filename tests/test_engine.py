@@ -593,3 +593,24 @@ def test_temperature_near_zero_is_greedy(llava):
     engine = _engine(lm)
     greedy = engine.generate([_request(lm)])[0].token_ids
     assert engine.generate([_request(lm, temperature=1e-300, seed=3)])[0].token_ids == greedy
+
+
+def test_an_unsteered_prefill_is_reused_exactly(llava):
+    """Requests whose steering leaves the prompt alone share one prefill of the same text prompt;
+    their tokens and log-probabilities equal those of an engine that prefills every time."""
+    lm = load_model("builtin:tiny-llama")
+    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, hookpoint=HOOK)
+    specs = [None, SteeringSpec([FeatureEdit(3, 9.0)], scope="generated"), SteeringSpec([FeatureEdit(5, 4.0)]),
+             SteeringSpec([FeatureEdit(7, 6.0, "add")], scope="generated")]
+
+    def run(budget):
+        engine = _engine(lm, sae, prefill_cache_tokens=budget)
+        out = engine.generate([_request(lm, steering=s, temperature=0.8, seed=i) for i, s in enumerate(specs)])
+        return engine, [(r.token_ids, r.logprobs) for r in out]
+
+    cached, with_reuse = run(2048)
+    fresh, without = run(0)
+    assert with_reuse == without
+    # the unsteered and the two generated-scope requests share one prefill; scope "all" has its own
+    assert (cached.stats["prefills"], cached.stats["prefill_reuses"]) == (2, 2)
+    assert (fresh.stats["prefills"], fresh.stats["prefill_reuses"]) == (4, 0)

@@ -336,7 +336,9 @@ def run_bench(a: BenchArgs, checkpoint=None) -> dict:
     _log("time to first token")
     text_prompt = "Tell me a story about Alice and Bob. " * max(1, a.prompt_tokens // 10)
     # one row with room for a full AnyRes image (about 2,900 tokens at 672 px)
-    single = Engine(loaded, None, None, EngineConfig(max_batch=1, max_seq_len=4096, cuda_graphs=False))
+    # no prefill reuse: the warm-up's prefill of the same prompt would be returned, not timed
+    single = Engine(loaded, None, None, EngineConfig(max_batch=1, max_seq_len=4096, cuda_graphs=False,
+                                                     prefill_cache_tokens=0))
     result["ttft_text_s"] = ttft(single, [], text_prompt)
     if a.image and loaded.is_multimodal:
         from PIL import Image

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -51,6 +51,10 @@ class EngineConfig:
     min_length_bucket: int = 128
     # every N-th decode step with edited features also measures them (one more SAE encode); 0: never
     clamp_effect_every: int = 0
+    # prompt tokens whose unsteered prefill (keys, values, last logits) is kept for the next request
+    # with the same text-only prompt whose steering leaves the prompt alone (scope "generated", or
+    # none): sweeps, calibration and return_unsteered twins prefill once. 0 turns it off.
+    prefill_cache_tokens: int = 2048
 
 
 @dataclass
@@ -257,7 +261,8 @@ class Engine:
         self.active: list[_Sequence] = []
         self._ids = itertools.count()
         self._inputs_stale, self._last_bucket = True, 0  # device-side step inputs need a rewrite
-        self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0,
+        self._prefills: OrderedDict[tuple, object] = OrderedDict()  # LRU of unsteered prefills
+        self.stats = {"decode_steps": 0, "graph_replays": 0, "eager_steps": 0, "prefills": 0, "prefill_reuses": 0,
                       "decode_tokens": 0, "decode_time_s": 0.0, "prefill_time_s": 0.0}
 
     # -- setup helpers ----------------------------------------------------------------------
@@ -405,12 +410,7 @@ class Engine:
 
     def _admit(self, seq: _Sequence, events, done) -> None:
         seq.t_start = time.perf_counter()
-        spec = seq.req.steering
-        pre = run_prefill(
-            self.model, seq.inputs, sae=self.sae, hook_index=self.hook_index, row=seq.steering_row,
-            scope=spec.effective_scope if spec else "all", table_width=self.config.max_clamps,
-        )
-        self.stats["prefills"] += 1
+        pre = self._prefill(seq)
         seq.row = len(self.active)
         self.cache.load(seq.row, pre.keys, pre.values)
         seq.length, seq.rope_pos = pre.length, pre.next_rope_pos
@@ -421,6 +421,29 @@ class Engine:
             raise NonFiniteOutput(_non_finite_message(seq))
         token = sample_batch(pre.logits[None], [seq.req.sampling], [seq.generator])[0]
         self._accept(seq, token, pre.logits, events, done)
+
+    def _prefill(self, seq: _Sequence):
+        spec = seq.req.steering
+        untouched = spec is None or not spec.active or (spec.semantics == "delta" and spec.effective_scope == "generated")
+        budget = self.config.prefill_cache_tokens
+        key = None
+        if untouched and budget and set(seq.inputs) <= {"input_ids", "attention_mask"} and seq.prompt_len <= budget:
+            key = tuple(seq.inputs["input_ids"][0].tolist())
+            cached = self._prefills.get(key)
+            if cached is not None:
+                self._prefills.move_to_end(key)
+                self.stats["prefill_reuses"] += 1
+                return cached  # read-only: the cache load copies it, sampling only reads the logits
+        pre = run_prefill(
+            self.model, seq.inputs, sae=self.sae, hook_index=self.hook_index, row=seq.steering_row,
+            scope=spec.effective_scope if spec else "all", table_width=self.config.max_clamps,
+        )
+        self.stats["prefills"] += 1
+        if key is not None:
+            self._prefills[key] = pre
+            while sum(len(k) for k in self._prefills) > budget:
+                self._prefills.popitem(last=False)
+        return pre
 
     def _write_row(self, seq: _Sequence) -> None:
         self.step_fn.table.write(seq.row, seq.steering_row, seq.decode_in_scope)

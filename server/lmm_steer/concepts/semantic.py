@@ -1,0 +1,107 @@
+"""Feature search by meaning: each catalog entry's text embedded once, a query embedded per call,
+ranked by cosine similarity plus a share of the lexical (BM25) score.
+
+Embeddings are cached as safetensors keyed by a digest of the embedded texts and the embedding
+model, beside the catalog when a file ``<catalog>.embeddings.safetensors`` is shipped (the default
+catalog ships one), else under ``~/.cache/lmm-steer/embeddings/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_weights import FeatureCatalog, FeatureEntry
+
+_MARKED = re.compile(r"«([^»]*)»")
+LEXICAL_WEIGHT = 0.25  # share of the best-normalised BM25 score added to the cosine similarity
+
+
+def feature_text(entry: FeatureEntry, contexts: int = 5) -> str:
+    """What stands for a feature's meaning: its explanation where it has one; else the words it
+    fires on (marked « » in its top contexts), then those contexts."""
+    if entry.explanation:
+        return entry.explanation
+    texts = [c.get("text", "") for c in (entry.extras.get("top_contexts") or []) if isinstance(c, dict)]
+    marked = []
+    for t in texts:
+        for m in _MARKED.findall(t):
+            if m.strip() and m.strip() not in marked:
+                marked.append(m.strip())
+    plain = [t.replace("«", "").replace("»", "").strip() for t in texts[:contexts]]
+    return "; ".join(marked) + ". " + " ... ".join(plain)
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LMM_STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmm-steer"
+    return Path(root) / "embeddings"
+
+
+def shipped_path(catalog_path: str | Path) -> Path:
+    return Path(f"{catalog_path}.embeddings.safetensors")
+
+
+class SemanticIndex:
+    def __init__(self, catalog: FeatureCatalog, embedder, catalog_path: str | Path | None = None) -> None:
+        self.catalog, self.embedder = catalog, embedder
+        self.ids = catalog.ids()
+        texts = [feature_text(catalog.get(i)) for i in self.ids]
+        digest = hashlib.sha256("\n".join([embedder.name, *map(str, self.ids), *texts]).encode()).hexdigest()[:24]
+        self.digest = digest
+        self.vectors = self._load(catalog_path, digest)
+        if self.vectors is None:
+            self.vectors = embedder.encode(texts) if texts else torch.zeros(0, embedder.dim)
+            self._save(digest)
+        self.row = {fid: i for i, fid in enumerate(self.ids)}
+
+    def _load(self, catalog_path, digest) -> torch.Tensor | None:
+        for path in ([shipped_path(catalog_path)] if catalog_path else []) + [cache_root() / f"{digest}.safetensors"]:
+            if path.exists():
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    if (f.metadata() or {}).get("digest") != digest:
+                        continue  # written for another catalog or model: recomputed
+                return load_file(str(path))["vectors"].float()
+        return None
+
+    def _save(self, digest) -> None:
+        path = cache_root() / f"{digest}.safetensors"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            save_file({"vectors": self.vectors.half()}, str(tmp), metadata={"digest": digest, "model": self.embedder.name})
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: the index still works, it is rebuilt next start
+
+    def write_beside(self, catalog_path: str | Path) -> Path:
+        """Ship the index with its catalog (what `lmm-steer sae embed` writes)."""
+        path = shipped_path(catalog_path)
+        save_file({"vectors": self.vectors.half()}, str(path), metadata={"digest": self.digest, "model": self.embedder.name})
+        return path
+
+    def similarities(self, query: str) -> torch.Tensor:
+        """Cosine similarity of ``query`` with every feature, in ``self.ids`` order."""
+        q = self.embedder.encode([query])[0]
+        return self.vectors @ q
+
+    def scorer(self, lexical_weight: float = LEXICAL_WEIGHT):
+        """A catalog ``Scorer``: cosine similarity plus ``lexical_weight`` x BM25 / its best value."""
+
+        def score(query: str, entries: list[FeatureEntry]) -> list[float]:
+            sims = self.similarities(query)
+            lexical = self.catalog.bm25(query, entries)
+            best = max(lexical, default=0.0) or 1.0
+            return [float(sims[self.row[e.feature]]) + lexical_weight * lx / best if e.feature in self.row else 0.0
+                    for e, lx in zip(entries, lexical, strict=True)]
+
+        return score
+
+    def search(self, query: str, limit: int = 10):
+        return self.catalog.search(query, limit, scorer=self.scorer())

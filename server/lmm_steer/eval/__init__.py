@@ -1,0 +1,1 @@
+"""Evaluations with fixed sets and same-run baselines (``lmm-steer eval ...``)."""
