@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_catalog_arguments(catalog)
     catalog.set_defaults(func=training.catalog_command)
 
+    from .concepts import commands as concepts
+
+    embed = sae.add_parser("embed", help="index a catalog for search by meaning and write the index beside it")
+    concepts.add_embed_arguments(embed)
+    embed.set_defaults(func=concepts.embed_command)
+    calibrate = sae.add_parser("calibrate", help="measure each feature's steering strengths into the catalog")
+    concepts.add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=concepts.calibrate_command)
+
     from .training import bench as train_bench
 
     bench_train = sae.add_parser("bench-train", help="training step rate against the dense encoder matmul alone")
