@@ -47,7 +47,8 @@ def test_chat_steering_and_unsteered(client):
     steered = client.chat(prompt="Tell me a story", max_tokens=10, temperature=0, clamps={11: 40.0},
                           return_unsteered=True)
     assert steered.unsteered_text == plain.text and steered.text != plain.text
-    assert steered.steering["features"] == [{"id": 11, "value": 40.0, "mode": "clamp", "explanation": None}]
+    assert steered.steering["features"] == [{"id": 11, "value": 40.0, "mode": "clamp", "explanation": None,
+                                             "concept": None}]
     assert plain.usage.completion_tokens == 10 and plain.finish_reason == "length"
 
 

@@ -76,7 +76,9 @@ def test_openai_client_with_clamps(client):
     assert plain.usage.completion_tokens == 12
     assert steered.choices[0].message.content != plain.choices[0].message.content
     applied = steered.model_extra["steering"]
-    assert applied["features"] == [{"id": 11, "value": 40.0, "mode": "clamp", "explanation": HOOK_FEATURES[11]}]
+    assert applied["features"] == [{"id": 11, "value": 40.0, "mode": "clamp", "explanation": HOOK_FEATURES[11],
+                                    "concept": None}]
+    assert applied["concepts"] == []
     assert applied["scope"] == "all" and applied["semantics"] == "delta" and applied["hookpoint"]
     assert plain.model_extra["steering"] is None
 

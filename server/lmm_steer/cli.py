@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--revision")
     add_hub_timeout_argument(convert)
     convert.set_defaults(func=_sae_convert)
+    from .eval import commands as evaluations
+
+    evals = sub.add_parser("eval", help="evaluations on fixed sets, with same-run baselines").add_subparsers(
+        dest="eval_command", required=True)
+    steer = evals.add_parser("steer", help="concept steering against unsteered, prompting and the README's recipe")
+    evaluations.add_steer_arguments(steer)
+    steer.set_defaults(func=evaluations.steer_command)
     return parser
 
 

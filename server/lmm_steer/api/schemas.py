@@ -79,9 +79,20 @@ class SteeringFeature(Request):
     mode: Literal["clamp", "add", "scale"] = "clamp"
 
 
+class SteeringConcept(Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    text: Annotated[Text, Field(min_length=1, max_length=200, description="a concept in words, e.g. 'the ocean'")]
+    strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False, description=(
+        "multiple of each chosen feature's calibrated value; negative pushes against the concept"))] = 1.0
+    max_features: Annotated[int, Field(ge=1, le=8, description="features the concept may resolve to")] = 1
+
+
 class Steering(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
     features: list[SteeringFeature] = Field(default_factory=list)
+    concepts: list[SteeringConcept] = Field(
+        default_factory=list, max_length=8,
+        description="concepts resolved on the server to features and calibrated values (echoed in the response)")
     scope: Literal["all", "prompt", "generated", "image"] | None = Field(
         None, description="positions edited; default 'all' (delta) or 'prompt' (paper)")
     semantics: Literal["delta", "paper"] = "delta"
@@ -164,6 +175,14 @@ def unsupported_field(body: ChatCompletionRequest) -> str | None:
     return None
 
 
+class SuggestRequest(Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    concept: Annotated[Text, Field(min_length=1, max_length=200)]
+    strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False)] = 1.0
+    max_features: Annotated[int, Field(ge=1, le=8)] = 1
+    limit: Annotated[int, Field(ge=1, le=50, description="nearest features listed as candidates")] = 10
+
+
 class InspectRequest(Request):
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
@@ -187,10 +206,18 @@ class AppliedFeature(BaseModel):
     value: float
     mode: str
     explanation: str | None = None
+    concept: str | None = Field(None, description="the concept this edit came from, if any")
+
+
+class AppliedConcept(BaseModel):
+    text: str
+    strength: float
+    features: list[int] = Field(description="the features the concept resolved to (their edits are in features)")
 
 
 class AppliedSteering(BaseModel):
     features: list[AppliedFeature]
+    concepts: list[AppliedConcept] = Field(default_factory=list)
     scope: str
     semantics: str
     hookpoint: str | None
@@ -289,3 +316,20 @@ class Inspection(BaseModel):
     positions: list[InspectedPosition] | None
     pooled: dict[Literal["image", "text"], list[ActiveFeature]]
     images: list[ImageGrid]
+
+
+class ConceptCandidate(BaseModel):
+    id: int
+    similarity: float
+    value: float | None = Field(description="clamp value at strength 1 (calibrated, else 3 x max activation); "
+                                            "null where calibration found none")
+    calibrated: bool
+    text: str = Field(description="what the feature stands for: its explanation, else the words it fires on")
+
+
+class Suggestion(BaseModel):
+    object: Literal["steering.suggestion"] = "steering.suggestion"
+    concept: str
+    strength: float
+    edits: list[AppliedFeature] = Field(description="what steering.concepts would apply")
+    candidates: list[ConceptCandidate]

@@ -19,22 +19,22 @@ from safetensors.torch import load_file, save_file
 from sae_weights import FeatureCatalog, FeatureEntry
 
 _MARKED = re.compile(r"«([^»]*)»")
-LEXICAL_WEIGHT = 0.25  # share of the best-normalised BM25 score added to the cosine similarity
+LEXICAL_WEIGHT = 0.1  # share of the best-normalised BM25 score added to the cosine similarity (a tie-breaker; 0.25 let context words outrank meaning on the dev concepts)
 
 
-def feature_text(entry: FeatureEntry, contexts: int = 5) -> str:
-    """What stands for a feature's meaning: its explanation where it has one; else the words it
-    fires on (marked « » in its top contexts), then those contexts."""
+def feature_text(entry: FeatureEntry) -> str:
+    """What stands for a feature's meaning: its explanation where it has one, else the words it
+    fires on (marked « » in its top contexts), in order of activation. The surrounding context
+    text is left out: embedded with it, a feature's vector drifts toward whatever its contexts
+    happen to discuss (measured on the dev concepts)."""
     if entry.explanation:
         return entry.explanation
-    texts = [c.get("text", "") for c in (entry.extras.get("top_contexts") or []) if isinstance(c, dict)]
-    marked = []
-    for t in texts:
-        for m in _MARKED.findall(t):
+    marked: list[str] = []
+    for c in entry.extras.get("top_contexts") or []:
+        for m in _MARKED.findall(c.get("text", "") if isinstance(c, dict) else str(c)):
             if m.strip() and m.strip() not in marked:
                 marked.append(m.strip())
-    plain = [t.replace("«", "").replace("»", "").strip() for t in texts[:contexts]]
-    return "; ".join(marked) + ". " + " ... ".join(plain)
+    return ", ".join(marked)
 
 
 def cache_root() -> Path:

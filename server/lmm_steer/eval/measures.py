@@ -5,7 +5,6 @@ beside them."""
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 _WORDS = re.compile(r"[a-z]+")
 _RUN = re.compile(r"(\s)\1{3,}|\u00a0{2,}")
@@ -22,14 +21,13 @@ def shows(text: str, concept_words: list[str]) -> bool:
 
 def degenerate(text: str) -> bool:
     """Text that has fallen apart: a run of blank characters (four spaces, two non-breaking
-    spaces), the same word three times in a row ("and and and"), a three-word phrase three times
-    ("the earth, the earth, the earth"), or, over eight words or more, fewer than half distinct."""
+    spaces); a loop, one to four words said three times in a row ("and and and", "the earth, the
+    earth, the earth"); or, over eight words or more, fewer than half of them distinct."""
     if _RUN.search(text):
         return True
     w = words(text)
-    if any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2)):
-        return True
-    trigrams = Counter(zip(w, w[1:], w[2:], strict=False))
-    if trigrams and max(trigrams.values()) >= 3:
-        return True
+    for n in range(1, 5):
+        for i in range(len(w) - 3 * n + 1):
+            if w[i:i + n] == w[i + n:i + 2 * n] == w[i + 2 * n:i + 3 * n]:
+                return True
     return len(w) >= 8 and len(set(w)) / len(w) < 0.5

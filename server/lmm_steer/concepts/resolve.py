@@ -1,0 +1,63 @@
+"""A named concept -> feature edits: the features whose meaning is nearest (search by meaning),
+clamped at their calibrated value times the requested strength.
+
+A feature without a calibrated value is passed over when its catalog was calibrated (calibration
+found no value where the concept shows before the text breaks); a catalog never calibrated falls
+back to the README's recipe, three times the feature's largest activation. Negative strengths
+push against the concept (the clamp value is negative: the feature's direction is subtracted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .semantic import feature_text
+
+RECIPE_TIMES_MAX = 3.0
+MAX_FEATURES = 1  # features per concept unless the request asks for more
+CANDIDATES = 12  # nearest features considered before calibration filters them
+
+
+class ConceptNotFound(ValueError):
+    pass
+
+
+@dataclass
+class ConceptEdit:
+    feature: int
+    value: float
+    similarity: float
+    text: str
+    calibrated: bool
+
+
+def steer_value(entry) -> tuple[float | None, bool]:
+    """(value to clamp at for strength 1, whether it was calibrated)."""
+    steer = entry.extras.get("steer")
+    if isinstance(steer, dict):
+        return steer.get("value"), True
+    peak = entry.extras.get("max_activation")
+    return (RECIPE_TIMES_MAX * float(peak), False) if peak else (None, False)
+
+
+def candidates(index, text: str, limit: int = CANDIDATES) -> list[ConceptEdit]:
+    """The nearest features and their strength-1 values (None where calibration found none)."""
+    out = []
+    for entry, score in index.search(text, limit):
+        value, calibrated = steer_value(entry)
+        out.append(ConceptEdit(entry.feature, value, round(float(score), 4), feature_text(entry)[:200], calibrated))
+    return out
+
+
+def resolve_concept(index, text: str, strength: float = 1.0, max_features: int = MAX_FEATURES,
+                    exclude: set[int] = frozenset()) -> list[ConceptEdit]:
+    chosen = []
+    for c in candidates(index, text):
+        if c.value is None or c.feature in exclude:
+            continue
+        chosen.append(ConceptEdit(c.feature, round(strength * c.value, 4), c.similarity, c.text, c.calibrated))
+        if len(chosen) == max_features:
+            break
+    if not chosen:
+        raise ConceptNotFound(f"no steerable feature found for the concept {text!r}")
+    return chosen
