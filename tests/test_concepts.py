@@ -126,7 +126,8 @@ def test_a_concept_resolves_to_its_calibrated_feature_and_is_echoed(concept_serv
     assert applied["features"] == [{"id": 7, "value": 22.5, "mode": "clamp",
                                     "explanation": "dogs, puppies and their barking", "concept": "puppies"}]
     assert applied["concepts"] == [{"text": "puppies", "strength": 1.5, "features": [7]}]
-    same = _chat(concept_server, {"features": [{"id": 7, "value": 22.5}]})
+    assert applied["scope"] == "generated"  # where calibration measured the values
+    same = _chat(concept_server, {"features": [{"id": 7, "value": 22.5}], "scope": "generated"})
     assert same.json()["choices"][0]["message"]["content"] == r.json()["choices"][0]["message"]["content"]
     # negative strength pushes against it
     neg = _chat(concept_server, {"concepts": [{"text": "puppies", "strength": -1}]}).json()["steering"]

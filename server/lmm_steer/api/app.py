@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..concepts.resolve import ConceptNotFound, candidates, resolve_concept
+from ..concepts.resolve import CALIBRATED_SCOPE, ConceptNotFound, candidates, resolve_concept
 from ..engine import (
     EngineError,
     FeatureEdit,
@@ -221,7 +221,10 @@ def _resolve(body: ChatCompletionRequest, service: SteeringService) -> _Resolved
         edits += [FeatureEdit(ce.feature, ce.value) for ce in chosen]
         out.concepts.append({"text": c.text, "strength": c.strength, "features": [ce.feature for ce in chosen]})
         out.concept_of.update({ce.feature: c.text for ce in chosen})
-    out.spec = SteeringSpec(edits, scope=body.steering.scope, semantics=body.steering.semantics)
+    scope = body.steering.scope
+    if scope is None and out.concepts and body.steering.semantics == "delta":
+        scope = CALIBRATED_SCOPE  # the scope the calibrated values were measured in
+    out.spec = SteeringSpec(edits, scope=scope, semantics=body.steering.semantics)
     return out
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from .semantic import feature_text
 
 RECIPE_TIMES_MAX = 3.0
+# calibration measures strengths on generated positions only; a request naming concepts and no
+# scope gets this one, so the values mean what they were measured to mean
+CALIBRATED_SCOPE = "generated"
 MAX_FEATURES = 1  # features per concept unless the request asks for more
 CANDIDATES = 12  # nearest features considered before calibration filters them
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..concepts.calibrate import completion_logprobs
-from ..concepts.resolve import RECIPE_TIMES_MAX, ConceptNotFound, resolve_concept
+from ..concepts.resolve import CALIBRATED_SCOPE, RECIPE_TIMES_MAX, ConceptNotFound, resolve_concept
 from ..engine import FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
 from .measures import degenerate, shows
 
@@ -74,7 +74,8 @@ def _requests(concept: str, condition: str, prompts: list[str], catalog, index, 
             chosen = []
         features = [{"id": c.feature, "value": c.value} for c in chosen]
     if features:
-        steering = SteeringSpec([FeatureEdit(f["id"], f["value"]) for f in features])
+        steering = SteeringSpec([FeatureEdit(f["id"], f["value"]) for f in features],
+                                scope=CALIBRATED_SCOPE if condition == "concept" else None)
     reqs = []
     for p in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
