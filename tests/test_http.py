@@ -143,7 +143,9 @@ def test_models_and_features(server):
     missing = server.get("/v1/features/512")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "id"
     hits = server.get("/v1/features", params={"q": "dog faces", "limit": 5}).json()["data"]
-    assert [h["id"] for h in hits] == [7]
+    # by meaning, every feature gets a score; the one about dogs ranks first
+    assert hits[0]["id"] == 7 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert server.get("/v1/features", params={"q": "puppy"}).json()["data"][0]["id"] == 7  # no shared word
     assert server.get("/v1/features", params={"q": ""}).status_code == 400
 
 
