@@ -147,29 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_timeout_argument(info)
     info.set_defaults(func=_sae_info)
 
+    from .concepts import commands as concepts
+    from .training import bench as train_bench
     from .training import commands as training
 
-    train = sae.add_parser("train", help="train a TopK SAE on a model's activations at a hookpoint")
-    training.add_train_arguments(train)
-    train.set_defaults(func=training.train_command)
-    catalog = sae.add_parser("catalog", help="record each feature's top contexts, density and maximum")
-    training.add_catalog_arguments(catalog)
-    catalog.set_defaults(func=training.catalog_command)
-
-    from .concepts import commands as concepts
-
-    embed = sae.add_parser("embed", help="index a catalog for search by meaning and write the index beside it")
-    concepts.add_embed_arguments(embed)
-    embed.set_defaults(func=concepts.embed_command)
-    calibrate = sae.add_parser("calibrate", help="measure each feature's steering strengths into the catalog")
-    concepts.add_calibrate_arguments(calibrate)
-    calibrate.set_defaults(func=concepts.calibrate_command)
-
-    from .training import bench as train_bench
-
-    bench_train = sae.add_parser("bench-train", help="training step rate against the dense encoder matmul alone")
-    train_bench.add_arguments(bench_train)
-    bench_train.set_defaults(func=train_bench.main)
+    for name, help_text, add_arguments, func in [
+        ("train", "train a TopK SAE on a model's activations at a hookpoint", training.add_train_arguments,
+         training.train_command),
+        ("catalog", "record each feature's top contexts, density and maximum", training.add_catalog_arguments,
+         training.catalog_command),
+        ("embed", "index a catalog for search by meaning and write the index beside it", concepts.add_embed_arguments,
+         concepts.embed_command),
+        ("calibrate", "measure each feature's steering strengths into the catalog", concepts.add_calibrate_arguments,
+         concepts.calibrate_command),
+        ("bench-train", "training step rate against the dense encoder matmul alone", train_bench.add_arguments,
+         train_bench.main),
+    ]:
+        command = sae.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=func)
 
     convert = sae.add_parser("convert", help="rewrite an SAE in the other layout")
     convert.add_argument("src")
