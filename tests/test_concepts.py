@@ -240,3 +240,30 @@ def test_the_judge_reads_axbench_scores():
     judge = Judge("http://judge/v1", "m", "key", transport=httpx.MockTransport(handler))
     assert judge.score("the ocean", "Tell me a story.", "The waves...") == {"concept": 2, "fluency": 1}
     assert seen[0]["model"] == "m" and seen[0]["temperature"] == 0 and "the ocean" in seen[0]["messages"][0]["content"]
+
+
+def test_without_the_embedding_model_concepts_are_a_clear_400_and_search_uses_words():
+    from fastapi.testclient import TestClient
+
+    from lmm_steer.api.app import ServerSettings, create_app
+    from lmm_steer.engine import Engine, EngineConfig
+    from lmm_steer.models.loader import load_model
+    from lmm_steer.service import SteeringService
+    from sae_weights import load_sae
+
+    lm = load_model("builtin:tiny-llama")
+    catalog = FeatureCatalog([FeatureEntry(7, "dogs and puppies"), FeatureEntry(9, "tax law")])
+    service = SteeringService(Engine(lm, load_sae("builtin:random-topk", d_in=64), "model.layers.2",
+                                     EngineConfig(max_batch=2, max_seq_len=128)), catalog=catalog)
+    service.start()  # service.concepts stays None: what serve does when the model is not installed
+    try:
+        with TestClient(create_app(service, ServerSettings())) as client:
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "steering": {"concepts": [{"text": "dogs"}]}})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "concepts_unavailable"
+            assert r.json()["error"]["param"] == "steering.concepts"
+            assert client.post("/v1/steering/suggest", json={"concept": "dogs"}).status_code == 400
+            hits = client.get("/v1/features", params={"q": "dogs"}).json()["data"]
+            assert [h["id"] for h in hits] == [7]  # words only: the tax feature scores 0 and is left out
+    finally:
+        service.stop()

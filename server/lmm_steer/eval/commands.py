@@ -23,6 +23,8 @@ def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default=str(DEFAULT_CATALOG))
     p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated, of {', '.join(CONDITIONS)}")
     p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the recorded runs)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (the next get +1, +2)")
     p.add_argument("--strength", type=float, default=1.0, help="concept steering strength")
     p.add_argument("--max-features", type=int, default=1, help="features per concept")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint (…/v1) of an LLM judge")
@@ -56,7 +58,8 @@ def steer_command(args) -> int:
     if args.judge:
         judge = Judge(args.judge, args.judge_model, os.environ.get(args.api_key_env) if args.api_key_env else None)
     records = run(engine, catalog, index, load_concepts(args.concepts), conditions, max_tokens=args.max_tokens,
-                  strength=args.strength, max_features=args.max_features, judge=judge)
+                  strength=args.strength, max_features=args.max_features, judge=judge,
+                  temperature=args.temperature, seed=args.seed)
     summary = summarise(records)
     table = markdown(summary)
     print(table)

@@ -56,7 +56,7 @@ class Record:
 
 
 def _requests(concept: str, condition: str, prompts: list[str], catalog, index, max_tokens: int, strength: float,
-              max_features: int):
+              max_features: int, temperature: float = 0.0, seed: int = 0):
     """The requests of one concept under one condition, and the features they edit."""
     steering, features, system = None, [], None
     if condition == "prompting":
@@ -79,18 +79,21 @@ def _requests(concept: str, condition: str, prompts: list[str], catalog, index, 
     reqs = []
     for p in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        reqs.append(GenerationRequest(messages=messages, steering=steering, sampling=SamplingParams(max_tokens=max_tokens)))
+        # the same seed per prompt in every condition: conditions differ by their steering alone
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + prompts.index(p))
+        reqs.append(GenerationRequest(messages=messages, steering=steering, sampling=sampling))
     return reqs, features
 
 
 def run(engine, catalog, index, concepts: ConceptSet, conditions=CONDITIONS, *, max_tokens: int = 40,
-        strength: float = 1.0, max_features: int = 1, judge=None) -> list[Record]:
+        strength: float = 1.0, max_features: int = 1, judge=None, temperature: float = 0.0,
+        seed: int = 0) -> list[Record]:
     records: list[Record] = []
     reqs = []
     for concept in concepts.concepts:
         for condition in conditions:
             batch, features = _requests(concept, condition, concepts.prompts, catalog, index, max_tokens, strength,
-                                        max_features)
+                                        max_features, temperature, seed)
             reqs += batch
             records += [Record(concept, condition, p, "", features) for p in concepts.prompts]
     results = engine.generate(reqs)
