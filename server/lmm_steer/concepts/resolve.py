@@ -54,8 +54,15 @@ def candidates(index, text: str, limit: int = CANDIDATES) -> list[ConceptEdit]:
 
 def resolve_concept(index, text: str, strength: float = 1.0, max_features: int = MAX_FEATURES,
                     exclude: set[int] = frozenset()) -> list[ConceptEdit]:
+    return choose(candidates(index, text), text, strength, max_features, exclude)
+
+
+def choose(near: list[ConceptEdit], text: str, strength: float = 1.0, max_features: int = MAX_FEATURES,
+           exclude: set[int] = frozenset()) -> list[ConceptEdit]:
+    """Of the nearest features (nearest first), the first ``max_features`` that have a value, at
+    ``strength`` times it; only the first ``CANDIDATES`` are considered."""
     chosen = []
-    for c in candidates(index, text):
+    for c in near[:CANDIDATES]:
         if c.value is None or c.feature in exclude:
             continue
         chosen.append(ConceptEdit(c.feature, round(strength * c.value, 4), c.similarity, c.text, c.calibrated))

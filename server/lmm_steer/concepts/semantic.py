@@ -14,9 +14,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sae_weights import FeatureCatalog, FeatureEntry
+
+from ..models.disk_cache import cache_root
 
 _MARKED = re.compile(r"«([^»]*)»")
 LEXICAL_WEIGHT = 0.1  # share of the best-normalised BM25 score added to the cosine similarity (a tie-breaker; 0.25 let context words outrank meaning on the dev concepts)
@@ -37,9 +40,8 @@ def feature_text(entry: FeatureEntry) -> str:
     return ", ".join(marked)
 
 
-def cache_root() -> Path:
-    root = os.environ.get("LMM_STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmm-steer"
-    return Path(root) / "embeddings"
+def cache_path(digest: str) -> Path:
+    return cache_root() / "embeddings" / f"{digest}.safetensors"
 
 
 def shipped_path(catalog_path: str | Path) -> Path:
@@ -60,30 +62,30 @@ class SemanticIndex:
         self.row = {fid: i for i, fid in enumerate(self.ids)}
 
     def _load(self, catalog_path, digest) -> torch.Tensor | None:
-        for path in ([shipped_path(catalog_path)] if catalog_path else []) + [cache_root() / f"{digest}.safetensors"]:
+        for path in ([shipped_path(catalog_path)] if catalog_path else []) + [cache_path(digest)]:
             if path.exists():
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as f:
-                    if (f.metadata() or {}).get("digest") != digest:
-                        continue  # written for another catalog or model: recomputed
-                return load_file(str(path))["vectors"].float()
+                    if (f.metadata() or {}).get("digest") == digest:  # else: another catalog or model
+                        return f.get_tensor("vectors").float()
         return None
 
     def _save(self, digest) -> None:
-        path = cache_root() / f"{digest}.safetensors"
+        path = cache_path(digest)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({"vectors": self.vectors.half()}, str(tmp), metadata={"digest": digest, "model": self.embedder.name})
+            self._write(tmp)
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: the index still works, it is rebuilt next start
 
+    def _write(self, path: Path) -> None:
+        save_file({"vectors": self.vectors.half()}, str(path), metadata={"digest": self.digest, "model": self.embedder.name})
+
     def write_beside(self, catalog_path: str | Path) -> Path:
         """Ship the index with its catalog (what `lmm-steer sae embed` writes)."""
         path = shipped_path(catalog_path)
-        save_file({"vectors": self.vectors.half()}, str(path), metadata={"digest": self.digest, "model": self.embedder.name})
+        self._write(path)
         return path
 
     def similarities(self, query: str) -> torch.Tensor:

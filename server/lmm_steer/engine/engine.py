@@ -242,10 +242,9 @@ class Engine:
         self.max_len = max_len
         self.cache = StaticKVCache(layers, cfg.max_batch, kv_heads, max_len, head_dim, dtype=self.dtype,
                                    device=self.device)
-        table_dtype = sae.W_dec.dtype if sae is not None else self.dtype
-        self.max_steer_value = min(cfg.max_steer_value, torch.finfo(table_dtype).max)
         self.step_fn = DecodeStep(self.model, sae, self.hook_index, self.cache, max(1, cfg.max_clamps),
                                   compiled=cfg.compile)
+        self.max_steer_value = min(cfg.max_steer_value, torch.finfo(self.step_fn.table.delta_b.dtype).max)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.graphs = CUDAGraphDecoder(self.step_fn) if self.use_graphs else None
         self.batch_buckets = _buckets(cfg.max_batch)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+from sae_weights.default import DEFAULT_CATALOG, DEFAULT_MODEL, DEFAULT_SAE, hookpoint_for
 
 from ..engine.factory import add_device_arguments
 from .steer import CONDITIONS, HELD_OUT
@@ -49,7 +49,7 @@ def steer_command(args) -> int:
     if unknown:
         print(f"lmm-steer: error: unknown conditions {unknown} (known: {', '.join(CONDITIONS)})", file=sys.stderr)
         return 2
-    hookpoint = args.hookpoint or (DEFAULT_HOOKPOINT if args.sae == str(DEFAULT_SAE) else None)
+    hookpoint = hookpoint_for(args.sae, args.hookpoint)
     engine = build_engine(args.model, args.sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device,
                           config=EngineConfig(max_batch=32, max_seq_len=256))
     catalog = FeatureCatalog.load(args.catalog)

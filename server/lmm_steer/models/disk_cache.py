@@ -17,6 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where lmm-steer keeps what it builds once: $LMM_STEER_CACHE, else $XDG_CACHE_HOME/lmm-steer,
+    else ~/.cache/lmm-steer."""
+    root = os.environ.get("LMM_STEER_CACHE")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmm-steer"
+
+
 def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
     """Make sure ``target/marker`` exists, calling ``build(tmp_dir)`` to fill a fresh directory
     at most once across processes; returns ``target``."""

@@ -8,12 +8,11 @@ result is cached as safetensors so later loads take a second.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
-from .disk_cache import build_once
+from .disk_cache import build_once, cache_root
 from .loaded import LoadedModel
 
 NAME = "builtin:smollm2-135m-instruct"
@@ -25,8 +24,7 @@ class SmolLM2Missing(ValueError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LMM_STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmm-steer"
-    return Path(root) / "smollm2-135m-instruct-q4_1"
+    return cache_root() / "smollm2-135m-instruct-q4_1"
 
 
 def gguf_path() -> Path:
