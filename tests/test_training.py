@@ -290,3 +290,40 @@ def test_cuda_training_with_bf16_autocast_lowers_fvu_and_matches_cpu_gradients()
         grads.append([t.grad.cpu() for t in p])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _dense_loss(x, w_enc, b_enc, w_dec, b_dec, k, dead, auxk_alpha):
+    """The loss the trainer documents, by dense autograd: FVU, plus auxk_alpha x the AuxK FVU of the
+    top min(d/2, dead) dead latents predicting the main reconstruction's residual."""
+    pre = F.relu((x - b_dec) @ w_enc.T + b_enc)
+    z = torch.zeros_like(pre).scatter(1, pre.topk(k, dim=1).indices, pre.topk(k, dim=1).values)
+    err = z @ w_dec + b_dec - x
+    loss = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    n_dead = int(dead.sum())
+    if auxk_alpha and n_dead:
+        k_aux = min(x.shape[1] // 2, n_dead)
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        top = aux_pre.topk(k_aux, dim=1)
+        z_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values.clamp_min(0))
+        residual = err.detach()
+        aux = (z_aux @ w_dec + residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+        loss = loss + auxk_alpha * aux
+    return loss
+
+
+@pytest.mark.parametrize("auxk_alpha", [0.0, 1 / 32])
+def test_step_gradients_equal_dense_autograd_of_the_documented_loss(auxk_alpha):
+    """Every parameter's gradient, b_dec's encoder-input path included, equals autograd's."""
+    d, m, k = 64, 512, 8
+    data = _synthetic(n=2000, d=d)
+    x = data[:256]
+    tr = SAETrainer(TrainConfig(num_latents=m, k=k, batch_size=256, dead_tokens=100, seed=5, auxk_alpha=auxk_alpha), d)
+    tr.since_fired[::3] = 1000  # a third of the latents count as dead
+    dead = tr.since_fired >= 100
+    tr.gradients(x)
+    ours = [p.grad.clone() for p in tr.params]
+    ref = [p.detach().clone().double().requires_grad_() for p in tr.params]
+    _dense_loss(x.double(), *ref, k, dead, auxk_alpha).backward()
+    for name, a, r in zip(("W_enc", "b_enc", "W_dec", "b_dec"), ours, ref, strict=True):
+        rel = float((a.double() - r.grad).norm() / r.grad.norm())
+        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"

@@ -122,6 +122,15 @@ class SAETrainer:
 
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimiser step on this rank's ``x`` [tokens, d_in]; ranks average gradients."""
+        stats, vals, idx, dead = self.gradients(x)
+        self._apply(x.shape[0], vals, idx)
+        stats.update({"step": self.step, "dead_share": float(dead.float().mean()), "lr": self.lr_at(self.step - 1),
+                      "tokens": self.tokens_seen})
+        return stats
+
+    def gradients(self, x: torch.Tensor):
+        """Forward and backward on ``x``: every parameter's ``.grad`` holds the gradient of the loss
+        (FVU + ``auxk_alpha`` x AuxK FVU), averaged over ranks; nothing is stepped yet."""
         sae, cfg = self.sae, self.cfg
         x = x.to(self.device, torch.float32)
         if not self.b_dec_initialised:
@@ -161,31 +170,37 @@ class SAETrainer:
             aux_fvu = (e_hat + residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + cfg.auxk_alpha * aux_fvu
         loss.backward()
+        with torch.no_grad():
+            # b_dec also enters the encoder's input (x - b_dec), whose sparse backward returns no input
+            # gradient; that path's share of dL/db_dec is -sum_tokens dL/dxc = -(dL/db_enc) W_enc
+            sae.b_dec.grad.sub_(sae.b_enc.grad.to(sae.W_enc.dtype) @ sae.W_enc)
         if self.world > 1:
             for p in self.params:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
-        with torch.no_grad():
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.step)
-            _unit_rows_step(sae.W_dec, sae.W_dec.grad, self.opt.step)
-            active = vals > 0
-            fired = torch.bincount(idx[active], minlength=cfg.num_latents)
-            if self.world > 1:
-                dist.all_reduce(fired)
-            n_tokens = x.shape[0] * self.world
-            self.since_fired += n_tokens
-            self.since_fired[fired > 0] = 0
-            self.tokens_seen += n_tokens
-            self.step += 1
-        stats = {"step": self.step, "fvu": float(fvu.detach()), "aux_fvu": float(aux_fvu.detach()),
-                 "l0": float(active.sum(1).float().mean()), "dead_share": float(dead.float().mean()),
-                 "lr": self.lr_at(self.step - 1), "tokens": self.tokens_seen}
+        active = vals > 0
+        stats = {"fvu": float(fvu.detach()), "aux_fvu": float(aux_fvu.detach()), "l0": float(active.sum(1).float().mean())}
         if self.world > 1:
             t = torch.tensor([stats["fvu"], stats["l0"]], device=self.device)
             dist.all_reduce(t)
             stats["fvu"], stats["l0"] = (t / self.world).tolist()
-        return stats
+        return stats, vals, idx, dead
+
+    @torch.no_grad()
+    def _apply(self, batch_tokens: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """The optimiser step on the gradients ``gradients`` left, and the firing bookkeeping."""
+        sae, cfg = self.sae, self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        _unit_rows_step(sae.W_dec, sae.W_dec.grad, self.opt.step)
+        fired = torch.bincount(idx[vals > 0], minlength=cfg.num_latents)
+        if self.world > 1:
+            dist.all_reduce(fired)
+        n_tokens = batch_tokens * self.world
+        self.since_fired += n_tokens
+        self.since_fired[fired > 0] = 0
+        self.tokens_seen += n_tokens
+        self.step += 1
 
     # -- checkpoints --------------------------------------------------------------------------
 
