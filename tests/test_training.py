@@ -149,10 +149,11 @@ def test_train_command_on_a_builtin_model_lowers_fvu_and_serves(corpus, tmp_path
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "sae.log.jsonl").read_text().splitlines()]
-    assert log[0]["fvu"] > 0.5
     assert summary["fvu"] < 0.25, summary  # bound for this setup: 300 steps, 256 latents, k 16
+    assert summary["fvu"] < 0.5 * log[0]["fvu"]  # training, not the initialisation, got it there
     assert summary["l0"] <= 16 and 0 <= summary["dead_share"] < 0.5
-    assert summary["ce_spliced"] >= summary["ce_clean"] - 0.05 and summary["kl"] >= 0
+    # a random-weight model: the splice may move its loss either way, but only a little at this FVU
+    assert abs(summary["ce_spliced"] - summary["ce_clean"]) < 0.5 and summary["kl"] >= 0
     assert any("kl" in row for row in log)
     # the checkpoint is the sparsify layout the server loads directly
     sae = load_sae(out, hookpoint="model.layers.2")
@@ -327,3 +328,69 @@ def test_step_gradients_equal_dense_autograd_of_the_documented_loss(auxk_alpha):
     for name, a, r in zip(("W_enc", "b_enc", "W_dec", "b_dec"), ours, ref, strict=True):
         rel = float((a.double() - r.grad).norm() / r.grad.norm())
         assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd():
+    """Our schedule-free sign descent takes the iterates of the library sparsify uses, step for step
+    (up to rounding: our update is fused)."""
+    schedulefree = pytest.importorskip("schedulefree", reason="the reference library (the bench extra)")
+    from lmm_steer.training.schedule_free import ScheduleFreeSign
+
+    class SignSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    torch.manual_seed(0)
+    a = torch.randn(10, 5, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    with torch.no_grad():  # a data-dependent change before the first step (as b_dec's initialisation)
+        a += 1.0
+        b += 1.0
+    lib = schedulefree.ScheduleFreeWrapper(SignSGD([a], lr=0.01), momentum=0.95)
+    lib.train()
+    ours = ScheduleFreeSign([b], 0.01, 0.95)
+    target = torch.randn(10, 5)
+    for _ in range(40):
+        for p in (a, b):
+            p.grad = None
+            ((p - target) ** 3).sum().backward()
+        lib.step()
+        ours.step()
+        torch.testing.assert_close(a, b)
+    lib.eval()
+    with ours.averaged():
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(a, b)  # y again after the block
+
+
+def test_bench_quality_scores_a_trainer_against_the_true_dictionary(tmp_path):
+    """The scores are measured against the stream's truth: the true dictionary scores perfectly,
+    a random one does not, and a short run of the trainer learns some of the atoms."""
+    from lmm_steer.training.quality import DictionaryStream, scores, train_ours
+
+    stream = DictionaryStream(d=32, atoms=64, active=2, seed=3)
+    atoms = stream.dictionary
+    # the true atoms as encoder and decoder, centred on the offset: every atom found exactly
+    truth = scores(stream, atoms, torch.zeros(64), atoms, stream.offset * stream.scale, k=2)
+    assert truth["recovery"] == pytest.approx(1.0) and truth["recovered_share"] == 1.0
+    assert truth["precision"] == pytest.approx(1.0)
+    rand = torch.nn.functional.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(9)), dim=1)
+    random_scores = scores(stream, rand, torch.zeros(64), rand, torch.zeros(32), k=2)
+    assert random_scores["recovery"] < 0.8 and random_scores["recovered_share"] < 0.1
+    trained = train_ours(stream, latents=128, k=4, batch=512, steps=150)
+    assert trained["recovery"] > random_scores["recovery"] + 0.1
+    assert trained["fvu"] < 0.5 and trained["l0"] <= 4
+
+    out = tmp_path / "q.json"
+    r = _cli("sae", "bench-quality", "--d-in", "16", "--atoms", "32", "--active", "2", "--latents", "64", "--k", "4",
+             "--batch", "256", "--tokens", "5120", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["steps"] == 20 and "lmm-steer" in report["rows"]
+    assert "| lmm-steer |" in r.stdout

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .concepts import commands as concepts
     from .training import bench as train_bench
     from .training import commands as training
+    from .training import quality as train_quality
 
     for name, help_text, add_arguments, func in [
         ("train", "train a TopK SAE on a model's activations at a hookpoint", training.add_train_arguments,
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
          concepts.calibrate_command),
         ("bench-train", "training step rate against the dense encoder matmul alone", train_bench.add_arguments,
          train_bench.main),
+        ("bench-quality", "recovery of a known sparse dictionary, against sparsify for equal tokens",
+         train_quality.add_arguments, train_quality.main),
     ]:
         command = sae.add_parser(name, help=help_text)
         add_arguments(command)

@@ -26,8 +26,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096, help="tokens per step, across ranks")
     p.add_argument("--steps", type=int, help="default: one pass over the collected tokens")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--optimizer", choices=["signum", "adam"], default="signum",
+                   help="signum: sign descent with schedule-free averaging (sparsify's default); adam: with warm-up "
+                        "and cosine decay")
+    p.add_argument("--lr", type=float, help="default: 5e-3 (signum) or 2e-4 (adam) / sqrt(latents / 2^14), as sparsify")
+    p.add_argument("--warmup", type=int, default=100, help="adam's warm-up steps")
     p.add_argument("--auxk-alpha", type=float, default=1 / 32)
     p.add_argument("--dead-tokens", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +90,7 @@ def train_command(args) -> int:
         raise SystemExit(f"lmm-steer: error: --data {args.data} gave only {acts.shape[0]} tokens")
     latents = args.latents or d_in * args.expansion
     steps = args.steps or max(1, math.ceil(acts.shape[0] * world / args.batch))
-    cfg = TrainConfig(num_latents=latents, k=args.k, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+    cfg = TrainConfig(num_latents=latents, k=args.k, batch_size=args.batch, optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                       steps=steps, auxk_alpha=args.auxk_alpha, dead_tokens=args.dead_tokens, seed=args.seed,
                       log_every=args.log_every, checkpoint_every=args.checkpoint_every, hookpoint=args.hookpoint)
     trainer = SAETrainer(cfg, d_in, device=device)
@@ -134,7 +137,8 @@ def train_command(args) -> int:
         summary = {"out": str(out), "steps": trainer.step, "tokens": trainer.tokens_seen, "world_size": world,
                    "rank_digests": digests, **{k: log[-1][k] for k in ("fvu", "l0", "dead_share") if log}}
         if held_out:
-            summary.update(splice_eval(loaded, hook_index, trainer.sae, held_out))
+            with trainer.evaluation_weights() as sae:
+                summary.update(splice_eval(loaded, hook_index, sae, held_out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
     if dist.is_initialized():
