@@ -19,18 +19,24 @@ import torch
 
 
 class ScheduleFreeSign:
+    """The optimiser surface the trainer uses for torch's Adam too: ``param_groups[0]["lr"]``,
+    ``step()``, ``state_dict()`` / ``load_state_dict()`` (per-parameter tensors), plus
+    ``averaged()``. Its state dict carries y, the training point, so a resumed run continues
+    exactly even though the saved SAE is x."""
+
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.95) -> None:
-        self.params, self.lr, self.momentum = params, lr, momentum
+        self.params, self.momentum = params, momentum
+        self.param_groups = [{"lr": lr}]
         self.z: list[torch.Tensor] = []  # taken at the first step, after any data-dependent initialisation
         self.weight_sum = 0.0
         self.lr_max = 0.0
 
     @torch.no_grad()
     def step(self) -> None:
-        b = self.momentum
+        b, lr = self.momentum, self.param_groups[0]["lr"]
         if not self.z:
             self.z = [p.detach().clone() for p in self.params]
-        self.lr_max = max(self.lr_max, self.lr)
+        self.lr_max = max(self.lr_max, lr)
         weight = self.lr_max**2
         self.weight_sum += weight
         c = weight / self.weight_sum
@@ -39,9 +45,9 @@ class ScheduleFreeSign:
         # each parameter instead of four (the three lerps schedulefree runs, and the step)
         for p, z in zip(self.params, self.z, strict=True):
             s = p.grad.sign()
-            z.add_(s, alpha=-self.lr)
+            z.add_(s, alpha=-lr)
             p.lerp_(z, c)
-            p.add_(s, alpha=-(1 - c) * (1 - b) * self.lr)
+            p.add_(s, alpha=-(1 - c) * (1 - b) * lr)
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -59,12 +65,21 @@ class ScheduleFreeSign:
             for p, y in zip(self.params, ys, strict=True):
                 p.copy_(y)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"z.{i}": z for i, z in enumerate(self.z)} | {
-            "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64),
-            "lr_max": torch.tensor(self.lr_max, dtype=torch.float64)}
+    def state_dict(self) -> dict:
+        if not self.z:
+            return {"state": {}}
+        # the two scalars are the group's; every parameter's entry repeats them (as torch's 'step'),
+        # each its own tensor since safetensors refuses shared storage
+        return {"state": {i: {"y": p.detach(), "z": z, "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64),
+                              "lr_max": torch.tensor(self.lr_max, dtype=torch.float64)}
+                          for i, (p, z) in enumerate(zip(self.params, self.z, strict=True))}}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.z = [tensors[f"z.{i}"].clone() for i in range(len(self.params))]
-        self.weight_sum = float(tensors["weight_sum"])
-        self.lr_max = float(tensors["lr_max"])
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        per = state["state"]
+        if not per:
+            return
+        for i, p in enumerate(self.params):
+            p.copy_(per[i]["y"])
+        self.z = [per[i]["z"].clone() for i in range(len(self.params))]
+        self.weight_sum, self.lr_max = float(per[0]["weight_sum"]), float(per[0]["lr_max"])

@@ -211,11 +211,8 @@ class SAETrainer:
     def _apply(self, batch_tokens: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """The optimiser step on the gradients ``gradients`` left, and the firing bookkeeping."""
         sae, cfg = self.sae, self.cfg
-        if isinstance(self.opt, ScheduleFreeSign):
-            self.opt.lr = self.lr_at(self.step)
-        else:
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
         _unit_rows_step(sae.W_dec, sae.W_dec.grad, self.opt.step)
         fired = torch.bincount(idx[vals > 0], minlength=cfg.num_latents)
         if self.world > 1:
@@ -230,10 +227,7 @@ class SAETrainer:
     def evaluation_weights(self):
         """The SAE's weights as they are meant to be used (evaluated, saved) inside the block: for
         signum the averaged iterate x, not the point y where gradients are taken."""
-        if isinstance(self.opt, ScheduleFreeSign):
-            with self.opt.averaged():
-                yield self.sae
-        else:
+        with getattr(self.opt, "averaged", contextlib.nullcontext)():
             yield self.sae
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -250,14 +244,9 @@ class SAETrainer:
             save_sae(sae.cpu(), tmp / "sae", "sparsify", hookpoint=self.cfg.hookpoint)
             self.sae.to(self.device)
         tensors = {"since_fired": self.since_fired.cpu()}
-        if isinstance(self.opt, ScheduleFreeSign):
-            # the saved SAE is x; resuming needs the training point y and z exactly
-            tensors |= {f"sf.{k}": t.cpu() for k, t in self.opt.state_tensors().items()}
-            tensors |= {f"y.{i}": p.detach().cpu() for i, p in enumerate(self.params)}
-        else:
-            for i, st in self.opt.state_dict()["state"].items():
-                for name, t in st.items():
-                    tensors[f"opt.{i}.{name}"] = t.cpu() if torch.is_tensor(t) else torch.tensor(t)
+        for i, st in self.opt.state_dict()["state"].items():
+            for name, t in st.items():
+                tensors[f"opt.{i}.{name}"] = t.cpu() if torch.is_tensor(t) else torch.tensor(t)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
         meta = {"step": self.step, "tokens_seen": self.tokens_seen, "b_dec_initialised": self.b_dec_initialised,
@@ -282,18 +271,13 @@ class SAETrainer:
                 p.copy_(q)
         tensors = load_file(str(out / "trainer_state.safetensors"))
         self.since_fired = tensors["since_fired"].to(self.device)
-        if isinstance(self.opt, ScheduleFreeSign):
-            with torch.no_grad():
-                for i, p in enumerate(self.params):
-                    p.copy_(tensors[f"y.{i}"])
-            self.opt.load_state_tensors({k[3:]: t.to(self.device) for k, t in tensors.items() if k.startswith("sf.")})
-        else:
-            state = self.opt.state_dict()
-            for key, t in tensors.items():
-                if key.startswith("opt."):
-                    _, i, name = key.split(".", 2)
-                    state["state"].setdefault(int(i), {})[name] = t.to(self.device)
-            self.opt.load_state_dict(state)
+        state = self.opt.state_dict()
+        for key, t in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                state["state"].setdefault(int(i), {})[name] = t.to(self.device)
+        # after the SAE's weights: signum's state puts back y, the point training continues from
+        self.opt.load_state_dict(state)
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.b_dec_initialised = meta["b_dec_initialised"]
