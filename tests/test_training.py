@@ -372,16 +372,16 @@ def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd():
 def test_bench_quality_scores_a_trainer_against_the_true_dictionary(tmp_path):
     """The scores are measured against the stream's truth: the true dictionary scores perfectly,
     a random one does not, and a short run of the trainer learns some of the atoms."""
-    from lmm_steer.training.quality import DictionaryStream, scores, train_ours
+    from lmm_steer.training.quality import DictionaryStream, scores, topk_sae, train_ours
 
     stream = DictionaryStream(d=32, atoms=64, active=2, seed=3)
     atoms = stream.dictionary
     # the true atoms as encoder and decoder, centred on the offset: every atom found exactly
-    truth = scores(stream, atoms, torch.zeros(64), atoms, stream.offset * stream.scale, k=2)
+    truth = scores(stream, topk_sae(atoms, torch.zeros(64), atoms, stream.offset * stream.scale, k=2))
     assert truth["recovery"] == pytest.approx(1.0) and truth["recovered_share"] == 1.0
     assert truth["precision"] == pytest.approx(1.0)
     rand = torch.nn.functional.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(9)), dim=1)
-    random_scores = scores(stream, rand, torch.zeros(64), rand, torch.zeros(32), k=2)
+    random_scores = scores(stream, topk_sae(rand, torch.zeros(64), rand, torch.zeros(32), k=2))
     assert random_scores["recovery"] < 0.8 and random_scores["recovered_share"] < 0.1
     trained = train_ours(stream, latents=128, k=4, batch=512, steps=150)
     assert trained["recovery"] > random_scores["recovery"] + 0.1

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sae_weights import SAEConfig, SparseAutoencoder
+
 from .trainer import SAETrainer, TrainConfig
 
 HELD_OUT_SEED = 10**6  # held-out batches come from this offset of the stream's step seeds
@@ -68,17 +70,25 @@ class DictionaryStream:
         return self.batch(HELD_OUT_SEED, n)
 
 
-def scores(stream: DictionaryStream, w_enc, b_enc, w_dec, b_dec, k: int, tokens: int = 16384) -> dict:
-    """Quality of a TopK SAE ``(W_enc [M, D], b_enc, W_dec [M, D], b_dec)`` against the stream's truth."""
+def topk_sae(w_enc, b_enc, w_dec, b_dec, k: int) -> SparseAutoencoder:
+    """Our SAE module holding a TopK SAE's weights (W_enc and W_dec [M, D]), whoever trained them."""
+    sae = SparseAutoencoder(SAEConfig(d_in=w_enc.shape[1], num_latents=w_enc.shape[0], activation="topk", k=k))
+    with torch.no_grad():
+        for dst, src in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), (w_enc, b_enc, w_dec, b_dec), strict=True):
+            dst.copy_(src)
+    return sae
+
+
+def scores(stream: DictionaryStream, sae: SparseAutoencoder, tokens: int = 16384) -> dict:
+    """Quality of a TopK SAE against the stream's truth."""
     x = stream.held_out(tokens)
     with torch.no_grad():
-        pre = torch.relu((x - b_dec) @ w_enc.T + b_enc)
-        vals, idx = pre.topk(k, dim=1)
-        x_hat = torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum") + b_dec
+        vals, idx = sae.encode_sparse(x)
+        x_hat = sae.decode_sparse(vals, idx)
         fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-        fired = torch.zeros(w_enc.shape[0], dtype=torch.bool)
+        fired = torch.zeros(sae.num_latents, dtype=torch.bool)
         fired[idx[vals > 0]] = True
-        cos = stream.dictionary @ torch.nn.functional.normalize(w_dec, dim=1).T  # [atoms, M]
+        cos = stream.dictionary @ torch.nn.functional.normalize(sae.W_dec, dim=1).T  # [atoms, M]
         best = cos.max(1).values
         precision = cos[:, fired].max(0).values
     return {"fvu": fvu, "l0": float((vals > 0).sum(1).float().mean()), "dead_share": float(1 - fired.float().mean()),
@@ -94,9 +104,8 @@ def train_ours(stream: DictionaryStream, latents: int, k: int, batch: int, steps
         t0 = time.perf_counter()
         trainer.train_step(x)
         times.append(time.perf_counter() - t0)
-    with trainer.evaluation_weights():
-        sae = trainer.sae
-        result = scores(stream, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k)
+    with trainer.evaluation_weights() as sae:
+        result = scores(stream, sae)
     return {**result, "step_s": statistics.median(times)}
 
 
@@ -135,8 +144,7 @@ def train_sparsify(stream: DictionaryStream, latents: int, k: int, batch: int, s
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
     opt.eval()
-    with torch.no_grad():
-        result = scores(stream, sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, k)
+    result = scores(stream, topk_sae(sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec, k))
     return {**result, "step_s": statistics.median(times)}
 
 
