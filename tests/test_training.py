@@ -363,10 +363,6 @@ def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd():
         lib.step()
         ours.step()
         torch.testing.assert_close(a, b)
-    lib.eval()
-    with ours.averaged():
-        torch.testing.assert_close(a, b)
-    assert not torch.equal(a, b)  # y again after the block
 
 
 def test_bench_quality_scores_a_trainer_against_the_true_dictionary(tmp_path):

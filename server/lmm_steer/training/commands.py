@@ -137,8 +137,7 @@ def train_command(args) -> int:
         summary = {"out": str(out), "steps": trainer.step, "tokens": trainer.tokens_seen, "world_size": world,
                    "rank_digests": digests, **{k: log[-1][k] for k in ("fvu", "l0", "dead_share") if log}}
         if held_out:
-            with trainer.evaluation_weights() as sae:
-                summary.update(splice_eval(loaded, hook_index, sae, held_out))
+            summary.update(splice_eval(loaded, hook_index, trainer.sae, held_out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
     if dist.is_initialized():

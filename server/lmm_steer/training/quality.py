@@ -104,8 +104,7 @@ def train_ours(stream: DictionaryStream, latents: int, k: int, batch: int, steps
         t0 = time.perf_counter()
         trainer.train_step(x)
         times.append(time.perf_counter() - t0)
-    with trainer.evaluation_weights() as sae:
-        result = scores(stream, sae)
+    result = scores(stream, trainer.sae)
     return {**result, "step_s": statistics.median(times)}
 
 

@@ -13,7 +13,6 @@ safetensors and JSON, never pickle; a resumed seeded run continues exactly where
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import math
@@ -223,13 +222,6 @@ class SAETrainer:
         self.tokens_seen += n_tokens
         self.step += 1
 
-    @contextlib.contextmanager
-    def evaluation_weights(self):
-        """The SAE's weights as they are meant to be used (evaluated, saved) inside the block: for
-        signum the averaged iterate x, not the point y where gradients are taken."""
-        with getattr(self.opt, "averaged", contextlib.nullcontext)():
-            yield self.sae
-
     # -- checkpoints --------------------------------------------------------------------------
 
     def save(self, out: Path) -> Path:
@@ -240,9 +232,8 @@ class SAETrainer:
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        with self.evaluation_weights() as sae:
-            save_sae(sae.cpu(), tmp / "sae", "sparsify", hookpoint=self.cfg.hookpoint)
-            self.sae.to(self.device)
+        save_sae(self.sae.cpu(), tmp / "sae", "sparsify", hookpoint=self.cfg.hookpoint)
+        self.sae.to(self.device)
         tensors = {"since_fired": self.since_fired.cpu()}
         for i, st in self.opt.state_dict()["state"].items():
             for name, t in st.items():
@@ -276,7 +267,6 @@ class SAETrainer:
             if key.startswith("opt."):
                 _, i, name = key.split(".", 2)
                 state["state"].setdefault(int(i), {})[name] = t.to(self.device)
-        # after the SAE's weights: signum's state puts back y, the point training continues from
         self.opt.load_state_dict(state)
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
@@ -293,8 +283,7 @@ def train(trainer: SAETrainer, batches: Callable[[int], torch.Tensor], *, out: P
     while trainer.step < cfg.steps:
         stats = trainer.train_step(batches(trainer.step))
         if evaluate is not None and eval_every and trainer.step % eval_every == 0:
-            with trainer.evaluation_weights() as sae:
-                stats.update(evaluate(sae))
+            stats.update(evaluate(trainer.sae))
         stats["elapsed_s"] = round(time.perf_counter() - t0, 2)
         trainer.log.append(stats)
         if trainer.rank == 0 and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
