@@ -86,6 +86,30 @@ def test_jsonl_data_errors_name_file_and_line(tmp_path, text, msg):
         list(iter_examples(str(path)))
 
 
+def test_wordnet_source_parses_glosses_and_samples_every_topic_from_the_start(tmp_path):
+    from lmm_steer.training.data import iter_examples
+
+    # WordNet's data files hold synsets grouped by topic (the lexicographer file, field 2)
+    def synset(offset, lexfile, word, gloss):
+        return f"{offset:08d} {lexfile:02d} n 01 {word} 0 000 | {gloss}\n"
+
+    lines = ["  1 This software and database is being provided ...\n"]
+    lines += [synset(i, 4, f"act_{i}", f"an act numbered {i}") for i in range(60)]
+    lines += [synset(100 + i, 5, f"animal_{i}(a)", f"an animal numbered {i}") for i in range(60)]
+    (tmp_path / "data.noun").write_text("".join(lines))
+    examples = list(iter_examples(f"wordnet:{tmp_path}"))
+    texts = [e.messages[0]["content"][0]["text"] for e in examples]
+    glosses = [g for t in texts for g in t.split("\n")]
+    assert len(examples) == 20 and all(len(t.split("\n")) == 6 for t in texts)
+    # every synset once, underscores as spaces, the adjective marker dropped, the licence skipped
+    assert sorted(glosses) == sorted([f"act {i}: an act numbered {i}" for i in range(60)]
+                                     + [f"animal {i}: an animal numbered {i}" for i in range(60)])
+    # a short budget (the first 2 conversations) already mixes both topics, and runs repeat
+    first = "\n".join(texts[:2])
+    assert "act " in first and "animal " in first
+    assert texts == [e.messages[0]["content"][0]["text"] for e in iter_examples(f"wordnet:{tmp_path}")]
+
+
 def _synthetic(n=20000, d=48, true_features=192, seed=0):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(true_features, d, generator=g)

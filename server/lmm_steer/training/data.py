@@ -11,6 +11,7 @@ and a reachable hub).
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +68,13 @@ def wordnet_glosses(root: Path) -> Iterator[str]:
 
 def iter_examples(src: str) -> Iterator[Example]:
     if src.startswith("wordnet:"):
+        # WordNet's data files are grouped by topic (acts, then animals, artifacts, ...), so the
+        # first 250k tokens in file order are acts and animals only; a fixed-seed shuffle makes any
+        # token budget a sample of the whole dictionary
+        shuffled = list(wordnet_glosses(Path(src[len("wordnet:"):])))
+        random.Random(0).shuffle(shuffled)
         # several glosses per conversation, so the chat template's fixed tokens are a small share
-        glosses = wordnet_glosses(Path(src[len("wordnet:"):]))
+        glosses = iter(shuffled)
         while group := list(itertools.islice(glosses, 6)):
             yield Example([_user("\n".join(group))])
         return
