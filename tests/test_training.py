@@ -354,7 +354,8 @@ def test_step_gradients_equal_dense_autograd_of_the_documented_loss(auxk_alpha):
         assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
 
 
-def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd():
+@pytest.mark.parametrize("slab", [None, 7])
+def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd(slab):
     """Our schedule-free sign descent takes the iterates of the library sparsify uses, step for step
     (up to rounding: our update is fused)."""
     schedulefree = pytest.importorskip("schedulefree", reason="the reference library (the bench extra)")
@@ -378,7 +379,7 @@ def test_schedule_free_sign_equals_schedulefree_wrapping_sign_sgd():
         b += 1.0
     lib = schedulefree.ScheduleFreeWrapper(SignSGD([a], lr=0.01), momentum=0.95)
     lib.train()
-    ours = ScheduleFreeSign([b], 0.01, 0.95)
+    ours = ScheduleFreeSign([b], 0.01, 0.95, slab=slab)  # 7: slabs that split rows
     target = torch.randn(10, 5)
     for _ in range(40):
         for p in (a, b):
