@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     steer = evals.add_parser("steer", help="concept steering against unsteered, prompting and the README's recipe")
     evaluations.add_steer_arguments(steer)
     steer.set_defaults(func=evaluations.steer_command)
+    from .scenes import commands as scenes
+
+    scene_commands = sub.add_parser("scenes", help="synthetic scenes with exact ground truth").add_subparsers(
+        dest="scenes_command", required=True)
+    generate = scene_commands.add_parser("generate", help="scenes, COCO masks, captions, questions and regions")
+    scenes.add_generate_arguments(generate)
+    generate.set_defaults(func=scenes.generate_command)
     return parser
 
 

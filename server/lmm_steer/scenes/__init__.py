@@ -1,0 +1,1 @@
+"""Synthetic scenes with exact ground truth: the multimodal testbed (issue #16)."""
