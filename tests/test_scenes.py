@@ -84,6 +84,19 @@ def test_masks_are_the_drawing(split):
     assert checked_background >= 10
 
 
+# pycocotools 2.0.x passes copy=False to numpy 2's __array__ (its warning, not ours)
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_cocos_own_reader_loads_the_annotations_and_their_masks(split):
+    from pycocotools.coco import COCO
+
+    out, summary = split
+    coco = COCO(str(out / "annotations.json"))
+    assert len(coco.getImgIds()) == 60 and len(coco.getAnnIds()) == summary["objects"]
+    assert sorted(c["name"] for c in coco.loadCats(coco.getCatIds())) == sorted(SHAPES)
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert np.array_equal(coco.annToMask(ann).astype(bool), rle_decode(ann["segmentation"]))
+
+
 def test_answers_agree_with_the_coco_annotations(split):
     out, _ = split
     coco = json.loads((out / "annotations.json").read_text())
