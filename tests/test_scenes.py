@@ -33,6 +33,11 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _coco_and_graphs(out):
+    return (json.loads((out / "annotations.json").read_text()),
+            json.loads((out / "scenes.json").read_text())["scenes"])
+
+
 def test_same_seed_same_scenes_and_a_shorter_run_is_a_prefix(tmp_path, split):
     out, _ = split
     generate(tmp_path / "a", 5, seed=7)
@@ -58,8 +63,7 @@ def test_rle_round_trips_masks_that_start_inside_and_outside():
 
 def test_masks_are_the_drawing(split):
     out, summary = split
-    coco = json.loads((out / "annotations.json").read_text())
-    scenes = json.loads((out / "scenes.json").read_text())["scenes"]
+    coco, scenes = _coco_and_graphs(out)
     by_image = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -99,8 +103,7 @@ def test_cocos_own_reader_loads_the_annotations_and_their_masks(split):
 
 def test_answers_agree_with_the_coco_annotations(split):
     out, _ = split
-    coco = json.loads((out / "annotations.json").read_text())
-    scenes = json.loads((out / "scenes.json").read_text())["scenes"]
+    coco, scenes = _coco_and_graphs(out)
     objects = {}
     for ann in coco["annotations"]:
         mask = rle_decode(ann["segmentation"])
