@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..training.trainer import warmup_cosine
+
 # CLIP's image normalisation (transformers' CLIPImageProcessor defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,12 +95,6 @@ def train_vision_tower(pixels: torch.Tensor, text: torch.Tensor, cfg: VisionConf
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": [*no_decay, logit_scale], "weight_decay": 0.0}], lr=cfg.lr)
 
-    def lr_at(step):  # linear warm-up, cosine decay to a tenth
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress_share = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_share))))
-
     order, rng, at = list(range(len(pixels))), random.Random(cfg.seed), len(pixels)
     log = []
     for step in range(cfg.steps):
@@ -108,7 +104,7 @@ def train_vision_tower(pixels: torch.Tensor, text: torch.Tensor, cfg: VisionConf
         rows = torch.tensor(order[at:at + cfg.batch])
         at += cfg.batch
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         img = F.normalize(model(pixel_values=pixels[rows]).image_embeds, dim=-1)
         txt = text[rows]
         logits = logit_scale.exp().clamp(max=100) * img @ txt.T

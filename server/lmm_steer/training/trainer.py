@@ -59,6 +59,15 @@ class TrainConfig:
         return base / math.sqrt(self.num_latents / 2**14)
 
 
+def warmup_cosine(step: int, base: float, warmup: int, steps: int) -> float:
+    """Learning rate at ``step`` (from 0): linear warm-up over ``warmup`` steps, then cosine decay
+    to a tenth of ``base`` at ``steps``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Weiszfeld's algorithm: robust centre of the activations, used to initialise b_dec."""
     m = x.mean(0)
@@ -133,10 +142,7 @@ class SAETrainer:
         base, cfg = self.cfg.learning_rate, self.cfg
         if cfg.optimizer == "signum":
             return base
-        if step < cfg.warmup_steps:
-            return base * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return warmup_cosine(step, base, cfg.warmup_steps, cfg.steps)
 
     # -- one step -----------------------------------------------------------------------------
 
