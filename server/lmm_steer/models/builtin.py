@@ -95,7 +95,7 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|eot_id|>", "<image>", "<pad>"]
 
 
-def _image_processor(module: str, class_name: str, **kwargs):
+def family_image_processor(module: str, class_name: str, **kwargs):
     """The family's real image processor, PIL backend where this transformers has one (it needs no
     torchvision), else the default class (older 5.x releases, or torchvision present)."""
     import importlib
@@ -209,7 +209,7 @@ TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 @_seeded
 def tiny_llava_next() -> LoadedModel:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "llava_next", "LlavaNextImageProcessor", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=TINY_PINPOINTS,
     )
     return _llava_like(
@@ -221,7 +221,7 @@ def tiny_llava_next() -> LoadedModel:
 @_seeded
 def tiny_llava() -> LoadedModel:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "clip", "CLIPImageProcessor", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
     return _llava_like(
@@ -251,7 +251,7 @@ def _qwen2_vl_like(model_cls, config_cls, vision_config: dict, name: str) -> Loa
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "qwen2_vl", "Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
         min_pixels=16 * 16, max_pixels=64 * 64,
     )
@@ -290,7 +290,7 @@ def tiny_idefics3() -> LoadedModel:
         vision_config=_IDEFICS3_VISION, text_config=text.to_dict(), scale_factor=2,
         image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
     )
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "idefics3", "Idefics3ImageProcessor", size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
     )
     processor = Idefics3Processor(image_processor, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
@@ -324,7 +324,7 @@ def tiny_llava_onevision() -> LoadedModel:
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
         image_grid_pinpoints=TINY_PINPOINTS,
     )
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "llava_onevision", "LlavaOnevisionImageProcessor", size={"height": 32, "width": 32},
         image_grid_pinpoints=TINY_PINPOINTS,
     )
@@ -360,7 +360,7 @@ def tiny_smolvlm() -> LoadedModel:
             len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict(),
         scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
     )
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "smolvlm", "SmolVLMImageProcessor", size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
     )
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
@@ -402,7 +402,7 @@ def random_llava_next_8b() -> LoadedModel:
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_grid_pinpoints=LLAVA_NEXT_8B_PINPOINTS,
     )
-    image_processor = _image_processor(
+    image_processor = family_image_processor(
         "llava_next", "LlavaNextImageProcessor", size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336}, image_grid_pinpoints=LLAVA_NEXT_8B_PINPOINTS,
     )

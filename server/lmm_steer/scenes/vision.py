@@ -14,16 +14,11 @@ import math
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..training.trainer import warmup_cosine
-
-# CLIP's image normalisation (transformers' CLIPImageProcessor defaults)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -54,17 +49,16 @@ def build_vision_tower(cfg: VisionConfig):
 
 
 def pixel_values(paths: list[str], size: int) -> torch.Tensor:
-    """``[N, 3, size, size]``, resized if needed and normalised as CLIP's processor does."""
-    arrays = []
+    """``[N, 3, size, size]``, through CLIP's own image processor (resize, crop, normalise)."""
+    from ..models.builtin import family_image_processor
+
+    processor = family_image_processor("clip", "CLIPImageProcessor", size={"shortest_edge": size},
+                                       crop_size={"height": size, "width": size})
+    images = []
     for path in paths:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (x - mean) / std
+            images.append(im.convert("RGB"))
+    return processor(images, return_tensors="pt")["pixel_values"]
 
 
 def image_embeddings(model, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
