@@ -187,4 +187,4 @@ def test_command_line_writes_a_split_and_refuses_bad_counts(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["scenes"] == 2 and (tmp_path / "s" / "images" / "000001.png").exists()
     bad = subprocess.run([*run, "--n", "0"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--n" in bad.stderr
+    assert bad.returncode != 0 and "--n must be at least 1, got 0" in bad.stderr

@@ -19,7 +19,8 @@ def generate_command(args) -> int:
 
     from .generate import generate
 
-    if args.n < 1 or args.size < 32 or args.regions < 0:
-        raise SystemExit("lmm-steer scenes generate: --n must be >= 1, --size >= 32, --regions >= 0")
+    for flag, value, least in (("--n", args.n, 1), ("--size", args.size, 32), ("--regions", args.regions, 0)):
+        if value < least:
+            raise SystemExit(f"lmm-steer: error: {flag} must be at least {least}, got {value}")
     print(json.dumps(generate(Path(args.out), args.n, args.seed, args.size, args.regions)))
     return 0
