@@ -175,6 +175,25 @@ def test_the_sae_trainer_reads_the_conversations(split):
     assert Image.open(examples[0].images[0]).size == (128, 128)
 
 
+def test_dialogues_hold_each_scene_s_questions_once_with_the_image_once(split):
+    from lmm_steer.training.data import iter_examples
+
+    out, summary = split
+    questions = _rows(out / "conversations.jsonl")
+    dialogues = _rows(out / "dialogues.jsonl")
+    assert len(dialogues) == len({q["image"] for q in questions})
+    assert sum(len(d["conversations"]) // 2 for d in dialogues) == summary["questions"]
+    for dialogue in dialogues:
+        mine = [q for q in questions if q["image"] == dialogue["image"]]
+        turns = dialogue["conversations"]
+        assert [t["value"] for t in turns[1::2]] == [q["conversations"][1]["value"] for q in mine]
+        # the image and the format hint come once, on the first question, as a caller asks it
+        assert turns[0]["value"] == mine[0]["conversations"][0]["value"]
+        assert all("<image>" not in t["value"] and "Answer in" not in t["value"] for t in turns[2::2])
+    example = next(iter_examples(str(out / "dialogues.jsonl")))
+    assert len(example.images) == 1 and len(example.messages) == len(dialogues[0]["conversations"])
+
+
 def test_crowded_scenes_still_show_every_object():
     for index in range(40):
         scene, _, masks = make_scene(3, index, size=64)

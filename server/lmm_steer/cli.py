@@ -192,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate = scene_commands.add_parser("generate", help="scenes, COCO masks, captions, questions and regions")
     scenes.add_generate_arguments(generate)
     generate.set_defaults(func=scenes.generate_command)
+    train = scene_commands.add_parser("train", help="the scenes LMM from scratch (resumable)")
+    scenes.add_train_arguments(train)
+    train.set_defaults(func=scenes.train_command)
+    evaluate = scene_commands.add_parser("eval", help="the scenes LMM's accuracy by question type and difficulty")
+    scenes.add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=scenes.eval_command)
+    export = scene_commands.add_parser("export", help="the scenes LMM as a plain LLaVA-NeXT checkpoint directory")
+    scenes.add_export_arguments(export)
+    export.set_defaults(func=scenes.export_command)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import scenes_llava_next
 from .builtin import BUILTIN_MODELS, build_builtin
 from .loaded import LoadedModel
 from .smollm2 import NAME as SMOLLM2
@@ -37,9 +38,15 @@ def load_model(
             return load_smollm2(device=device, dtype=dtype or torch.float32)
         except SmolLM2Missing as e:
             raise ModelLoadError(str(e)) from None
+    if name == scenes_llava_next.NAME:
+        try:
+            return scenes_llava_next.load_scenes_llava_next(device=device, dtype=dtype or torch.float32)
+        except (SmolLM2Missing, scenes_llava_next.ScenesWeightsMissing) as e:
+            raise ModelLoadError(str(e)) from None
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
-            raise ModelLoadError(f"unknown builtin model {name!r} (known: {sorted([*BUILTIN_MODELS, SMOLLM2])})")
+            known = sorted([*BUILTIN_MODELS, SMOLLM2, scenes_llava_next.NAME])
+            raise ModelLoadError(f"unknown builtin model {name!r} (known: {known})")
         return build_builtin(name, device=device, dtype=dtype or torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 

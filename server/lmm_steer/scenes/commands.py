@@ -1,4 +1,4 @@
-"""``lmm-steer scenes generate``."""
+"""``lmm-steer scenes generate``, ``train``, ``eval`` and ``export``."""
 
 from __future__ import annotations
 
@@ -23,4 +23,104 @@ def generate_command(args) -> int:
         if value < least:
             raise SystemExit(f"lmm-steer: error: {flag} must be at least {least}, got {value}")
     print(json.dumps(generate(Path(args.out), args.n, args.seed, args.size, args.regions)))
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from .train import SceneTrainConfig
+
+    p.add_argument("--data", required=True, help="a `scenes generate` directory (the training split)")
+    p.add_argument("--out", required=True,
+                   help="run directory: checkpoint, log, CLIP model and the trained weights; an existing one resumes")
+    for f in fields(SceneTrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"default {f.default}")
+
+
+def train_command(args) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .train import SceneTrainConfig, print_progress, train_scenes_lmm
+
+    cfg = SceneTrainConfig(**{f.name: getattr(args, f.name) for f in fields(SceneTrainConfig)})
+    for name in ("steps", "batch", "turns", "rank", "checkpoint_every", "clip_batch"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not (Path(args.data) / "conversations.jsonl").exists():
+        raise SystemExit(f"lmm-steer: error: --data {args.data}: no conversations.jsonl (make it with `scenes generate`)")
+    print(json.dumps(train_scenes_lmm(Path(args.data), Path(args.out), cfg, print_progress)))
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a `scenes generate` directory made with a seed training never used")
+    p.add_argument("--model", default="builtin:scenes-llava-next", help="model name or path")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+    p.add_argument("--limit", type=int, help="the first N scenes only")
+    p.add_argument("--batch", type=int, default=16, help="questions per generate call")
+    p.add_argument("--json", help="write the result, every answer included, here")
+    p.add_argument("--markdown", help="write the accuracy table here")
+
+
+def eval_command(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from .evaluate import evaluate, markdown
+
+    data = Path(args.data)
+    if not (data / "conversations.jsonl").exists():
+        raise SystemExit(f"lmm-steer: error: --data {args.data}: no conversations.jsonl (make it with `scenes generate`)")
+    for flag, value in (("--limit", args.limit), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise SystemExit(f"lmm-steer: error: {flag} must be at least 1, got {value}")
+    loaded = _load(args.model, args.weights)
+    if not loaded.is_multimodal:
+        raise SystemExit(f"lmm-steer: error: --model {args.model} takes no images")
+    result = evaluate(loaded, data, args.limit, args.batch,
+                      progress=lambda done, n: print(f"{done}/{n}", file=sys.stderr, flush=True))
+    table = markdown(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table)
+    print(json.dumps({"questions": result["questions"], "floors": result["floors"]}))
+    return 0
+
+
+def _load(model: str, weights: str | None):
+    from pathlib import Path
+
+    from ..models.loader import ModelLoadError, load_model
+    from ..models.scenes_llava_next import NAME, ScenesWeightsMissing, load_scenes_llava_next
+
+    if weights is None:
+        try:
+            return load_model(model)
+        except ModelLoadError as e:
+            raise SystemExit(f"lmm-steer: error: --model: {e}") from None
+    if model != NAME:
+        raise SystemExit(f"lmm-steer: error: --weights applies to {NAME} only, not --model {model}")
+    try:
+        return load_scenes_llava_next(weights=Path(weights))
+    except ScenesWeightsMissing:
+        raise SystemExit(f"lmm-steer: error: --weights {weights}: no such file") from None
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="directory to write (save_pretrained layout)")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+
+
+def export_command(args) -> int:
+    from pathlib import Path
+
+    from ..models.scenes_llava_next import NAME, export
+
+    out = export(_load(NAME, args.weights), Path(args.out))
+    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0

@@ -252,10 +252,15 @@ REGION_QUESTION = "What does the highlighted region show?"
 DARKEN = 0.25  # outside the highlighted object, pixels keep this share of their brightness
 
 
+# asked after every question a caller sees (the first of a conversation); it keeps answers to a word
+FORMAT_HINT = " Answer in a word or a short phrase."
+
+
 def generate(out: Path, n: int, seed: int, size: int = 128, regions_per_scene: int = 1) -> dict:
     """Write ``n`` scenes under ``out``; returns counts. Files: images/, regions/, scenes.json,
     annotations.json (COCO instances), captions.jsonl, conversations.jsonl (LLaVA format; each row
-    also carries type, answer and difficulty), regions.jsonl."""
+    also carries type, answer and difficulty), dialogues.jsonl (a scene's questions as one
+    multi-turn conversation, for collecting activations without repeating the image), regions.jsonl."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "regions").mkdir(exist_ok=True)
@@ -264,7 +269,7 @@ def generate(out: Path, n: int, seed: int, size: int = 128, regions_per_scene: i
             "images": [], "annotations": []}
     graphs, n_questions, n_regions = [], 0, 0
     with open(out / "conversations.jsonl", "w") as conv, open(out / "captions.jsonl", "w") as caps, \
-            open(out / "regions.jsonl", "w") as regs:
+            open(out / "regions.jsonl", "w") as regs, open(out / "dialogues.jsonl", "w") as dialogues:
         for index in range(n):
             scene, pixels, masks = make_scene(seed, index, size)
             Image.fromarray(pixels).save(out / scene.file)
@@ -278,13 +283,19 @@ def generate(out: Path, n: int, seed: int, size: int = 128, regions_per_scene: i
                     "attributes": {"colour": obj.colour, "size": obj.size, "occlusion": obj.occlusion}})
             caps.write(json.dumps({"image": scene.file, "caption": caption(scene)}) + "\n")
             rng = random.Random(f"{seed}/{index}/questions")
+            turns = []
             for q in questions(scene, rng):
+                turns += [{"from": "human", "value": f"{'<image>' + chr(10) if not turns else ''}{q['question']}"},
+                          {"from": "gpt", "value": q["answer"]}]
                 conv.write(json.dumps({
                     "id": f"{index:06d}-{n_questions}", "image": scene.file,
-                    "conversations": [{"from": "human", "value": f"<image>\n{q['question']} Answer in a word or a short phrase."},
+                    "conversations": [{"from": "human", "value": f"<image>\n{q['question']}{FORMAT_HINT}"},
                                       {"from": "gpt", "value": q["answer"]}],
                     "type": q["type"], "answer": q["answer"], "objects": q["objects"], "difficulty": q["difficulty"]}) + "\n")
                 n_questions += 1
+            if turns:
+                turns[0]["value"] += FORMAT_HINT
+                dialogues.write(json.dumps({"image": scene.file, "conversations": turns}) + "\n")
             for obj in rng.sample(scene.objects, min(regions_per_scene, len(scene.objects))):
                 mask = masks[obj.id]
                 shaded = (pixels * DARKEN).astype(np.uint8)

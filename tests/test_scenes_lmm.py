@@ -1,0 +1,158 @@
+"""The scenes LMM (issue #16): SmolLM2's real weights in transformers' LLaVA-NeXT, trained here.
+
+Training is exercised on a few steps (resume equals one run, answers-only loss, merge at load
+equals the model trained); the shipped weights are checked by inference: their accuracy floors on
+a freshly generated split, and the exported checkpoint in plain transformers.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lmm_steer.models.scenes_llava_next import NAME, WEIGHTS, build_untrained, load_scenes_llava_next
+from lmm_steer.scenes.evaluate import evaluate, normalise, score
+from lmm_steer.scenes.generate import generate
+from lmm_steer.scenes.train import (
+    FORMAT_HINT,
+    TRAINED_FILE,
+    SceneConversations,
+    SceneTrainConfig,
+    answer_mask,
+    encode,
+    messages,
+    train_scenes_lmm,
+)
+
+TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes-train")
+    generate(out, 12, seed=101)
+    return out
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return build_untrained()
+
+
+def test_the_assembly_is_llava_next_around_smollm2(untrained):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from lmm_steer.models.smollm2 import load_smollm2
+
+    model = untrained.model
+    assert isinstance(model, LlavaNextForConditionalGeneration)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied, as in SmolLM2
+    smol = load_smollm2().model
+    torch.testing.assert_close(model.model.language_model.layers[7].mlp.down_proj.weight,
+                               smol.model.layers[7].mlp.down_proj.weight, rtol=0, atol=0)
+    # a scene is 136 image tokens: base 8x8 + one tile of 8 rows of 8 patches and a newline
+    from PIL import Image
+    inputs = untrained.processor(text=["<image>\nhi"], images=[Image.new("RGB", (128, 128))], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 136
+
+
+def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split):
+    data = SceneConversations(train_split)
+    image, qa = data.scenes[0]
+    batch = encode(untrained.processor, [(image, qa[:3])], train_split)
+    marked = untrained.tokenizer.decode(batch["input_ids"][0][batch["labels_mask"][0]])
+    assert marked == "".join(f"{a}<|im_end|>" for _, a in qa[:3])
+    # the format hint stays on the served (first) turn only
+    turns = messages(qa[:3])
+    assert turns[0]["content"][0] == {"type": "image"} and turns[0]["content"][1]["text"].endswith(FORMAT_HINT)
+    assert not turns[2]["content"][0]["text"].endswith(FORMAT_HINT) and len(turns[2]["content"]) == 1
+    ids = untrained.tokenizer("<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nx<|im_end|>",
+                              return_tensors="pt")["input_ids"]
+    assert untrained.tokenizer.decode(ids[0][answer_mask(ids, untrained.tokenizer)[0]]) == "red<|im_end|>"
+
+
+def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):
+    from safetensors.torch import load_file
+
+    once = train_scenes_lmm(train_split, tmp_path / "once", SceneTrainConfig(**TINY_RUN))
+    half = SceneTrainConfig(**{**TINY_RUN, "steps": 2})
+    train_scenes_lmm(train_split, tmp_path / "twice", half)
+    assert json.loads((tmp_path / "twice" / "checkpoint.json").read_text())["step"] == 2
+    train_scenes_lmm(train_split, tmp_path / "twice", SceneTrainConfig(**TINY_RUN))
+    a, b = load_file(tmp_path / "once" / TRAINED_FILE), load_file(tmp_path / "twice" / TRAINED_FILE)
+    assert a.keys() == b.keys() and any(k.endswith(".lora_B") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith(".lora_B"))  # the delta moved from zero
+    assert once["steps"] == 4 and (tmp_path / "once" / "clip" / "config.json").exists()
+    log = [json.loads(line) for line in (tmp_path / "once" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["stage"] == "lmm" and log[-1]["step"] == 4
+
+    # the loaded model (delta merged into plain linear layers) computes what the trained one did
+    from lmm_steer.scenes import train as train_module
+
+    loaded = load_scenes_llava_next(weights=tmp_path / "once" / TRAINED_FILE)
+    reference = build_untrained()
+    wrapped = train_module.add_low_rank(reference.model, "model.language_model", 8)
+    with torch.no_grad():
+        params = dict(reference.model.named_parameters())
+        for key, value in a.items():
+            if key.endswith((".lora_A", ".lora_B")):
+                layer = wrapped[key.rsplit(".", 1)[0]]
+                getattr(layer, key[-1]).copy_(value)
+            else:
+                params[key].copy_(value)
+    data = SceneConversations(train_split)
+    batch = encode(loaded.processor, [data.scenes[1]], train_split)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(**inputs).logits, reference.model(**inputs).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_normalises_answers_and_breaks_down_by_type_and_tag():
+    assert normalise(" Red. ") == "red" and normalise("A small red circle.") == "small red circle"
+    assert normalise("small red") != normalise("small red circle")
+    items = [{"type": "colour", "difficulty": ["small"], "answer": "red"},
+             {"type": "colour", "difficulty": [], "answer": "blue"},
+             {"type": "exist", "difficulty": ["small", "occluded"], "answer": "yes"}]
+    acc = score(items, ["Red.", "green", "yes"])
+    assert acc["all"] == {"right": 2, "n": 3, "accuracy": 0.6667}
+    assert acc["colour"]["accuracy"] == 0.5 and acc["tag:small"]["accuracy"] == 1.0
+    assert acc["tag:none"]["n"] == 1 and acc["colour/none"]["right"] == 0 and acc["exist/occluded"]["n"] == 1
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="the scenes model's trained weights are not in this checkout")
+def test_the_shipped_model_meets_the_floors_on_a_fresh_test_split(tmp_path):
+    from lmm_steer.models.loader import load_model
+
+    generate(tmp_path, 8, seed=20261130)  # a seed no training run used
+    loaded = load_model(NAME)
+    result = evaluate(loaded, tmp_path, types=("colour", "shape", "exist"))
+    for kind in ("colour", "shape", "exist"):
+        assert result["accuracy"][kind]["n"] >= 10
+        assert result["accuracy"][kind]["accuracy"] >= 0.9, (kind, result["accuracy"][kind])
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="the scenes model's trained weights are not in this checkout")
+def test_the_export_is_a_plain_llava_next_checkpoint_with_the_served_logits(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from lmm_steer.cli import main
+
+    assert main(["scenes", "export", str(tmp_path / "export")]) == 0
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "export")
+    served = load_scenes_llava_next()
+    generate(tmp_path / "scene", 1, seed=5)
+    image = Image.open(tmp_path / "scene" / "images" / "000000.png").convert("RGB")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == served.processor.apply_chat_template(chat, add_generation_prompt=True)
+    ours = served.processor(text=[text], images=[image], return_tensors="pt")
+    theirs = processor(text=[text], images=[image], return_tensors="pt")
+    torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"])
+    assert torch.equal(theirs["input_ids"], ours["input_ids"])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**theirs).logits, served.model(**ours).logits, rtol=1e-5, atol=1e-5)
