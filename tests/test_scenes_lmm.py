@@ -12,19 +12,21 @@ import torch
 
 from lmm_steer.models.scenes_llava_next import NAME, WEIGHTS, build_untrained, load_scenes_llava_next
 from lmm_steer.scenes.evaluate import evaluate, normalise, score
-from lmm_steer.scenes.generate import generate
+from lmm_steer.scenes.generate import FORMAT_HINT, generate
 from lmm_steer.scenes.train import (
-    FORMAT_HINT,
+    CAPTION_QUESTION,
     TRAINED_FILE,
     SceneConversations,
     SceneTrainConfig,
     answer_mask,
     encode,
     messages,
+    patch_words,
     train_scenes_lmm,
 )
 
-TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1)
+TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1, low_rank_from=1,
+                ground_steps=2, ground_batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +68,31 @@ def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split)
     turns = messages(qa[:3])
     assert turns[0]["content"][0] == {"type": "image"} and turns[0]["content"][1]["text"].endswith(FORMAT_HINT)
     assert not turns[2]["content"][0]["text"].endswith(FORMAT_HINT) and len(turns[2]["content"]) == 1
+    # a sampled scene conversation ends with the scene's caption; a region one is its single question
+    import random
+
+    image, sampled = data.sample(random.Random(3), turns=4, region_share=0.0)
+    assert len(sampled) == 5 and sampled[-1] == (CAPTION_QUESTION, data.captions[image])
+    assert len(data.sample(random.Random(3), turns=4, region_share=1.0)[1]) == 1
     ids = untrained.tokenizer("<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nx<|im_end|>",
                               return_tensors="pt")["input_ids"]
     assert untrained.tokenizer.decode(ids[0][answer_mask(ids, untrained.tokenizer)[0]]) == "red<|im_end|>"
+
+
+def test_grounding_targets_name_the_object_covering_each_patch(untrained, train_split):
+    scenes = json.loads((train_split / "scenes.json").read_text())["scenes"]
+    words = patch_words(SceneConversations(train_split), untrained.tokenizer, 128, 8)
+    decode = untrained.tokenizer.decode
+    for scene in scenes:
+        grid = [decode(ids).strip() for ids in words[scene["file"]]]
+        assert len(grid) == 64
+        named = {w for w in grid if w != "background"}
+        assert named <= {f"{o['colour']} {o['shape']}" for o in scene["objects"]}
+        # a large unoccluded circle covers most of the patch of its centre
+        for o in scene["objects"]:
+            if o["size"] == "large" and o["occlusion"] == 0 and o["shape"] == "circle":
+                x, y = (int(c * 8 / 128) for c in o["centre"])
+                assert grid[y * 8 + x] == f"{o['colour']} circle"
 
 
 def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):
@@ -85,6 +109,7 @@ def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_on
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith(".lora_B"))  # the delta moved from zero
     assert once["steps"] == 4 and (tmp_path / "once" / "clip" / "config.json").exists()
+    assert (tmp_path / "once" / "grounding.safetensors").exists()
     log = [json.loads(line) for line in (tmp_path / "once" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["stage"] == "lmm" and log[-1]["step"] == 4
 
@@ -156,3 +181,32 @@ def test_the_export_is_a_plain_llava_next_checkpoint_with_the_served_logits(tmp_
     assert torch.equal(theirs["input_ids"], ours["input_ids"])
     with torch.inference_mode():
         torch.testing.assert_close(model(**theirs).logits, served.model(**ours).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="the scenes model's trained weights are not in this checkout")
+def test_the_served_model_answers_the_openai_client_as_the_model_alone_does(tmp_path):
+    import base64
+
+    from openai import OpenAI
+    from servers import Server
+
+    from lmm_steer.scenes.evaluate import answer, questions
+
+    generate(tmp_path, 3, seed=20261201)
+    items = [q for q in questions(tmp_path) if q["type"] in ("colour", "shape", "exist")][:8]
+    alone = answer(load_scenes_llava_next(), tmp_path, items, batch=1)
+    server = Server("--model", NAME, "--max-batch", "4")
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        served = []
+        for q in items:
+            url = "data:image/png;base64," + base64.b64encode((tmp_path / q["image"]).read_bytes()).decode()
+            reply = client.chat.completions.create(model=NAME, temperature=0, max_tokens=10, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": q["question"]}]}])
+            served.append(reply.choices[0].message.content)
+    finally:
+        server.stop()
+    assert served == alone
+    right = sum(normalise(s) == normalise(q["answer"]) for s, q in zip(served, items, strict=True))
+    assert right >= 6, list(zip(served, [q["answer"] for q in items], strict=True))

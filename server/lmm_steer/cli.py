@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+from sae_weights.default import DEFAULT_MODEL, shipped_for
 
 from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
@@ -68,8 +68,9 @@ def _generate(args) -> int:
 
     sae, hookpoint = args.sae, args.hookpoint
     if sae is None:
-        sae = str(DEFAULT_SAE) if args.model == DEFAULT_MODEL else "none"
-        hookpoint = hookpoint or (DEFAULT_HOOKPOINT if args.model == DEFAULT_MODEL else None)
+        shipped = shipped_for(args.model)
+        sae = str(shipped.sae) if shipped else "none"
+        hookpoint = hookpoint or (shipped.hookpoint if shipped else None)
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device, hub_timeout=args.hub_timeout,
         config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="one steered generation, for scripts and debugging")
     gen.add_argument("--model", default=DEFAULT_MODEL)
-    gen.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
+    gen.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the model's shipped SAE, for the default and the scenes model)")
     gen.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own, else 3/4 of the depth)")
     add_hub_timeout_argument(gen)
     gen.add_argument("--prompt", required=True)

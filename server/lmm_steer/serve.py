@@ -9,7 +9,7 @@ import time
 
 import uvicorn
 
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+from sae_weights.default import DEFAULT_MODEL, shipped_for
 
 from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
@@ -18,7 +18,7 @@ log = logging.getLogger("lmm_steer.serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or builtin: name (default {DEFAULT_MODEL})")
-    p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the shipped SAE with the default model)")
+    p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the model's shipped SAE, for the default and the scenes model)")
     p.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own)")
     p.add_argument("--revision", help="SAE revision on the hub")
     add_hub_timeout_argument(p)
@@ -70,10 +70,11 @@ def build_app(args):
 
     sae, catalogs, hookpoint = args.sae, list(args.catalog), args.hookpoint
     if sae is None:
-        sae = str(DEFAULT_SAE) if args.model == DEFAULT_MODEL else "none"
-        if args.model == DEFAULT_MODEL:
-            catalogs = catalogs or [str(DEFAULT_CATALOG)]
-            hookpoint = hookpoint or DEFAULT_HOOKPOINT
+        shipped = shipped_for(args.model)
+        sae = str(shipped.sae) if shipped else "none"
+        if shipped:
+            catalogs = catalogs or ([str(shipped.catalog)] if shipped.catalog.exists() else [])
+            hookpoint = hookpoint or shipped.hookpoint
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         hub_timeout=args.hub_timeout,

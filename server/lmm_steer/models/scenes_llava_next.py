@@ -63,8 +63,9 @@ def scenes_config(architecture: dict, text_config, image_token_id: int):
     return LlavaNextConfig(
         vision_config=CLIPVisionConfig(**architecture), text_config=text_config,
         image_token_index=image_token_id, image_grid_pinpoints=[[side, side]],
-        # the tower is a few layers deep: its last layer, not the penultimate that 24-layer towers use
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        # the penultimate layer, as LLaVA: contrastive training supervises only the class token's
+        # output, which reads the patches of the layer before the last
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
 

@@ -1,17 +1,19 @@
-"""``lmm-steer scenes train``: the scenes LMM from scratch, in two stages, resumable.
+"""``lmm-steer scenes train``: the scenes LMM from scratch, in three stages, resumable.
 
 1. The vision tower learns contrastively against frozen MiniLM caption embeddings
    (``vision.train_vision_tower``); it is kept with its projection as the domain's CLIP model.
-2. LLaVA-NeXT = that tower + projector + SmolLM2-135M-Instruct, trained on the scene
-   conversations with the loss on answer tokens only. The tower, the projector, the image newline
-   and a low-rank delta of every linear layer of the language model learn; SmolLM2 itself stays
-   frozen. A scene's questions are packed into one multi-turn conversation, so its 136 image
-   tokens are paid once per scene rather than once per question; the format hint ("Answer in a
-   word or a short phrase.") is kept on the first turn only, which is the turn that is served.
-   The forward pass runs under bfloat16 autocast (1.75x faster on a 2-core AVX-512 CPU); the
-   trained parameters and the optimiser stay float32.
+2. Grounding: the tower and LLaVA-NeXT's projector learn to put SmolLM2's own input embedding of
+   an object's words (" red circle") on the patches it covers, so the image tokens start out as
+   something the language model can read. No language-model pass: minutes.
+3. LLaVA-NeXT = tower + projector + SmolLM2-135M-Instruct, trained on the scene conversations with
+   the loss on answer tokens only; by default only a low-rank delta of every linear layer of the
+   language model learns (SmolLM2 itself stays frozen). A scene's questions are packed into one
+   multi-turn conversation ending with its caption, so its 136 image tokens are paid once per
+   scene; the format hint ("Answer in a word or a short phrase.") is kept on the first turn only,
+   the turn that is served. The forward pass runs under bfloat16 autocast (1.75x faster on a
+   2-core AVX-512 CPU); the trained parameters and the optimiser stay float32.
 
-Stage 2 saves a checkpoint (trained tensors and AdamW state, safetensors; step and elapsed time,
+Stage 3 saves a checkpoint (trained tensors and AdamW state, safetensors; step and elapsed time,
 JSON) every ``checkpoint_every`` steps; a run started again with the same ``--out`` resumes from
 it, and the batches of a step depend only on (seed, step), so a resumed run sees the same data.
 """
@@ -39,6 +41,7 @@ from .vision import VisionConfig, pixel_values, train_vision_tower
 
 LOW_RANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINED_FILE = "scenes-llava-next.safetensors"
+CAPTION_QUESTION = "Describe the image."
 
 
 @dataclass
@@ -48,15 +51,25 @@ class SceneTrainConfig:
     clip_batch: int = 128
     clip_lr: float = 1e-3
     # stage 2: the LMM
-    steps: int = 1600
-    batch: int = 2  # conversations per step
-    turns: int = 12  # most questions packed into one scene's conversation
-    region_share: float = 0.25  # share of conversations that are one highlighted-region question
+    steps: int = 900
+    batch: int = 3  # conversations per step
+    turns: int = 8  # most questions packed into one scene's conversation (its caption comes last)
+    region_share: float = 0.2  # share of conversations that are one highlighted-region question
     rank: int = 8
-    lr: float = 1e-3  # projector and image newline
-    lora_lr: float = 5e-4
-    vision_lr: float = 2e-4
+    # After grounding, the tower and projector stay where grounding left them (rate 0) and only the
+    # language model's delta learns to read them. Letting the projector learn on answers at 1e-3
+    # undid the grounding within 150 steps (image tokens grew to norm 36 against text's 2.9).
+    lr: float = 0.0  # projector and image newline
+    lora_lr: float = 1e-3
+    vision_lr: float = 0.0
     warmup: int = 50
+    # the language model's delta starts learning at this step; with an unfrozen projector, a later
+    # start leaves the answers improvable only through the image for a while
+    low_rank_from: int = 0
+    # stage 1.5: the tower and projector learn to put, on each patch an object covers, SmolLM2's own
+    # input embedding of the object's colour and shape words
+    ground_steps: int = 400
+    ground_batch: int = 64
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -97,17 +110,21 @@ class SceneConversations:
             row = json.loads(line)
             by_image[row["image"]].append((_question(row), row["conversations"][1]["value"]))
         self.scenes = sorted(by_image.items())
+        self.captions = {r["image"]: r["caption"]
+                         for r in map(json.loads, (self.root / "captions.jsonl").read_text().splitlines())}
         self.regions = [(r["image"], [(_question(r), r["conversations"][1]["value"])])
                         for r in map(json.loads, (self.root / "regions.jsonl").read_text().splitlines())]
         if not self.scenes:
             raise ValueError(f"{self.root}: no conversations")
 
     def sample(self, rng: random.Random, turns: int, region_share: float):
-        """One conversation: (image path, [(question, answer), ...])."""
+        """One conversation: (image path, [(question, answer), ...]). A scene's ends with its caption,
+        every object's size, colour and shape in one answer: dense supervision of what the image
+        tokens must carry."""
         if self.regions and rng.random() < region_share:
             return self.regions[rng.randrange(len(self.regions))]
         image, qa = self.scenes[rng.randrange(len(self.scenes))]
-        return image, rng.sample(qa, min(turns, len(qa)))
+        return image, rng.sample(qa, min(turns, len(qa))) + [(CAPTION_QUESTION, self.captions[image])]
 
 
 def _question(row) -> str:
@@ -193,6 +210,79 @@ def train_clip(data: SceneConversations, cfg: SceneTrainConfig, out: Path, progr
     return model
 
 
+def patch_words(data: SceneConversations, tok, side: int, grid: int) -> dict[str, list[list[int]]]:
+    """Per scene image: for each base-view patch (row-major), the token ids of the colour and shape
+    of the object covering at least half of it, or the ids of "background"."""
+    import numpy as np
+
+    from .generate import rle_decode
+
+    coco = json.loads((data.root / "annotations.json").read_text())
+    shapes = {c["id"]: c["name"] for c in coco["categories"]}
+    files = {img["id"]: img["file_name"] for img in coco["images"]}
+    cover = {f: np.zeros((grid * grid, 0)) for f in files.values()}
+    words = {f: [] for f in files.values()}
+    cell = side // grid
+    for ann in coco["annotations"]:
+        f = files[ann["image_id"]]
+        share = rle_decode(ann["segmentation"]).reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1, 1)
+        cover[f] = np.concatenate([cover[f], share], axis=1)
+        words[f].append(tok.encode(f" {ann['attributes']['colour']} {shapes[ann['category_id']]}", add_special_tokens=False))
+    background = tok.encode(" background", add_special_tokens=False)
+    out = {}
+    for f, shares in cover.items():
+        best = shares.argmax(1) if shares.shape[1] else np.zeros(grid * grid, int)
+        out[f] = [words[f][b] if shares.shape[1] and shares[i, b] >= 0.5 else background for i, b in enumerate(best)]
+    return out
+
+
+def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig, out: Path, progress=None) -> None:
+    """Stage 1.5; its result is kept in ``out/grounding.safetensors`` and reused on resume. The target
+    of a patch is the mean of SmolLM2's input embeddings of its words (" red circle"); the loss is
+    the squared error relative to the target's norm, so direction and scale both match text."""
+    from safetensors.torch import load_file, save_file
+
+    inner = model.model
+    params = [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()]
+    names = {id(p): n for n, p in model.named_parameters()}
+    if (out / "grounding.safetensors").exists():
+        state = load_file(str(out / "grounding.safetensors"))
+        with torch.no_grad():
+            for p in params:
+                p.copy_(state[names[id(p)]])
+        return
+    side, patch = ARCHITECTURE["image_size"], ARCHITECTURE["patch_size"]
+    grid = side // patch
+    targets = patch_words(data, tok, side, grid)
+    embed = inner.language_model.embed_tokens.weight.detach()
+    files = sorted(targets)
+    started = time.monotonic()
+    opt = torch.optim.AdamW([{"params": list(inner.vision_tower.parameters()), "lr": cfg.vision_lr},
+                             {"params": list(inner.multi_modal_projector.parameters()), "lr": cfg.lr}],
+                            weight_decay=0.0)
+    rates = [cfg.vision_lr, cfg.lr]
+    rng = random.Random(f"{cfg.seed}:ground")
+    for p in params:
+        p.requires_grad_(True)
+    for step in range(cfg.ground_steps):
+        chosen = [files[rng.randrange(len(files))] for _ in range(cfg.ground_batch)]
+        pixels = pixel_values([str(data.root / f) for f in chosen], side)
+        target = torch.stack([torch.stack([embed[ids].mean(0) for ids in targets[f]]) for f in chosen])
+        for group, rate in zip(opt.param_groups, rates, strict=True):
+            group["lr"] = warmup_cosine(step, rate, cfg.warmup, cfg.ground_steps)
+        hidden = inner.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = inner.multi_modal_projector(hidden)
+        loss = ((got - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 25 == 0:
+            _log(out, {"stage": "ground", "step": step + 1, "loss": round(loss.item(), 4),
+                       "elapsed_s": round(time.monotonic() - started, 1)}, progress)
+    save_file({names[id(p)]: p.detach().clone().contiguous() for p in params}, str(out / "grounding.safetensors"),
+              metadata={"seconds": str(round(time.monotonic() - started, 1))})
+
+
 def _trainable(model, wrapped) -> dict[str, list]:
     inner = model.model
     return {
@@ -259,7 +349,7 @@ def _load_checkpoint(out: Path, model, wrapped, opt) -> tuple[int, float]:
 
 
 def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=None) -> dict:
-    """Both stages; returns a summary. ``out`` holds the CLIP model, the checkpoint, the log and, at
+    """All stages; returns a summary. ``out`` holds the CLIP model, the checkpoint, the log and, at
     the end, ``scenes-llava-next.safetensors``."""
     from safetensors.torch import save_file
 
@@ -276,6 +366,9 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     # releases, as the bare transformer; either way it is the CLIP model's ``vision_model``
     target = tower.vision_model if hasattr(tower, "vision_model") else tower
     target.load_state_dict(clip.vision_model.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_grounding(model, loaded.tokenizer, data, cfg, out, progress)
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -299,6 +392,8 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
                        data.root)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, cfg.steps)
+            if group["name"] == "low_rank" and step < cfg.low_rank_from:
+                group["lr"] = 0.0
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = answer_loss(model, batch)
         opt.zero_grad(set_to_none=True)

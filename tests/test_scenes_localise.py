@@ -1,0 +1,39 @@
+"""Patch-level overlap of SAE features with the scenes' ground-truth masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from lmm_steer.scenes.generate import generate
+from lmm_steer.scenes.localise import iou, scene_masks, value_patches
+
+
+def test_a_patch_shows_a_value_when_half_its_pixels_do():
+    mask = np.zeros((8, 8), bool)
+    mask[0:2, 0:2] = True  # patch (0, 0) of a 4x4 grid fully
+    mask[2, 2:4] = True  # patch (1, 1): half
+    mask[4, 4] = True  # patch (2, 2): a quarter
+    grid = value_patches({"colour:red": mask}, 4, 4)["colour:red"].reshape(4, 4)
+    assert grid[0, 0] and grid[1, 1] and not grid[2, 2] and grid.sum() == 2
+
+
+def test_iou_per_feature_column():
+    truth = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    fired = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    assert iou(fired, truth).tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_scene_masks_union_objects_that_share_a_value(tmp_path):
+    generate(tmp_path, 6, seed=4)
+    import json
+
+    scenes = json.loads((tmp_path / "scenes.json").read_text())["scenes"]
+    masks = scene_masks(tmp_path)
+    assert [f for f, _ in masks] == [s["file"] for s in scenes]
+    for (_, values), scene in zip(masks, scenes, strict=True):
+        assert {k for k in values if k.startswith("colour:")} == {f"colour:{o['colour']}" for o in scene["objects"]}
+        assert {k for k in values if k.startswith("shape:")} == {f"shape:{o['shape']}" for o in scene["objects"]}
+        # visible pixels: the union over colours equals the union over shapes
+        by_colour = np.any([m for k, m in values.items() if k.startswith("colour:")], axis=0)
+        by_shape = np.any([m for k, m in values.items() if k.startswith("shape:")], axis=0)
+        assert (by_colour == by_shape).all() and by_colour.any()
