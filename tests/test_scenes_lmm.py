@@ -110,6 +110,10 @@ def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_on
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith(".lora_B"))  # the delta moved from zero
     assert once["steps"] == 4 and (tmp_path / "once" / "clip" / "config.json").exists()
     assert (tmp_path / "once" / "grounding.safetensors").exists()
+    # grounding has rates of its own: the LMM stage's default of 0 for the projector does not stop it
+    grounded = load_file(tmp_path / "once" / "grounding.safetensors")
+    untrained_projector = build_untrained().model.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(grounded["model.multi_modal_projector.linear_1.weight"], untrained_projector)
     log = [json.loads(line) for line in (tmp_path / "once" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["stage"] == "lmm" and log[-1]["step"] == 4
 

@@ -50,7 +50,7 @@ class SceneTrainConfig:
     clip_steps: int = 600
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    # stage 2: the LMM
+    # stage 3: the LMM
     steps: int = 900
     batch: int = 3  # conversations per step
     turns: int = 8  # most questions packed into one scene's conversation (its caption comes last)
@@ -70,6 +70,8 @@ class SceneTrainConfig:
     # input embedding of the object's colour and shape words
     ground_steps: int = 400
     ground_batch: int = 64
+    ground_vision_lr: float = 5e-4
+    ground_lr: float = 1e-3  # projector
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -257,10 +259,10 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
     embed = inner.language_model.embed_tokens.weight.detach()
     files = sorted(targets)
     started = time.monotonic()
-    opt = torch.optim.AdamW([{"params": list(inner.vision_tower.parameters()), "lr": cfg.vision_lr},
-                             {"params": list(inner.multi_modal_projector.parameters()), "lr": cfg.lr}],
+    rates = [cfg.ground_vision_lr, cfg.ground_lr]
+    opt = torch.optim.AdamW([{"params": list(inner.vision_tower.parameters()), "lr": rates[0]},
+                             {"params": list(inner.multi_modal_projector.parameters()), "lr": rates[1]}],
                             weight_decay=0.0)
-    rates = [cfg.vision_lr, cfg.lr]
     rng = random.Random(f"{cfg.seed}:ground")
     for p in params:
         p.requires_grad_(True)
