@@ -81,7 +81,7 @@ def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split)
 
 def test_grounding_targets_name_the_object_covering_each_patch(untrained, train_split):
     scenes = json.loads((train_split / "scenes.json").read_text())["scenes"]
-    words = patch_words(SceneConversations(train_split), untrained.tokenizer, 128, 8)
+    words = patch_words(SceneConversations(train_split), untrained.tokenizer, 8)
     decode = untrained.tokenizer.decode
     for scene in scenes:
         grid = [decode(ids).strip() for ids in words[scene["file"]]]

@@ -94,9 +94,9 @@ def markdown(result: dict) -> str:
 def evaluate(loaded, data: Path, limit: int | None = None, batch: int = 16, progress=None, types=TYPES) -> dict:
     items = questions(data, limit, types)
     answers = answer(loaded, data, items, batch=batch, progress=progress)
-    floors = {t: {"floor": f, "met": t in acc and acc[t]["accuracy"] >= f}
-              for acc in [score(items, answers)] for t, f in FLOORS.items()}
-    return {"model": loaded.name, "data": str(data), "questions": len(items), "accuracy": score(items, answers),
+    accuracy = score(items, answers)
+    floors = {t: {"floor": f, "met": t in accuracy and accuracy[t]["accuracy"] >= f} for t, f in FLOORS.items()}
+    return {"model": loaded.name, "data": str(data), "questions": len(items), "accuracy": accuracy,
             "floors": floors,
             "answers": [{**q, "got": got, "right": normalise(got) == normalise(q["answer"])}
                         for q, got in zip(items, answers, strict=True)]}

@@ -236,6 +236,12 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
+def patch_shares(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``[rows * cols]``: the share of each patch's pixels (row-major) that ``mask`` covers."""
+    h, w = mask.shape
+    return mask.reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3)).reshape(-1)
+
+
 def rle_decode(rle: dict) -> np.ndarray:
     h, w = rle["size"]
     values = np.zeros(h * w, dtype=bool)

@@ -22,19 +22,14 @@ from PIL import Image
 from ..engine.hookpoint import capture_block_output
 from ..engine.inspect import image_grids
 from ..models.inputs import build_inputs
-from .generate import rle_decode
+from .generate import patch_shares, rle_decode
 
 ATTRIBUTES = ("colour", "shape")
 
 
 def value_patches(masks_by_value: dict[str, np.ndarray], rows: int, cols: int) -> dict[str, np.ndarray]:
     """``value -> bool [rows * cols]``: patches at least half covered by that value's objects."""
-    out = {}
-    for value, mask in masks_by_value.items():
-        h, w = mask.shape
-        share = mask.reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
-        out[value] = (share >= 0.5).reshape(-1)
-    return out
+    return {value: patch_shares(mask, rows, cols) >= 0.5 for value, mask in masks_by_value.items()}
 
 
 def scene_masks(data: Path) -> list[tuple[str, dict[str, np.ndarray]]]:

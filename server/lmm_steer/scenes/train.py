@@ -212,22 +212,21 @@ def train_clip(data: SceneConversations, cfg: SceneTrainConfig, out: Path, progr
     return model
 
 
-def patch_words(data: SceneConversations, tok, side: int, grid: int) -> dict[str, list[list[int]]]:
+def patch_words(data: SceneConversations, tok, grid: int) -> dict[str, list[list[int]]]:
     """Per scene image: for each base-view patch (row-major), the token ids of the colour and shape
     of the object covering at least half of it, or the ids of "background"."""
     import numpy as np
 
-    from .generate import rle_decode
+    from .generate import patch_shares, rle_decode
 
     coco = json.loads((data.root / "annotations.json").read_text())
     shapes = {c["id"]: c["name"] for c in coco["categories"]}
     files = {img["id"]: img["file_name"] for img in coco["images"]}
     cover = {f: np.zeros((grid * grid, 0)) for f in files.values()}
     words = {f: [] for f in files.values()}
-    cell = side // grid
     for ann in coco["annotations"]:
         f = files[ann["image_id"]]
-        share = rle_decode(ann["segmentation"]).reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1, 1)
+        share = patch_shares(rle_decode(ann["segmentation"]), grid, grid)[:, None]
         cover[f] = np.concatenate([cover[f], share], axis=1)
         words[f].append(tok.encode(f" {ann['attributes']['colour']} {shapes[ann['category_id']]}", add_special_tokens=False))
     background = tok.encode(" background", add_special_tokens=False)
@@ -255,7 +254,7 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
         return
     side, patch = ARCHITECTURE["image_size"], ARCHITECTURE["patch_size"]
     grid = side // patch
-    targets = patch_words(data, tok, side, grid)
+    targets = patch_words(data, tok, grid)
     embed = inner.language_model.embed_tokens.weight.detach()
     files = sorted(targets)
     started = time.monotonic()
