@@ -19,8 +19,10 @@ from lmm_steer.scenes.train import (
     SceneConversations,
     SceneTrainConfig,
     answer_mask,
+    dihedral,
     encode,
     messages,
+    patch_classes,
     patch_words,
     train_scenes_lmm,
 )
@@ -93,6 +95,43 @@ def test_grounding_targets_name_the_object_covering_each_patch(untrained, train_
             if o["size"] == "large" and o["occlusion"] == 0 and o["shape"] == "circle":
                 x, y = (int(c * 8 / 128) for c in o["centre"])
                 assert grid[y * 8 + x] == f"{o['colour']} circle"
+
+
+def test_grounding_classes_agree_with_its_words(untrained, train_split):
+    from lmm_steer.scenes.generate import COLOURS, SHAPES
+
+    data = SceneConversations(train_split)
+    words, classes = patch_words(data, untrained.tokenizer, 8), patch_classes(data, 8)
+    assert words.keys() == classes.keys()
+    seen_small = False
+    scenes = {s["file"]: s for s in json.loads((train_split / "scenes.json").read_text())["scenes"]}
+    for f, ids in words.items():
+        for patch_ids, (shape, colour) in zip(ids, classes[f].tolist(), strict=True):
+            name = untrained.tokenizer.decode(patch_ids).strip()
+            if name == "background":
+                assert (shape, colour) == (-100, len(COLOURS))
+            else:
+                assert name == f"{list(COLOURS)[colour]} {SHAPES[shape]}"
+        named = {untrained.tokenizer.decode(i).strip() for i in ids}
+        seen_small |= any(o["size"] == "small" and f"{o['colour']} {o['shape']}" in named for o in scenes[f]["objects"])
+    assert seen_small  # a quarter of a patch is enough: small objects are grounded too
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_flipped_and_turned_images_keep_their_patch_grids_in_register(k):
+    import numpy as np
+
+    from lmm_steer.scenes.generate import patch_shares
+
+    mask = np.zeros((128, 128), dtype=bool)
+    mask[5:40, 70:120] = True  # off every axis of symmetry
+    mask[90:100, 10:15] = True
+    grid = torch.tensor(patch_shares(mask, 8, 8), dtype=torch.float32).view(1, 8, 8, 1)
+    image = torch.tensor(mask, dtype=torch.float32).view(1, 1, 128, 128)
+    turned_image, turned_grid = dihedral(image, grid, k)
+    expected = patch_shares(turned_image[0, 0].numpy() > 0.5, 8, 8)
+    np.testing.assert_allclose(turned_grid.reshape(-1).numpy(), expected)
+    assert len({dihedral(image, grid, j)[0].numpy().tobytes() for j in range(8)}) == 8
 
 
 def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):
