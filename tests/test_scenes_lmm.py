@@ -23,6 +23,7 @@ from lmm_steer.scenes.train import (
     encode,
     messages,
     patch_classes,
+    patch_objects,
     patch_words,
     train_scenes_lmm,
 )
@@ -83,7 +84,7 @@ def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split)
 
 def test_grounding_targets_name_the_object_covering_each_patch(untrained, train_split):
     scenes = json.loads((train_split / "scenes.json").read_text())["scenes"]
-    words = patch_words(SceneConversations(train_split), untrained.tokenizer, 8)
+    words = patch_words(patch_objects(SceneConversations(train_split), 8), untrained.tokenizer)
     decode = untrained.tokenizer.decode
     for scene in scenes:
         grid = [decode(ids).strip() for ids in words[scene["file"]]]
@@ -101,7 +102,8 @@ def test_grounding_classes_agree_with_its_words(untrained, train_split):
     from lmm_steer.scenes.generate import COLOURS, SHAPES
 
     data = SceneConversations(train_split)
-    words, classes = patch_words(data, untrained.tokenizer, 8), patch_classes(data, 8)
+    objects = patch_objects(data, 8)
+    words, classes = patch_words(objects, untrained.tokenizer), patch_classes(objects)
     assert words.keys() == classes.keys()
     seen_small = False
     scenes = {s["file"]: s for s in json.loads((train_split / "scenes.json").read_text())["scenes"]}
@@ -128,10 +130,10 @@ def test_flipped_and_turned_images_keep_their_patch_grids_in_register(k):
     mask[90:100, 10:15] = True
     grid = torch.tensor(patch_shares(mask, 8, 8), dtype=torch.float32).view(1, 8, 8, 1)
     image = torch.tensor(mask, dtype=torch.float32).view(1, 1, 128, 128)
-    turned_image, turned_grid = dihedral(image, grid, k)
+    turned_image, turned_grid = dihedral(k, image, grid)
     expected = patch_shares(turned_image[0, 0].numpy() > 0.5, 8, 8)
     np.testing.assert_allclose(turned_grid.reshape(-1).numpy(), expected)
-    assert len({dihedral(image, grid, j)[0].numpy().tobytes() for j in range(8)}) == 8
+    assert len({dihedral(j, image, grid)[0].numpy().tobytes() for j in range(8)}) == 8
 
 
 def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):

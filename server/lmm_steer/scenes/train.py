@@ -238,30 +238,30 @@ def patch_objects(data: SceneConversations, grid: int) -> dict[str, list[tuple[s
     return out
 
 
-def patch_words(data: SceneConversations, tok, grid: int) -> dict[str, list[list[int]]]:
-    """Per scene image and base-view patch: the token ids of its object's colour and shape
-    (" red circle"), or of " background"."""
+def patch_words(objects: dict[str, list[tuple[str, str] | None]], tok) -> dict[str, list[list[int]]]:
+    """From ``patch_objects``: per scene image and patch, the token ids of its object's colour and
+    shape (" red circle"), or of " background"."""
     background = tok.encode(" background", add_special_tokens=False)
     return {f: [tok.encode(f" {o[0]} {o[1]}", add_special_tokens=False) if o else background for o in objs]
-            for f, objs in patch_objects(data, grid).items()}
+            for f, objs in objects.items()}
 
 
-def patch_classes(data: SceneConversations, grid: int) -> dict[str, torch.Tensor]:
-    """Per scene image: ``[grid * grid, 2]`` class ids of each patch's shape (-100 on background, so
-    cross-entropy skips it) and colour (``len(COLOURS)`` on background)."""
+def patch_classes(objects: dict[str, list[tuple[str, str] | None]]) -> dict[str, torch.Tensor]:
+    """From ``patch_objects``: per scene image, ``[patches, 2]`` class ids of each patch's shape
+    (-100 on background, so cross-entropy skips it) and colour (``len(COLOURS)`` on background)."""
     from .generate import COLOURS, SHAPES
 
     colours = list(COLOURS)
     return {f: torch.tensor([[SHAPES.index(o[1]), colours.index(o[0])] if o else [-100, len(colours)] for o in objs])
-            for f, objs in patch_objects(data, grid).items()}
+            for f, objs in objects.items()}
 
 
-def dihedral(images: torch.Tensor, grids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dihedral(k: int, images: torch.Tensor, *grids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One of the 8 flips and quarter turns, ``k`` in 0..7, applied alike to images ``[B, C, S, S]``
     and patch grids ``[B, G, G, ...]``; an object keeps its colour and shape under all of them."""
     if k >= 4:
-        images, grids = images.flip(-1), grids.flip(2)
-    return images.rot90(k % 4, (-2, -1)), grids.rot90(k % 4, (1, 2))
+        images, grids = images.flip(-1), tuple(g.flip(2) for g in grids)
+    return images.rot90(k % 4, (-2, -1)), *(g.rot90(k % 4, (1, 2)) for g in grids)
 
 
 def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig, out: Path, progress=None) -> None:
@@ -288,13 +288,14 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
 
     side, patch = ARCHITECTURE["image_size"], ARCHITECTURE["patch_size"]
     grid = side // patch
-    words, classes = patch_words(data, tok, grid), patch_classes(data, grid)
+    objects = patch_objects(data, grid)
+    words, classes = patch_words(objects, tok), patch_classes(objects)
     embed = inner.language_model.embed_tokens.weight.detach()
-    files = sorted(words)
+    files = sorted(objects)
     pixels = pixel_values([str(data.root / f) for f in files], side)
-    target = torch.stack([torch.stack([embed[ids].mean(0) for ids in words[f]]) for f in files])
-    labels = torch.stack([classes[f] for f in files])
-    dim = target.shape[-1]
+    # [scenes, grid, grid, ...]: laid out as the image, so flips and turns move them with it
+    target = torch.stack([torch.stack([embed[ids].mean(0) for ids in words[f]]) for f in files]).unflatten(1, (grid, grid))
+    labels = torch.stack([classes[f] for f in files]).unflatten(1, (grid, grid))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = nn.Linear(inner.vision_tower.config.hidden_size, len(SHAPES) + len(COLOURS) + 1)
@@ -308,10 +309,9 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
         p.requires_grad_(True)
     for step in range(cfg.ground_steps):
         rows = torch.tensor([rng.randrange(len(files)) for _ in range(cfg.ground_batch)])
-        grids = torch.cat([target[rows], labels[rows].float()], -1).view(len(rows), grid, grid, -1)
-        images, grids = dihedral(pixels[rows], grids, rng.randrange(8))
-        grids = grids.reshape(len(rows), grid * grid, -1)
-        want, shape_id, colour_id = grids[..., :dim], grids[..., dim].long(), grids[..., dim + 1].long()
+        images, want, ids = dihedral(rng.randrange(8), pixels[rows], target[rows], labels[rows])
+        want, ids = want.flatten(1, 2), ids.flatten(1, 2)
+        shape_id, colour_id = ids[..., 0], ids[..., 1]
         for group, rate in zip(opt.param_groups, rates, strict=True):
             group["lr"] = warmup_cosine(step, rate, cfg.warmup, cfg.ground_steps)
         hidden = inner.vision_tower(pixel_values=images, output_hidden_states=True).hidden_states[-2][:, 1:]
