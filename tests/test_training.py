@@ -415,3 +415,39 @@ def test_bench_quality_scores_a_trainer_against_the_true_dictionary(tmp_path):
     report = json.loads(out.read_text())
     assert report["steps"] == 20 and "lmm-steer" in report["rows"]
     assert "| lmm-steer |" in r.stdout
+
+
+def test_splice_loss_scores_text_targets_only(tmp_path):
+    """Image placeholders are no text to predict: with an identity splice the clean loss is the
+    mean over the text targets, and the delta is zero."""
+    from PIL import Image
+
+    from lmm_steer.models.inputs import build_inputs
+    from lmm_steer.models.loader import load_model
+    from lmm_steer.training.activations import placeholder_ids, splice_eval
+    from lmm_steer.training.data import Example
+
+    loaded = load_model("builtin:tiny-llava-next")
+    image_id = loaded.model.config.image_token_index
+    assert placeholder_ids(loaded.model.config).tolist() == [image_id]
+    assert placeholder_ids(load_model("builtin:tiny-llama").model.config).numel() == 0
+    Image.new("RGB", (64, 48), (200, 40, 90)).save(tmp_path / "a.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
+
+    class Identity(torch.nn.Module):
+        W_dec = torch.zeros(1)
+
+        def forward(self, x):
+            return x
+
+    scores = splice_eval(loaded, 1, Identity(), [Example(messages, [str(tmp_path / "a.png")])])
+    inputs = build_inputs(loaded, messages, [Image.open(tmp_path / "a.png").convert("RGB")])
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits[0, :-1].float()
+    target = inputs["input_ids"][0, 1:]
+    text = target != image_id
+    assert (~text).sum() > text.sum() > 0  # the image dominates the sequence
+    want = float(F.cross_entropy(logits[text], target[text]))
+    assert scores["ce_clean"] == pytest.approx(want, rel=1e-4)
+    assert scores["ce_delta"] == pytest.approx(0.0, abs=1e-5)

@@ -128,10 +128,17 @@ def _write_cache(root: Path, key: dict, acts: torch.Tensor) -> None:
                                                     "shards": names}, indent=2))
 
 
+def placeholder_ids(config, device=None) -> torch.Tensor:
+    """The token ids a multimodal config replaces by image or video features (empty for text)."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    ids = {v for v in (getattr(config, n, None) for n in names) if isinstance(v, int)}
+    return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+
 @torch.inference_mode()
 def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: int = 128) -> dict:
     """Next-token loss with the block output replaced by the SAE reconstruction, against the clean
-    model, and the KL divergence between the two, on held-out examples."""
+    model, and the KL divergence between the two, on held-out examples; text targets only."""
     model = loaded.model
     layer = language_model(model).layers[hook_index]
     device = next(model.parameters()).device
@@ -156,6 +163,9 @@ def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: 
         finally:
             handle.remove()
         target = ids[:, 1:]
+        # image and video placeholders are not text to predict: hundreds of them per scene would
+        # swamp the loss (a scene conversation scored 8.5 nats clean with them)
+        valid = valid & ~torch.isin(target, placeholder_ids(model.config, target.device))
         lp_clean = F.log_softmax(clean, -1)
         lp_spliced = F.log_softmax(spliced, -1)
         ce_clean += float(-lp_clean.gather(-1, target[..., None])[..., 0][valid].sum())
