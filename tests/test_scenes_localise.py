@@ -37,3 +37,29 @@ def test_scene_masks_union_objects_that_share_a_value(tmp_path):
         by_colour = np.any([m for k, m in values.items() if k.startswith("colour:")], axis=0)
         by_shape = np.any([m for k, m in values.items() if k.startswith("shape:")], axis=0)
         assert (by_colour == by_shape).all() and by_colour.any()
+
+
+def test_the_localise_command_scores_features_against_baselines(tmp_path, capsys):
+    import json
+
+    from lmm_steer.cli import main
+
+    generate(tmp_path / "select", 3, seed=11)
+    generate(tmp_path / "test", 3, seed=12)
+    out = tmp_path / "localise.json"
+    assert main(["scenes", "localise", "--model", "builtin:tiny-llava-next", "--sae",
+                 "builtin:random-topk:latents=64,k=8", "--hookpoint", "model.layers.1", "--select",
+                 str(tmp_path / "select"), "--test", str(tmp_path / "test"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["values"] and all(k.split(":")[0] in ("colour", "shape") for k in result["values"])
+    for r in result["values"].values():
+        assert 0 <= r["iou"] <= 1 and 0 <= r["random_iou"] <= 1 and 0 < r["every_patch_iou"] <= 1
+        assert r["patches"] > 0 and 0 <= r["feature"] < 64
+    assert "| mean |" in capsys.readouterr().out
+
+
+def test_localise_names_a_missing_split(tmp_path):
+    from lmm_steer.cli import main
+
+    with pytest.raises(SystemExit, match="--select"):
+        main(["scenes", "localise", "--select", str(tmp_path), "--test", str(tmp_path)])

@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = scene_commands.add_parser("export", help="the scenes LMM as a plain LLaVA-NeXT checkpoint directory")
     scenes.add_export_arguments(export)
     export.set_defaults(func=scenes.export_command)
+    localise = scene_commands.add_parser(
+        "localise", help="do an SAE's features fire on the objects they are about? patch IoU against the masks")
+    scenes.add_localise_arguments(localise)
+    localise.set_defaults(func=scenes.localise_command)
     return parser
 
 

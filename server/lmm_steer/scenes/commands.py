@@ -1,4 +1,4 @@
-"""``lmm-steer scenes generate``, ``train``, ``eval`` and ``export``."""
+"""``lmm-steer scenes generate``, ``train``, ``eval``, ``export`` and ``localise``."""
 
 from __future__ import annotations
 
@@ -123,4 +123,52 @@ def export_command(args) -> int:
 
     out = export(_load(NAME, args.weights), Path(args.out))
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
+def add_localise_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select", required=True, help="a `scenes generate` directory: choose each value's best feature here")
+    p.add_argument("--test", required=True, help="another one (another seed): measure the chosen features' IoU here")
+    p.add_argument("--model", default="builtin:scenes-llava-next", help="model name or path")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
+    p.add_argument("--hookpoint", help="default: the SAE's own")
+    p.add_argument("--scenes", type=int, default=100, help="scenes of each split")
+    p.add_argument("--seed", type=int, default=0, help="draws the random-feature baseline")
+    p.add_argument("--json", help="write the result here")
+
+
+def localise_command(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from sae_weights import load_sae
+    from sae_weights.default import hookpoint_for, shipped_for
+
+    from ..engine import Engine
+    from ..engine.hookpoint import language_model
+    from .localise import localise, markdown
+
+    for flag in ("select", "test"):
+        if not (Path(getattr(args, flag)) / "annotations.json").exists():
+            raise SystemExit(f"lmm-steer: error: --{flag} {getattr(args, flag)}: no annotations.json "
+                             "(make it with `scenes generate`)")
+    if args.scenes < 1:
+        raise SystemExit(f"lmm-steer: error: --scenes must be at least 1, got {args.scenes}")
+    shipped = shipped_for(args.model)
+    sae_source = args.sae or (str(shipped.sae) if shipped else None)
+    if sae_source is None:
+        raise SystemExit(f"lmm-steer: error: --sae: {args.model} has no shipped SAE here; name one")
+    loaded = _load(args.model, args.weights)
+    if not loaded.is_multimodal:
+        raise SystemExit(f"lmm-steer: error: --model {args.model} takes no images")
+    hookpoint = hookpoint_for(sae_source, args.hookpoint)
+    sae = load_sae(sae_source, hookpoint=hookpoint, d_in=language_model(loaded.model).config.hidden_size,
+                   dtype=torch.float32)
+    engine = Engine(loaded, sae, hookpoint or sae.cfg.hookpoint)
+    result = localise(engine, Path(args.select), Path(args.test), args.scenes, args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
     return 0

@@ -102,3 +102,15 @@ def localise(engine, select: Path, test: Path, scenes: int = 100, seed: int = 0)
                      "patches": int(truth_test[key].sum())}
     mean = {m: round(float(np.mean([r[m] for r in rows.values()])), 4) for m in ("iou", "random_iou", "every_patch_iou")}
     return {"select": str(select), "test": str(test), "scenes": scenes, "values": rows, "mean": mean}
+
+
+def markdown(result: dict) -> str:
+    """The per-value table and the means, beside both baselines."""
+    lines = ["| value | feature | IoU (test) | IoU (selection) | random feature | every patch | patches |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in result["values"].items():
+        lines.append(f"| {key} | {r['feature']} | {r['iou']:.3f} | {r['selection_iou']:.3f} | {r['random_iou']:.3f} "
+                     f"| {r['every_patch_iou']:.3f} | {r['patches']} |")
+    m = result["mean"]
+    lines.append(f"| mean | | {m['iou']:.3f} | | {m['random_iou']:.3f} | {m['every_patch_iou']:.3f} | |")
+    return "\n".join(lines) + "\n"
