@@ -6,6 +6,7 @@ a freshly generated split, and the exported checkpoint in plain transformers.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from lmm_steer.scenes.train import (
     patch_classes,
     patch_objects,
     patch_words,
+    quadrant,
     train_scenes_lmm,
 )
 
@@ -152,6 +154,35 @@ def test_flipped_and_turned_images_keep_their_patch_grids_in_register(k):
     expected = patch_shares(turned_image[0, 0].numpy() > 0.5, 8, 8)
     np.testing.assert_allclose(turned_grid.reshape(-1).numpy(), expected)
     assert len({dihedral(j, image, grid)[0].numpy().tobytes() for j in range(8)}) == 8
+
+
+@pytest.mark.parametrize("q", range(4))
+def test_a_tile_of_the_upscaled_scene_keeps_image_and_patch_grid_in_register(q):
+    import numpy as np
+
+    from lmm_steer.scenes.generate import patch_shares
+
+    mask = np.zeros((256, 256), bool)
+    mask[20:70, 150:240] = True
+    mask[130:250, 10:40] = True
+    grid = torch.tensor(patch_shares(mask, 16, 16), dtype=torch.float32).view(1, 16, 16, 1)
+    image = torch.tensor(mask, dtype=torch.float32).view(1, 1, 256, 256)
+    tile_image, tile_grid = quadrant(q, image, grid)
+    assert tile_image.shape == (1, 1, 128, 128) and tile_grid.shape == (1, 8, 8, 1)
+    np.testing.assert_allclose(tile_grid.reshape(-1).numpy(), patch_shares(tile_image[0, 0].numpy() > 0.5, 8, 8))
+
+
+def test_grounding_on_tiles_runs_and_differs_from_the_base_view_alone(train_split, tmp_path):
+    from safetensors.torch import load_file
+
+    quick = {**TINY_RUN, "steps": 1, "ground_steps": 3}
+    train_scenes_lmm(train_split, tmp_path / "base", SceneTrainConfig(**quick))
+    shutil.copytree(tmp_path / "base" / "clip", tmp_path / "tiles" / "clip")
+    train_scenes_lmm(train_split, tmp_path / "tiles", SceneTrainConfig(**quick, ground_tile_share=1.0))
+    a = load_file(tmp_path / "base" / "grounding.safetensors")
+    b = load_file(tmp_path / "tiles" / "grounding.safetensors")
+    assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):

@@ -74,6 +74,9 @@ class SceneTrainConfig:
     ground_vision_lr: float = 1e-3
     ground_lr: float = 1e-3  # projector
     ground_head_lr: float = 1e-2
+    # share of grounding steps on one random 128 px tile of the 2x upscaled scene, as AnyRes's tiles
+    # show it (0: the base view only, as run F was grounded; the tiles' scale is then unseen there)
+    ground_tile_share: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -264,6 +267,15 @@ def dihedral(k: int, images: torch.Tensor, *grids: torch.Tensor) -> tuple[torch.
     return images.rot90(k % 4, (-2, -1)), *(g.rot90(k % 4, (1, 2)) for g in grids)
 
 
+def quadrant(q: int, images: torch.Tensor, *grids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Quadrant ``q`` (0..3, row-major) of images ``[B, C, 2S, 2S]`` and of patch grids
+    ``[B, 2G, 2G, ...]``: one AnyRes tile of a 2x upscaled scene and its patches' labels."""
+    r, c = divmod(q, 2)
+    s, g = images.shape[-1] // 2, grids[0].shape[1] // 2 if grids else 0
+    return (images[..., r * s:(r + 1) * s, c * s:(c + 1) * s],
+            *(x[:, r * g:(r + 1) * g, c * g:(c + 1) * g] for x in grids))
+
+
 def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig, out: Path, progress=None) -> None:
     """Stage 1.5; its result is kept in ``out/grounding.safetensors`` and reused on resume.
 
@@ -287,15 +299,24 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
     from .generate import COLOURS, SHAPES
 
     side, patch = ARCHITECTURE["image_size"], ARCHITECTURE["patch_size"]
-    grid = side // patch
-    objects = patch_objects(data, grid)
-    words, classes = patch_words(objects, tok), patch_classes(objects)
     embed = inner.language_model.embed_tokens.weight.detach()
-    files = sorted(objects)
-    pixels = pixel_values([str(data.root / f) for f in files], side)
-    # [scenes, grid, grid, ...]: laid out as the image, so flips and turns move them with it
-    target = torch.stack([torch.stack([embed[ids].mean(0) for ids in words[f]]) for f in files]).unflatten(1, (grid, grid))
-    labels = torch.stack([classes[f] for f in files]).unflatten(1, (grid, grid))
+
+    def view(scale: int):
+        """Pixels, regression targets and class labels of the scenes seen at ``scale`` x their size."""
+        grid = scale * side // patch
+        objects = patch_objects(data, grid)
+        words, classes = patch_words(objects, tok), patch_classes(objects)
+        files = sorted(objects)
+        pixels = pixel_values([str(data.root / f) for f in files], scale * side)
+        # [scenes, grid, grid, ...]: laid out as the image, so flips and turns move them with it
+        target = torch.stack([torch.stack([embed[ids].mean(0) for ids in words[f]]) for f in files])
+        labels = torch.stack([classes[f] for f in files])
+        return pixels, target.unflatten(1, (grid, grid)), labels.unflatten(1, (grid, grid))
+
+    base = view(1)
+    scenes = len(base[0])
+    # the 2x view in half precision: 6,000 scenes at 256 px are 2.4 GB so
+    tiles = [x.half() if x.is_floating_point() else x for x in view(2)] if cfg.ground_tile_share > 0 else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = nn.Linear(inner.vision_tower.config.hidden_size, len(SHAPES) + len(COLOURS) + 1)
@@ -308,8 +329,13 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
     for p in params:
         p.requires_grad_(True)
     for step in range(cfg.ground_steps):
-        rows = torch.tensor([rng.randrange(len(files)) for _ in range(cfg.ground_batch)])
-        images, want, ids = dihedral(rng.randrange(8), pixels[rows], target[rows], labels[rows])
+        rows = torch.tensor([rng.randrange(scenes) for _ in range(cfg.ground_batch)])
+        if tiles is not None and rng.random() < cfg.ground_tile_share:
+            pixels, target, labels = quadrant(rng.randrange(4), *(x[rows].float() if x.is_floating_point()
+                                                                 else x[rows] for x in tiles))
+        else:
+            pixels, target, labels = (x[rows] for x in base)
+        images, want, ids = dihedral(rng.randrange(8), pixels, target, labels)
         want, ids = want.flatten(1, 2), ids.flatten(1, 2)
         shape_id, colour_id = ids[..., 0], ids[..., 1]
         for group, rate in zip(opt.param_groups, rates, strict=True):
