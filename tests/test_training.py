@@ -422,15 +422,16 @@ def test_splice_loss_scores_text_targets_only(tmp_path):
     mean over the text targets, and the delta is zero."""
     from PIL import Image
 
+    from lmm_steer.engine.prefill import image_token_id
     from lmm_steer.models.inputs import build_inputs
     from lmm_steer.models.loader import load_model
-    from lmm_steer.training.activations import placeholder_ids, splice_eval
+    from lmm_steer.training.activations import splice_eval
     from lmm_steer.training.data import Example
 
     loaded = load_model("builtin:tiny-llava-next")
     image_id = loaded.model.config.image_token_index
-    assert placeholder_ids(loaded.model.config).tolist() == [image_id]
-    assert placeholder_ids(load_model("builtin:tiny-llama").model.config).numel() == 0
+    assert image_token_id(loaded.model) == image_id
+    assert image_token_id(load_model("builtin:tiny-llama").model) is None
     Image.new("RGB", (64, 48), (200, 40, 90)).save(tmp_path / "a.png")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]

@@ -60,10 +60,22 @@ def build_engine(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     loaded = load_model(model, dtype=dt, device=dev)
+    return engine_for(loaded, sae, hookpoint=hookpoint, revision=revision, device=dev, dtype=dt, config=config,
+                      hub_timeout=hub_timeout)
+
+
+def engine_for(
+    loaded, sae: str | None = None, *, hookpoint: str | None = None, revision: str | None = None,
+    device: torch.device | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None,
+    hub_timeout: float = DEFAULT_HUB_TIMEOUT_S,
+) -> Engine:
+    """An engine around a model already loaded; the SAE goes to ``device`` and ``dtype`` (default:
+    the model's)."""
     sae_module = None
     if sae and sae.lower() != "none":
+        param = next(loaded.model.parameters())
         hidden = language_model(loaded.model).config.hidden_size
-        sae_module = load_sae(sae, hookpoint=hookpoint, revision=revision, device=dev, dtype=dt, d_in=hidden,
-                              timeout_s=hub_timeout)
+        sae_module = load_sae(sae, hookpoint=hookpoint, revision=revision, device=device or param.device,
+                              dtype=dtype or param.dtype, d_in=hidden, timeout_s=hub_timeout)
         hookpoint = hookpoint or sae_module.cfg.hookpoint or default_hookpoint(loaded.model)
     return Engine(loaded, sae_module, hookpoint if sae_module is not None else None, config)

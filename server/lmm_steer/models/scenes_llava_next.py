@@ -27,9 +27,8 @@ from .loaded import LoadedModel
 NAME = "builtin:scenes-llava-next"
 IMAGE_TOKEN = "<image>"
 WEIGHTS = Path(__file__).parent / "weights" / "scenes-llava-next.safetensors"
-# The vision tower's shape (transformers' CLIPVisionConfig names); the trainer's defaults.
-# ``tile_grid``: AnyRes tiles per side (the scene upscaled that many times); the rest are
-# transformers' CLIPVisionConfig names.
+# The vision tower's shape (transformers' CLIPVisionConfig names) and ``tile_grid``, AnyRes tiles
+# per side (the scene upscaled that many times); the trainer's defaults.
 ARCHITECTURE = {"image_size": 128, "patch_size": 16, "hidden_size": 192, "num_hidden_layers": 4,
                 "num_attention_heads": 3, "intermediate_size": 768, "projection_dim": 384, "tile_grid": 2}
 

@@ -141,13 +141,9 @@ def add_localise_arguments(p: argparse.ArgumentParser) -> None:
 def localise_command(args) -> int:
     from pathlib import Path
 
-    import torch
-
-    from sae_weights import load_sae
     from sae_weights.default import hookpoint_for, shipped_for
 
-    from ..engine import Engine
-    from ..engine.hookpoint import language_model
+    from ..engine.factory import engine_for
     from .localise import localise, markdown
 
     for flag in ("select", "test"):
@@ -163,10 +159,7 @@ def localise_command(args) -> int:
     loaded = _load(args.model, args.weights)
     if not loaded.is_multimodal:
         raise SystemExit(f"lmm-steer: error: --model {args.model} takes no images")
-    hookpoint = hookpoint_for(sae_source, args.hookpoint)
-    sae = load_sae(sae_source, hookpoint=hookpoint, d_in=language_model(loaded.model).config.hidden_size,
-                   dtype=torch.float32)
-    engine = Engine(loaded, sae, hookpoint or sae.cfg.hookpoint)
+    engine = engine_for(loaded, sae_source, hookpoint=hookpoint_for(sae_source, args.hookpoint))
     result = localise(engine, Path(args.select), Path(args.test), args.scenes, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

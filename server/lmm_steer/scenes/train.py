@@ -315,7 +315,7 @@ def train_grounding(model, tok, data: SceneConversations, cfg: SceneTrainConfig,
 
     base = view(1)
     scenes = len(base[0])
-    # the 2x view in half precision: 6,000 scenes at 256 px are 2.4 GB so
+    # the 2x view kept in half precision: 6,000 scenes at 256 px take 2.4 GB even so
     tiles = [x.half() if x.is_floating_point() else x for x in view(2)] if cfg.ground_tile_share > 0 else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..engine.hookpoint import block_hidden, capture_block_output, language_model, with_block_hidden
+from ..engine.prefill import image_token_id
 from ..models.inputs import build_inputs
 from .data import Example
 
@@ -128,13 +129,6 @@ def _write_cache(root: Path, key: dict, acts: torch.Tensor) -> None:
                                                     "shards": names}, indent=2))
 
 
-def placeholder_ids(config, device=None) -> torch.Tensor:
-    """The token ids a multimodal config replaces by image or video features (empty for text)."""
-    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-    ids = {v for v in (getattr(config, n, None) for n in names) if isinstance(v, int)}
-    return torch.tensor(sorted(ids), dtype=torch.long, device=device)
-
-
 @torch.inference_mode()
 def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: int = 128) -> dict:
     """Next-token loss with the block output replaced by the SAE reconstruction, against the clean
@@ -144,6 +138,7 @@ def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: 
     device = next(model.parameters()).device
     ce_clean = ce_spliced = kl = 0.0
     n = 0
+    placeholder = image_token_id(model)
 
     def splice(module, args, output):
         # every position but the first, attention-sink one, which training leaves out too
@@ -163,9 +158,10 @@ def splice_eval(loaded, hook_index: int, sae, examples: list[Example], max_len: 
         finally:
             handle.remove()
         target = ids[:, 1:]
-        # image and video placeholders are not text to predict: hundreds of them per scene would
-        # swamp the loss (a scene conversation scored 8.5 nats clean with them)
-        valid = valid & ~torch.isin(target, placeholder_ids(model.config, target.device))
+        if placeholder is not None:
+            # image placeholders are not text to predict: hundreds of them per scene would swamp
+            # the loss (a scene conversation scored 8.5 nats clean with them)
+            valid = valid & (target != placeholder)
         lp_clean = F.log_softmax(clean, -1)
         lp_spliced = F.log_softmax(spliced, -1)
         ce_clean += float(-lp_clean.gather(-1, target[..., None])[..., 0][valid].sum())
