@@ -207,3 +207,8 @@ def test_command_line_writes_a_split_and_refuses_bad_counts(tmp_path):
     assert json.loads(ok.stdout)["scenes"] == 2 and (tmp_path / "s" / "images" / "000001.png").exists()
     bad = subprocess.run([*run, "--n", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--n must be at least 1, got 0" in bad.stderr
+    train = [sys.executable, "-m", "lmm_steer.cli", "scenes", "train", "--data", str(tmp_path / "s"),
+             "--out", str(tmp_path / "run"), "--lora-lr", "0"]
+    frozen = subprocess.run(train, capture_output=True, text=True)
+    assert frozen.returncode != 0 and "--lora-lr and --vision-lr are all 0" in frozen.stderr
+    assert not (tmp_path / "run").exists()

@@ -304,3 +304,21 @@ def test_the_served_model_answers_the_openai_client_as_the_model_alone_does(tmp_
     assert served == alone
     right = sum(normalise(s) == normalise(q["answer"]) for s, q in zip(served, items, strict=True))
     assert right >= 6, list(zip(served, [q["answer"] for q in items], strict=True))
+
+
+def test_the_lmm_stage_trains_only_the_parts_given_a_rate(train_split, tmp_path):
+    from safetensors.torch import load_file
+
+    quick = {**TINY_RUN, "steps": 2, "low_rank_from": 0}
+    train_scenes_lmm(train_split, tmp_path / "frozen", SceneTrainConfig(**quick))
+    grounded = load_file(tmp_path / "frozen" / "grounding.safetensors")
+    frozen = load_file(tmp_path / "frozen" / TRAINED_FILE)
+    tower = [k for k in grounded if k.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(frozen[k], grounded[k]) for k in tower)
+    shutil.copytree(tmp_path / "frozen" / "clip", tmp_path / "tower" / "clip")
+    shutil.copy(tmp_path / "frozen" / "grounding.safetensors", tmp_path / "tower")
+    train_scenes_lmm(train_split, tmp_path / "tower", SceneTrainConfig(**quick, vision_lr=1e-3))
+    moved = load_file(tmp_path / "tower" / TRAINED_FILE)
+    assert any(not torch.equal(moved[k], grounded[k]) for k in tower)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_scenes_lmm(train_split, tmp_path / "none", SceneTrainConfig(**quick, lora_lr=0.0))

@@ -51,6 +51,8 @@ def train_command(args) -> int:
             raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not (Path(args.data) / "conversations.jsonl").exists():
         raise SystemExit(f"lmm-steer: error: --data {args.data}: no conversations.jsonl (make it with `scenes generate`)")
+    if max(cfg.lr, cfg.lora_lr, cfg.vision_lr) <= 0:
+        raise SystemExit("lmm-steer: error: --lr, --lora-lr and --vision-lr are all 0: nothing to train")
     print(json.dumps(train_scenes_lmm(Path(args.data), Path(args.out), cfg, print_progress)))
     return 0
 

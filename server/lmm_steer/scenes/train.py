@@ -416,9 +416,10 @@ def _load_checkpoint(out: Path, model, wrapped, opt) -> tuple[int, float]:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[f"param/{name}"])
+    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
     for name, p in params.items():
         keys = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"adam/{name}/")}
-        if keys:
+        if keys and id(p) in optimised:
             opt.state[p] = keys
     return meta["step"], meta["elapsed_s"]
 
@@ -428,6 +429,9 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     the end, ``scenes-llava-next.safetensors``."""
     from safetensors.torch import save_file
 
+    rates = {"vision": cfg.vision_lr, "projector": cfg.lr, "low_rank": cfg.lora_lr}
+    if not any(rate > 0 for rate in rates.values()):
+        raise ValueError("every learning rate of the LMM stage is 0: nothing to train")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -449,8 +453,9 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         wrapped = add_low_rank(model, "model.language_model", cfg.rank)
-    groups = _trainable(model, wrapped)
-    rates = {"vision": cfg.vision_lr, "projector": cfg.lr, "low_rank": cfg.lora_lr}
+    # a part whose rate is 0 stays frozen: no gradient through it (run F spent time back-propagating
+    # into the tower it never changed), no optimiser state, no share of the clipped norm
+    groups = {k: ps for k, ps in _trainable(model, wrapped).items() if rates[k] > 0}
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
