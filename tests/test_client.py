@@ -107,7 +107,11 @@ def test_builder_rejects_bad_input_before_sending():
             bad()
     assert Steering().clamp(3, 10).ablate(4).scale(5, 2).to_dict() == {
         "features": [{"id": 3, "value": 10.0, "mode": "clamp"}, {"id": 4, "value": 0.0, "mode": "clamp"},
-                     {"id": 5, "value": 2.0, "mode": "scale"}], "semantics": "delta"}
+                     {"id": 5, "value": 2.0, "mode": "scale"}]}
+    assert Steering().semantics("paper").preset("fix-red").to_dict() == {
+        "features": [], "semantics": "paper", "preset": "fix-red"}
+    with pytest.raises(ValueError):
+        Steering().preset("")
 
 
 def test_inspect_heatmap_png_sized_like_the_image(server, image_path, tmp_path):

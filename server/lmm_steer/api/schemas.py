@@ -96,6 +96,30 @@ class Steering(Request):
     scope: Literal["all", "prompt", "generated", "image"] | None = Field(
         None, description="positions edited; default 'all' (delta) or 'prompt' (paper)")
     semantics: Literal["delta", "paper"] = "delta"
+    preset: Annotated[Text | None, Field(description=(
+        "a steering preset loaded at start (--presets); this steering's own edits apply on top of it: "
+        "an edit of the same feature replaces the preset's, concepts add to its, and scope and semantics, "
+        "when given, replace its"))] = None
+
+
+PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Preset(Request):
+    """A named steering loaded at start; served as the model ``<model>:<name>``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: Annotated[str, Field(pattern=PRESET_NAME_PATTERN, description="letters, digits, '.', '_', '-'")]
+    description: Annotated[Text, Field(min_length=1, max_length=500)]
+    steering: Steering
+
+    @model_validator(mode="after")
+    def _not_nested(self):
+        if self.steering.preset is not None:
+            raise ValueError("a preset's steering cannot name another preset")
+        if not (self.steering.features or self.steering.concepts or self.steering.semantics == "paper"):
+            raise ValueError("a preset's steering needs features or concepts")
+        return self
 
 
 class StreamOptions(Request):
@@ -221,6 +245,7 @@ class AppliedSteering(BaseModel):
     scope: str
     semantics: str
     hookpoint: str | None
+    preset: str | None = Field(None, description="the preset these edits started from, if any")
 
 
 class ResponseMessage(BaseModel):
@@ -258,6 +283,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmm-steer"
     sae: dict | None = None
+    parent: str | None = Field(None, description="for a preset: the model it steers (as vLLM lists LoRA adapters)")
+    preset: dict | None = Field(None, description="for a preset: its name, description and steering")
 
 
 class ModelList(BaseModel):
