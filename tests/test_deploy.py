@@ -90,8 +90,11 @@ def test_kubernetes_manifests():
 @pytest.mark.skipif(shutil.which("prometheus") is None,
                     reason="needs Debian's prometheus package (.ci/run installs it)")
 def test_every_dashboard_query_returns_data_from_real_prometheus(tmp_path):
+    presets = tmp_path / "presets.json"
+    presets.write_text(json.dumps({"name": "push-3", "description": "feature 3 up",
+                                   "steering": {"features": [{"id": 3, "value": 20.0}]}}))
     server = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk", "--max-seq-len", "512",
-                    "--clamp-effect-every", "2")
+                    "--clamp-effect-every", "2", "--presets", str(presets))
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
@@ -126,6 +129,8 @@ def test_every_dashboard_query_returns_data_from_real_prometheus(tmp_path):
             body = {"messages": msgs, "max_tokens": 6, "ignore_eos": True}
             if i % 2:
                 body["clamps"] = {str(3 + i): 20.0}
+            if i == 4:
+                body["model"] = "builtin:tiny-llava-next:push-3"
             assert server.post("/v1/chat/completions", body).status_code == 200
             time.sleep(0.3)
         assert server.post("/v1/chat/completions", {"messages": msgs, "n": 2}).status_code == 400
