@@ -43,3 +43,27 @@ def hookpoint_for(sae: str, hookpoint: str | None = None) -> str | None:
     if hookpoint:
         return hookpoint
     return next((s.hookpoint for s in SHIPPED.values() if str(s.sae) == str(sae)), None)
+
+
+@dataclass(frozen=True)
+class SteeringSources:
+    """What an engine for ``model`` loads: the SAE source ("none": no SAE), its hookpoint (None:
+    the SAE's own) and the catalogs."""
+
+    sae: str
+    hookpoint: str | None
+    catalogs: tuple[str, ...]
+
+
+def sources_for(model: str, sae: str | None = None, hookpoint: str | None = None,
+                catalogs: tuple[str, ...] | list[str] = ()) -> SteeringSources:
+    """The sources given, with the model's shipped SAE (and its catalog and hookpoint) filling in
+    when no SAE is named; "none" when neither is there."""
+    catalogs = tuple(catalogs)
+    if sae is not None:
+        return SteeringSources(sae, hookpoint_for(sae, hookpoint), catalogs)
+    shipped = shipped_for(model)
+    if shipped is None:
+        return SteeringSources("none", hookpoint, catalogs)
+    own = (str(shipped.catalog),) if shipped.catalog.exists() else ()
+    return SteeringSources(str(shipped.sae), hookpoint or shipped.hookpoint, catalogs or own)

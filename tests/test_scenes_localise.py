@@ -44,7 +44,7 @@ def test_the_localise_command_scores_features_against_baselines(tmp_path, capsys
 
     from lmm_steer.cli import main
 
-    generate(tmp_path / "select", 3, seed=11)
+    generate(tmp_path / "select", 10, seed=11)
     generate(tmp_path / "test", 3, seed=12)
     out = tmp_path / "localise.json"
     assert main(["scenes", "localise", "--model", "builtin:tiny-llava-next", "--sae",

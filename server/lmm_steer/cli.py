@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_MODEL, shipped_for
+from sae_weights.default import DEFAULT_MODEL, sources_for
 
 from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
@@ -66,13 +66,9 @@ def _generate(args) -> int:
     from .engine import EngineConfig, EngineError, GenerationRequest, SamplingParams, SteeringSpec
     from .engine.factory import build_engine
 
-    sae, hookpoint = args.sae, args.hookpoint
-    if sae is None:
-        shipped = shipped_for(args.model)
-        sae = str(shipped.sae) if shipped else "none"
-        hookpoint = hookpoint or (shipped.hookpoint if shipped else None)
+    sources = sources_for(args.model, args.sae, args.hookpoint)
     engine = build_engine(
-        args.model, sae, hookpoint=hookpoint, dtype=args.dtype, device=args.device, hub_timeout=args.hub_timeout,
+        args.model, sources.sae, hookpoint=sources.hookpoint, dtype=args.dtype, device=args.device, hub_timeout=args.hub_timeout,
         config=EngineConfig(max_batch=1, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             max_seq_len=args.max_seq_len),
     )
@@ -186,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     steer = evals.add_parser("steer", help="concept steering against unsteered, prompting and the README's recipe")
     evaluations.add_steer_arguments(steer)
     steer.set_defaults(func=evaluations.steer_command)
+    fix = evals.add_parser("fix", help="do clamps fix a scenes model's misrecognitions? against random and oracle features")
+    evaluations.add_fix_arguments(fix)
+    fix.set_defaults(func=evaluations.fix_command)
     from .scenes import commands as scenes
 
     scene_commands = sub.add_parser("scenes", help="synthetic scenes with exact ground truth").add_subparsers(

@@ -9,7 +9,7 @@ import time
 
 import uvicorn
 
-from sae_weights.default import DEFAULT_MODEL, shipped_for
+from sae_weights.default import DEFAULT_MODEL, sources_for
 
 from .engine.factory import add_decode_arguments, add_device_arguments, add_hub_timeout_argument
 
@@ -70,13 +70,8 @@ def build_app(args):
     from .metrics import Metrics
     from .service import SteeringService
 
-    sae, catalogs, hookpoint = args.sae, list(args.catalog), args.hookpoint
-    if sae is None:
-        shipped = shipped_for(args.model)
-        sae = str(shipped.sae) if shipped else "none"
-        if shipped:
-            catalogs = catalogs or ([str(shipped.catalog)] if shipped.catalog.exists() else [])
-            hookpoint = hookpoint or shipped.hookpoint
+    sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
+    sae, catalogs, hookpoint = sources.sae, list(sources.catalogs), sources.hookpoint
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         hub_timeout=args.hub_timeout,

@@ -69,3 +69,78 @@ def steer_command(args) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0
+
+
+def add_fix_arguments(p: argparse.ArgumentParser) -> None:
+    from .fix import FIX_TYPES
+
+    p.add_argument("--model", default="builtin:scenes-llava-next", help="a multimodal model name or path")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
+    p.add_argument("--hookpoint", help="default: the SAE's own")
+    p.add_argument("--catalog", action="append", default=[], metavar="PATH",
+                   help="catalog whose search chooses the features (repeatable; default: the shipped SAE's)")
+    p.add_argument("--data", required=True, help="a `scenes generate` directory made with a seed training never used")
+    p.add_argument("--select", help="another split (another seed) where the oracle row chooses features from ground "
+                                    "truth; without it there is no oracle row")
+    p.add_argument("--limit", type=int, help="the first N scenes of --data only")
+    p.add_argument("--select-scenes", type=int, default=100, help="scenes of --select the oracle reads")
+    p.add_argument("--types", default=",".join(FIX_TYPES), help=f"comma-separated, of {', '.join(FIX_TYPES)}")
+    p.add_argument("--features", type=int, default=1, help="search hits edited per attribute value")
+    p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
+                   help="positions the edits touch")
+    p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
+    p.add_argument("--json", metavar="PATH", help="write the result, every case included, here")
+    p.add_argument("--markdown", metavar="PATH")
+
+
+def fix_command(args) -> int:
+    from sae_weights import FeatureCatalog
+    from sae_weights.default import sources_for
+
+    from ..concepts.embedder import EmbedderMissing, default_embedder
+    from ..concepts.semantic import SemanticIndex
+    from ..engine import EngineConfig
+    from ..scenes.commands import scene_engine
+    from .fix import FIX_TYPES, markdown, run
+
+    def fail(message: str) -> int:
+        print(f"lmm-steer: error: {message}", file=sys.stderr)
+        return 2
+
+    types = [t for t in args.types.split(",") if t]
+    if not types or set(types) - set(FIX_TYPES):
+        return fail(f"--types: {args.types!r}: choose from {', '.join(FIX_TYPES)}")
+    for flag in ("data", "select"):
+        path = getattr(args, flag)
+        if path is not None and not (Path(path) / "annotations.json").exists():
+            return fail(f"--{flag} {path}: no annotations.json (make it with `scenes generate`)")
+    for flag, value in (("--limit", args.limit), ("--features", args.features), ("--select-scenes", args.select_scenes)):
+        if value is not None and value < 1:
+            return fail(f"{flag} must be at least 1, got {value}")
+    sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
+    if not sources.catalogs:
+        return fail("--catalog: the SAE has no shipped catalog; name one")
+    catalog = FeatureCatalog()
+    for path in sources.catalogs:
+        catalog.merge(FeatureCatalog.load(path))
+    engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
+    try:
+        searcher = SemanticIndex(catalog, default_embedder(), sources.catalogs[0] if len(sources.catalogs) == 1 else None)
+    except EmbedderMissing:
+        searcher = catalog  # search by words alone
+    oracle = None
+    if args.select:
+        from ..scenes.localise import best_features
+
+        oracle = best_features(engine, Path(args.select), args.select_scenes)
+    result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
+                 per_value=args.features, scope=args.scope, seed=args.seed)
+    result["search"] = "meaning" if searcher is not catalog else "words"
+    table = markdown(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": sys.argv[1:], **result}, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0

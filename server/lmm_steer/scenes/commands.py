@@ -128,6 +128,22 @@ def export_command(args) -> int:
     return 0
 
 
+def scene_engine(model: str, weights: str | None, sae: str | None, hookpoint: str | None, config=None):
+    """A steering engine on a multimodal model (``weights``: a scenes run's instead of the shipped
+    ones) with the SAE named, else the model's shipped one."""
+    from sae_weights.default import sources_for
+
+    from ..engine.factory import engine_for
+
+    sources = sources_for(model, sae, hookpoint)
+    if sources.sae == "none":
+        raise SystemExit(f"lmm-steer: error: --sae: {model} has no shipped SAE here; name one")
+    loaded = _load(model, weights)
+    if not loaded.is_multimodal:
+        raise SystemExit(f"lmm-steer: error: --model {model} takes no images")
+    return engine_for(loaded, sources.sae, hookpoint=sources.hookpoint, config=config)
+
+
 def add_localise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", required=True, help="a `scenes generate` directory: choose each value's best feature here")
     p.add_argument("--test", required=True, help="another one (another seed): measure the chosen features' IoU here")
@@ -143,9 +159,6 @@ def add_localise_arguments(p: argparse.ArgumentParser) -> None:
 def localise_command(args) -> int:
     from pathlib import Path
 
-    from sae_weights.default import hookpoint_for, shipped_for
-
-    from ..engine.factory import engine_for
     from .localise import localise, markdown
 
     for flag in ("select", "test"):
@@ -154,14 +167,7 @@ def localise_command(args) -> int:
                              "(make it with `scenes generate`)")
     if args.scenes < 1:
         raise SystemExit(f"lmm-steer: error: --scenes must be at least 1, got {args.scenes}")
-    shipped = shipped_for(args.model)
-    sae_source = args.sae or (str(shipped.sae) if shipped else None)
-    if sae_source is None:
-        raise SystemExit(f"lmm-steer: error: --sae: {args.model} has no shipped SAE here; name one")
-    loaded = _load(args.model, args.weights)
-    if not loaded.is_multimodal:
-        raise SystemExit(f"lmm-steer: error: --model {args.model} takes no images")
-    engine = engine_for(loaded, sae_source, hookpoint=hookpoint_for(sae_source, args.hookpoint))
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint)
     result = localise(engine, Path(args.select), Path(args.test), args.scenes, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -80,18 +80,29 @@ def iou(fired: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
 
 
+def choose_features(fired: torch.Tensor, truth: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per attribute value, the feature whose firing patches best overlap its patches (by IoU)."""
+    return {key: int(iou(fired, t).argmax()) for key, t in truth.items() if t.any()}
+
+
+def best_features(engine, select: Path, scenes: int = 100) -> dict[str, int]:
+    """``"colour:red" -> feature`` chosen from ground truth on the ``select`` split."""
+    return choose_features(*_collect(engine, select, scenes))
+
+
 def localise(engine, select: Path, test: Path, scenes: int = 100, seed: int = 0) -> dict:
     """Per attribute value: the feature chosen on ``select`` and its patch IoU on ``test``, beside
     a random image feature's and the every-patch baseline's."""
     fired_sel, truth_sel = _collect(engine, select, scenes)
     fired_test, truth_test = _collect(engine, test, scenes)
     on_images = torch.nonzero(fired_sel.any(0)).flatten().tolist()
+    chosen = choose_features(fired_sel, truth_sel)
     rng = random.Random(seed)
     rows = {}
-    for key in sorted(set(truth_sel) & set(truth_test)):
+    for key in sorted(set(chosen) & set(truth_test)):
         if truth_test[key].sum() == 0:
             continue
-        best = int(iou(fired_sel, truth_sel[key]).argmax())
+        best = chosen[key]
         random_feature = rng.choice(on_images)
         everywhere = torch.ones(len(truth_test[key]), 1, dtype=torch.bool)
         rows[key] = {"feature": best, "iou": round(float(iou(fired_test[:, [best]], truth_test[key])[0]), 4),

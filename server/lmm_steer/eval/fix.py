@@ -1,0 +1,233 @@
+"""``lmm-steer eval fix``: do clamps fix a scenes model's misrecognitions? Measured on ground truth.
+
+The test questions are asked once, unsteered; every wrong colour, shape, count or existence answer
+is a misrecognition. For each, the attribute values involved are read from the question and the
+two answers ("red" amplified and "brown" suppressed for a colour said brown that is red; the asked
+object's colour and shape amplified for a "no" to an object that is there, suppressed for a "yes"
+to one that is not; the counted value amplified for an undercount, suppressed for an overcount).
+Each value becomes features as a user of the server would choose them: the catalog's top search
+hits for the word, clamped at the feature's calibrated value (or three times its largest
+activation) to amplify and at 0 to suppress, on the image's positions by default. The question is
+then asked again: fixed, unchanged, or changed into another wrong answer.
+
+Rows of the same run: ``search`` (those edits, delta semantics), ``search-paper`` (the same edits,
+paper semantics), ``random`` (as many random features at the same values: should fix about
+nothing), ``oracle`` (for each value, the feature whose firing patches best overlap the value's
+objects on a separate selection split: ``scenes localise``'s choice from ground truth, which
+separates "search found the wrong feature" from "the feature is not causal"), and collateral: each
+misrecognition's ``search`` edits applied to a question of the same type the model got right.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..concepts.resolve import steer_value
+from ..engine import FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
+from ..scenes.evaluate import normalise, questions
+from ..scenes.generate import COLOURS, SHAPES
+
+FIX_TYPES = ("colour", "shape", "count", "exist")
+METHODS = ("search", "search-paper", "random", "oracle")
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One attribute value to push: ``key`` is ``"colour:red"`` or ``"shape:star"``; ``sign`` +1
+    amplifies, -1 suppresses."""
+
+    key: str
+    sign: int
+
+
+def _words(text: str) -> list[str]:
+    """The colour and shape values named in ``text`` (plurals read as their shape)."""
+    out = []
+    for word in normalise(text).split():
+        one = word if word in SHAPES else (word[:-2] if word.endswith("ses") else word.removesuffix("s"))
+        if word in COLOURS:
+            out.append(f"colour:{word}")
+        elif one in SHAPES:
+            out.append(f"shape:{one}")
+    return out
+
+
+def targets(item: dict, got: str) -> list[Target]:
+    """What to amplify and suppress to turn ``got`` into the item's answer (empty: nothing to say)."""
+    kind, truth, said = item["type"], normalise(item["answer"]), normalise(got)
+    if kind in ("colour", "shape"):
+        out = [Target(f"{kind}:{truth}", +1)]
+        if said in (COLOURS if kind == "colour" else SHAPES) and said != truth:
+            out.append(Target(f"{kind}:{said}", -1))
+        return out
+    asked = _words(item["question"])
+    if kind == "exist":
+        return [Target(k, +1 if truth == "yes" else -1) for k in asked]
+    if kind == "count":
+        want = COUNT_WORDS.index(truth) if truth in COUNT_WORDS else None
+        have = COUNT_WORDS.index(said) if said in COUNT_WORDS else None
+        if want is None:
+            return []
+        sign = +1 if have is None or have < want else -1
+        if have is None and want == 0:
+            sign = -1
+        return [Target(k, sign) for k in asked]
+    return []
+
+
+@dataclass
+class Case:
+    """One misrecognition and the edits each method chose for it."""
+
+    item: dict
+    got: str
+    targets: list[Target]
+    edits: dict[str, list[FeatureEdit]] = field(default_factory=dict)
+    answers: dict[str, str] = field(default_factory=dict)
+
+
+def outcome(item: dict, got: str, again: str) -> str:
+    if normalise(again) == normalise(item["answer"]):
+        return "fixed"
+    return "unchanged" if normalise(again) == normalise(got) else "other_wrong"
+
+
+def search_edits(searcher, catalog, tgs: list[Target], per_value: int) -> list[FeatureEdit]:
+    """The top ``per_value`` search hits of each value's word, at their steering values."""
+    edits: dict[int, FeatureEdit] = {}
+    for t in tgs:
+        word = t.key.split(":", 1)[1]
+        taken = 0
+        for entry, _ in searcher.search(word, per_value + len(edits)):
+            if entry.feature in edits or taken == per_value:
+                continue
+            edits[entry.feature] = FeatureEdit(entry.feature, _value(catalog, entry.feature, t.sign))
+            taken += 1
+    return list(edits.values())
+
+
+def _value(catalog, feature: int, sign: int) -> float:
+    if sign < 0:
+        return 0.0
+    entry = catalog.get(feature)
+    value = steer_value(entry)[0] if entry is not None else None
+    return float(value) if value is not None else 0.0
+
+
+def oracle_edits(oracle: dict[str, int], catalog, tgs: list[Target]) -> list[FeatureEdit]:
+    edits = {}
+    for t in tgs:
+        if t.key in oracle and oracle[t.key] not in edits:
+            edits[oracle[t.key]] = FeatureEdit(oracle[t.key], _value(catalog, oracle[t.key], t.sign))
+    return list(edits.values())
+
+
+def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random) -> list[FeatureEdit]:
+    """As many features as ``like``, drawn from ``pool`` minus those, at ``like``'s values."""
+    avoid = {e.feature for e in like}
+    choices = rng.sample([f for f in pool if f not in avoid], len(like))
+    return [FeatureEdit(f, e.value, e.mode) for f, e in zip(choices, like, strict=True)]
+
+
+def pair_collateral(cases: list[Case], right: list[dict]) -> list[tuple[Case, dict]]:
+    """Each misrecognition beside a correctly answered question of its type (in order, cycling)."""
+    by_type = defaultdict(list)
+    for item in right:
+        by_type[item["type"]].append(item)
+    seen = defaultdict(int)
+    pairs = []
+    for case in cases:
+        pool = by_type.get(case.item["type"])
+        if pool:
+            pairs.append((case, pool[seen[case.item["type"]] % len(pool)]))
+            seen[case.item["type"]] += 1
+    return pairs
+
+
+def ask(engine, data: Path, items: list[dict], steerings: list[SteeringSpec | None], max_tokens: int = 10) -> list[str]:
+    """Greedy answers through the steering engine, one single-turn conversation per question."""
+    reqs = []
+    for item, steering in zip(items, steerings, strict=True):
+        with Image.open(data / item["image"]) as im:
+            image = im.convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}]
+        reqs.append(GenerationRequest(messages=messages, images=[image], steering=steering,
+                                      sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0)))
+    return [r.text for r in engine.generate(reqs)] if reqs else []
+
+
+def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None, limit: int | None = None,
+        types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0) -> dict:
+    items = questions(data, limit, types)
+    first = ask(engine, data, items, [None] * len(items))
+    cases, right = [], []
+    for item, got in zip(items, first, strict=True):
+        if normalise(got) == normalise(item["answer"]):
+            right.append(item)
+        else:
+            cases.append(Case(item, got, targets(item, got)))
+    rng = random.Random(seed)
+    pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0]
+    for case in cases:
+        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value)
+        case.edits["search-paper"] = case.edits["search"]
+        case.edits["random"] = random_edits(case.edits["search"], pool, rng)
+        if oracle is not None:
+            case.edits["oracle"] = oracle_edits(oracle, catalog, case.targets)
+    methods = [m for m in METHODS if m != "oracle" or oracle is not None]
+    jobs = [(case, m) for case in cases for m in methods if case.edits[m]]
+    specs = [SteeringSpec(case.edits[m], scope=scope, semantics="paper" if m == "search-paper" else "delta")
+             for case, m in jobs]
+    for (case, m), again in zip(jobs, ask(engine, data, [c.item for c, _ in jobs], specs), strict=True):
+        case.answers[m] = again
+    pairs = [(c, item) for c, item in pair_collateral(cases, right) if c.edits["search"]]
+    collateral = ask(engine, data, [item for _, item in pairs],
+                     [SteeringSpec(c.edits["search"], scope=scope) for c, _ in pairs])
+    return summarise(items, cases, methods, pairs, collateral) | {"scope": scope, "per_value": per_value,
+                                                                  "seed": seed, "data": str(data)}
+
+
+def summarise(items, cases: list[Case], methods, pairs, collateral: list[str]) -> dict:
+    """Counts per method (overall, per type, per difficulty tag) and the collateral damage."""
+    table = {}
+    for m in methods:
+        cells = defaultdict(lambda: {"n": 0, "fixed": 0, "unchanged": 0, "other_wrong": 0, "no_edit": 0})
+        for case in cases:
+            tags = case.item["difficulty"] or ["none"]
+            keys = ["all", case.item["type"], *(f"tag:{t}" for t in tags)]
+            result = outcome(case.item, case.got, case.answers[m]) if m in case.answers else "no_edit"
+            for k in keys:
+                cells[k]["n"] += 1
+                cells[k][result] += 1
+        table[m] = {k: {**v, "fixed_share": round(v["fixed"] / v["n"], 4)} for k, v in sorted(cells.items())}
+    broken = sum(normalise(a) != normalise(item["answer"]) for (_, item), a in zip(pairs, collateral, strict=True))
+    return {"questions": len(items), "misrecognitions": len(cases), "methods": table,
+            "collateral": {"n": len(pairs), "turned_wrong": broken,
+                           "share": round(broken / len(pairs), 4) if pairs else 0.0},
+            "cases": [{**c.item, "got": c.got, "targets": [[t.key, t.sign] for t in c.targets],
+                       "edits": {m: [[e.feature, e.value] for e in es] for m, es in c.edits.items()},
+                       "answers": c.answers} for c in cases]}
+
+
+def markdown(result: dict) -> str:
+    methods = result["methods"]
+    keys = ["all", *[t for t in FIX_TYPES if t in methods["search"]],
+            *sorted(k for k in methods["search"] if k.startswith("tag:"))]
+    lines = ["| misrecognitions | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for k in keys:
+        cells = []
+        for m in methods:
+            c = methods[m].get(k)
+            cells.append(f"{c['fixed']}/{c['n']} fixed, {c['other_wrong']} other wrong" if c else "")
+        lines.append(f"| {k} ({methods['search'][k]['n']}) | " + " | ".join(cells) + " |")
+    col = result["collateral"]
+    lines.append(f"\nCollateral: the `search` edits turned {col['turned_wrong']} of {col['n']} correctly answered "
+                 f"questions wrong ({col['share']:.1%}).")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,120 @@
+"""``lmm-steer eval fix``: targets, counting and controls on constructed cases, and one run end to end."""
+
+import json
+import random
+
+import pytest
+
+from lmm_steer.engine import FeatureEdit
+from lmm_steer.eval.fix import (
+    Case,
+    Target,
+    outcome,
+    pair_collateral,
+    random_edits,
+    search_edits,
+    summarise,
+    targets,
+)
+from lmm_steer.scenes.generate import generate
+from sae_weights import FeatureCatalog
+from sae_weights.catalog import FeatureEntry
+
+
+def _q(kind, question, answer, difficulty=()):
+    return {"image": "images/000000.png", "type": kind, "question": question, "answer": answer,
+            "difficulty": list(difficulty)}
+
+
+@pytest.mark.parametrize(("item", "got", "want"), [
+    (_q("colour", "What colour is the star?", "red"), "Brown.", [("colour:red", 1), ("colour:brown", -1)]),
+    (_q("colour", "What colour is the star?", "red"), "a star", [("colour:red", 1)]),
+    (_q("shape", "What shape is the red object?", "star"), "cross", [("shape:star", 1), ("shape:cross", -1)]),
+    (_q("exist", "Is there a red hexagon?", "yes"), "no", [("colour:red", 1), ("shape:hexagon", 1)]),
+    (_q("exist", "Is there a blue star?", "no"), "yes", [("colour:blue", -1), ("shape:star", -1)]),
+    (_q("count", "How many crosss are there?", "three"), "two", [("shape:cross", 1)]),
+    (_q("count", "How many circles are there?", "one"), "two", [("shape:circle", -1)]),
+    (_q("count", "How many purple objects are there?", "zero"), "lots", [("colour:purple", -1)]),
+])
+def test_what_a_misrecognition_asks_to_amplify_and_suppress(item, got, want):
+    assert [(t.key, t.sign) for t in targets(item, got)] == want
+
+
+def test_outcomes_and_the_table_count_each_case_once_per_key():
+    red = _q("colour", "What colour is the star?", "red", ["near_colours", "small"])
+    star = _q("shape", "What shape is the red object?", "star")
+    cases = [Case(red, "brown", [Target("colour:red", 1)], answers={"search": "Red.", "random": "brown"}),
+             Case(star, "cross", [Target("shape:star", 1)], answers={"search": "square", "random": "cross"})]
+    assert outcome(red, "brown", "red") == "fixed" and outcome(star, "cross", "Cross.") == "unchanged"
+    assert outcome(star, "cross", "square") == "other_wrong"
+    pairs = [(cases[0], _q("colour", "What colour is the circle?", "blue"))]
+    result = summarise([red, star], cases, ["search", "random", "oracle"], pairs, ["green"])
+    search, rand, oracle = (result["methods"][m] for m in ("search", "random", "oracle"))
+    assert search["all"] == {"n": 2, "fixed": 1, "unchanged": 0, "other_wrong": 1, "no_edit": 0, "fixed_share": 0.5}
+    assert search["tag:near_colours"]["fixed"] == 1 and search["tag:none"]["other_wrong"] == 1
+    assert rand["all"]["unchanged"] == 2 and oracle["all"]["no_edit"] == 2  # no oracle answer: no edit made
+    assert result["collateral"] == {"n": 1, "turned_wrong": 1, "share": 1.0}
+
+
+def test_random_control_draws_other_features_at_the_same_values():
+    like = [FeatureEdit(3, 12.0), FeatureEdit(5, 0.0)]
+    for seed in range(20):
+        drawn = random_edits(like, list(range(10)), random.Random(seed))
+        assert [e.value for e in drawn] == [12.0, 0.0] and not {e.feature for e in drawn} & {3, 5}
+        assert len({e.feature for e in drawn}) == 2
+
+
+def test_collateral_pairs_each_case_with_a_right_answer_of_its_type_cycling():
+    cases = [Case(_q("colour", "q", "red"), "x", []) for _ in range(3)] + [Case(_q("count", "q", "one"), "x", [])]
+    right = [_q("colour", "a", "blue"), _q("shape", "b", "star"), _q("colour", "c", "green")]
+    pairs = pair_collateral(cases, right)
+    assert [item["question"] for _, item in pairs] == ["a", "c", "a"]  # no right count question: unpaired
+
+
+def test_search_takes_each_words_top_hits_at_their_steering_values():
+    catalog = FeatureCatalog([
+        FeatureEntry(1, "red things", extras={"max_activation": 4.0}),
+        FeatureEntry(2, "red and brown", extras={"max_activation": 2.0, "steer": {"value": 7.5}}),
+        FeatureEntry(3, "brown wood", extras={"max_activation": 1.0}),
+    ])
+    edits = search_edits(catalog, catalog, [Target("colour:red", 1), Target("colour:brown", -1)], per_value=1)
+    top_red = catalog.search("red", 1)[0][0].feature
+    assert edits[0].feature == top_red and edits[0].value == {1: 12.0, 2: 7.5}[top_red]
+    assert len(edits) == 2 and edits[1].feature != top_red and edits[1].value == 0.0  # suppress: clamp at 0
+
+
+def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
+    from lmm_steer.cli import main
+
+    generate(tmp_path / "select", 10, seed=21)
+    generate(tmp_path / "test", 2, seed=22)
+    words = ["red", "blue", "green", "yellow", "circle", "square", "star", "cross", "purple", "brown"]
+    rows = [{"feature": i, "explanation": f"{w} objects", "max_activation": 2.0 + i} for i, w in enumerate(words)]
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fix.json"
+    assert main(["eval", "fix", "--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8",
+                 "--hookpoint", "model.layers.1", "--catalog", str(catalog), "--data", str(tmp_path / "test"),
+                 "--select", str(tmp_path / "select"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["misrecognitions"] > 0 and set(result["methods"]) == {"search", "search-paper", "random", "oracle"}
+    for table in result["methods"].values():
+        cell = table["all"]
+        assert cell["n"] == result["misrecognitions"]
+        assert cell["fixed"] + cell["unchanged"] + cell["other_wrong"] + cell["no_edit"] == cell["n"]
+    for case in result["cases"]:
+        search = {f for f, _ in case["edits"]["search"]}
+        assert search <= set(range(len(words))) and not search & {f for f, _ in case["edits"]["random"]}
+        assert all(0 <= f < 64 for f, _ in case["edits"]["oracle"])
+    assert any(case["edits"]["oracle"] for case in result["cases"])
+    assert "Collateral" in capsys.readouterr().out
+
+
+def test_the_command_names_bad_input(tmp_path, capsys):
+    from lmm_steer.cli import main
+
+    assert main(["eval", "fix", "--data", str(tmp_path)]) == 2
+    assert "--data" in capsys.readouterr().err
+    generate(tmp_path / "t", 1, seed=3)
+    assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--types", "colour,size"]) == 2
+    assert "--types" in capsys.readouterr().err
