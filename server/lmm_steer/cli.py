@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_sae_info)
 
     from .concepts import commands as concepts
+    from .explain import commands as explain
     from .training import bench as train_bench
     from .training import commands as training
     from .training import quality as train_quality
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
          training.train_command),
         ("catalog", "record each feature's top contexts, density and maximum", training.add_catalog_arguments,
          training.catalog_command),
+        ("explain", "explain features from their highlighted top images (or marked contexts) with an LMM endpoint",
+         explain.add_explain_arguments, explain.explain_command),
         ("embed", "index a catalog for search by meaning and write the index beside it", concepts.add_embed_arguments,
          concepts.embed_command),
         ("calibrate", "measure each feature's steering strengths into the catalog", concepts.add_calibrate_arguments,

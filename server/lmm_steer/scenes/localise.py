@@ -17,11 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ..engine.hookpoint import capture_block_output
-from ..engine.inspect import image_grids
-from ..models.inputs import build_inputs
+from ..explain.top_images import patch_activations as image_patch_activations
 from .generate import patch_shares, rle_decode
 
 ATTRIBUTES = ("colour", "shape")
@@ -45,18 +42,12 @@ def scene_masks(data: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
     return [(img["file_name"], by_image.get(img["id"], {})) for img in coco["images"]]
 
 
-@torch.inference_mode()
+DESCRIBE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+
+
 def patch_activations(engine, image_path: Path) -> tuple[torch.Tensor, int, int]:
     """``[rows * cols, latents]`` SAE activations on the base view's patches, and the grid shape."""
-    with Image.open(image_path) as im:
-        image = im.convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-    inputs = build_inputs(engine.loaded, messages, [image])
-    inputs = {k: v.to(engine.model.device) for k, v in inputs.items()}
-    (positions, rows, cols), *_ = image_grids(engine.loaded, inputs)
-    h = capture_block_output(engine.model, engine.hook_index, inputs)[0][positions]
-    sae = engine.sae
-    return sae.encode(h.to(sae.W_dec.dtype)).float().cpu(), rows, cols
+    return image_patch_activations(engine, image_path, DESCRIBE)
 
 
 def _collect(engine, data: Path, scenes: int):

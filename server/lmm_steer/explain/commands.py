@@ -1,0 +1,94 @@
+"""``lmm-steer sae explain``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    from ..engine.factory import add_device_arguments
+
+    p.add_argument("--model", required=True, help="the model whose SAE features are explained")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--hookpoint")
+    p.add_argument("--data", required=True, help="examples (as `sae train` reads them): their images, or else texts")
+    p.add_argument("--examples", type=int, default=2000, help="examples read from --data")
+    p.add_argument("--explainer", required=True, metavar="URL", help="OpenAI-compatible endpoint (…/v1)")
+    p.add_argument("--explainer-model", required=True, metavar="NAME")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
+    p.add_argument("--features", default="all", help="all, top-N or comma-separated ids")
+    p.add_argument("--top", type=int, default=5, help="top images (or contexts) shown per feature")
+    p.add_argument("--mode", choices=("together", "per-image"), default="together",
+                   help="one request with all top images (the paper), or one per image with the answers combined "
+                        "(small explainers)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=4, help="retries of a timed-out or refused request, with backoff")
+    p.add_argument("--out", required=True, help="catalog JSONL written (an existing one resumes)")
+    add_device_arguments(p)
+
+
+def explain_command(args) -> int:
+    from tqdm import tqdm
+
+    from ..engine.factory import build_engine
+    from ..training.catalog_builder import build_catalog
+    from ..training.data import iter_examples
+    from .explainer import Explainer, ExplainerConfig
+    from .run import explain_all, parse_features
+    from .top_images import top_images
+
+    def fail(message: str) -> int:
+        print(f"lmm-steer: error: {message}", file=sys.stderr)
+        return 2
+
+    for flag, value in (("--examples", args.examples), ("--top", args.top), ("--concurrency", args.concurrency)):
+        if value < 1:
+            return fail(f"{flag} must be at least 1, got {value}")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            return fail(f"--api-key-env: {args.api_key_env} is not set")
+    started = time.monotonic()
+    engine = build_engine(args.model, args.sae, hookpoint=args.hookpoint, dtype=args.dtype, device=args.device)
+    examples = list(itertools.islice(iter_examples(args.data), args.examples))
+    paths = list(dict.fromkeys(ex.images[0] for ex in examples if ex.images))
+    rows: dict[int, dict] = {}
+    if paths and engine.loaded.is_multimodal:
+        bar = tqdm(total=len(paths), desc="top images", file=sys.stderr)
+        for f, images in top_images(engine, paths, args.top, progress=lambda stage, i, n: bar.update(1)
+                                    if stage == "rank" else None).items():
+            rows[f] = {"feature": f, "explanation": "", "max_activation": images[0]["score"],
+                       "top_images": [{"image": im["image"], "activation": im["score"], "grid": im["grid"]}
+                                      for im in images]}
+        bar.close()
+    texts = [ex for ex in examples if not ex.images]
+    if texts:
+        for row in build_catalog(engine, texts, top=args.top):
+            if row["top_contexts"] and row["feature"] not in rows:
+                rows[row["feature"]] = row
+    if not rows:
+        return fail(f"--data {args.data}: no feature fires on its examples")
+    try:
+        features = parse_features(args.features, rows)
+    except ValueError as e:
+        return fail(str(e))
+    explainer = Explainer(ExplainerConfig(args.explainer, args.explainer_model, api_key, timeout_s=args.timeout,
+                                          retries=args.retries))
+    bar = tqdm(total=len(features), desc="explained", file=sys.stderr)
+    try:
+        summary = explain_all(explainer, rows, features, Path(args.out), per_image=args.mode == "per-image",
+                              concurrency=args.concurrency, progress=lambda done, n: bar.update(1))
+    finally:
+        bar.close()
+        explainer.close()
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else 1
