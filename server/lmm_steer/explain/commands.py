@@ -92,3 +92,47 @@ def explain_command(args) -> int:
     summary["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", required=True, help="an explained catalog (`sae explain --out`)")
+    p.add_argument("--data", required=True, help="the images' directory (a `scenes generate` split, or COCO images)")
+    p.add_argument("--annotations", help="COCO-format annotations (default: DATA/annotations.json)")
+    p.add_argument("--grounder", choices=("annotations",), default="annotations",
+                   help="what grounds an explanation in an image: the annotated objects it names")
+    p.add_argument("--clip", metavar="MODEL", help="CLIP model for CLIP score: a `scenes train` run's clip/ "
+                                                   "directory or any transformers CLIP model")
+    p.add_argument("--seed", type=int, default=0, help="draws the random-feature and shuffled baselines")
+    p.add_argument("--out", help="catalog written with per-feature scores (default: --catalog, in place)")
+    p.add_argument("--json", metavar="PATH", help="the report, every feature's scores included")
+    p.add_argument("--markdown", metavar="PATH")
+
+
+def score_command(args) -> int:
+    from .run import read_rows
+    from .score import ClipScorer, load_annotations, markdown, score
+
+    catalog, data = Path(args.catalog), Path(args.data)
+    annotations = Path(args.annotations) if args.annotations else data / "annotations.json"
+    for flag, path in (("--catalog", catalog), ("--annotations" if args.annotations else "--data", annotations)):
+        if not path.exists():
+            print(f"lmm-steer: error: {flag}: {path} does not exist", file=sys.stderr)
+            return 2
+    rows = read_rows(catalog)
+    result = score(list(rows.values()), load_annotations(annotations, data),
+                   ClipScorer(args.clip) if args.clip else None, seed=args.seed)
+    if not result["features"]:
+        print(f"lmm-steer: error: --catalog {catalog}: no explained feature with top images", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else catalog
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[f]) + "\n" for f in sorted(rows)))
+    tmp.replace(out)
+    result["command"] = sys.argv[1:]
+    table = markdown(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0

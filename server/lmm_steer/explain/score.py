@@ -1,0 +1,226 @@
+"""Scoring explanations against the images, as the paper does, with ground truth where it exists.
+
+IoU: on each of a feature's top images, the binarised activation mask (active patches upsampled to
+the image) against the mask of what the explanation names. Grounding from COCO-format annotations:
+the explanation's words that are a category name or an attribute value ("small", "red", "circle")
+select the annotated objects that have all of them; an explanation naming none grounds to nothing.
+Beside it, in the same run: random features (each explanation grounded on another feature's
+images against that feature's masks), and a ceiling (on each image, the best IoU any single
+annotated object reaches). A feature's ground-truth attribute is the annotated value whose objects
+overlap its activations best over its top images; the explanation names it or not.
+
+CLIP score: 100 x the cosine between the explanation's text embedding and each highlighted top
+image's embedding, averaged; beside it, explanations shuffled among the features.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .highlight import highlight, region_mask
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+class Annotations:
+    """A COCO file's objects by image, each with the (field, value) words it answers to."""
+
+    def __init__(self, coco: dict, root: Path) -> None:
+        from ..scenes.generate import rle_decode
+
+        self.decode = rle_decode
+        categories = {c["id"]: c["name"] for c in coco["categories"]}
+        self.by_file: dict[str, list[dict]] = {}
+        files = {img["id"]: str((root / img["file_name"]).resolve()) for img in coco["images"]}
+        for file in files.values():
+            self.by_file[file] = []
+        self.vocabulary: dict[str, set[tuple[str, str]]] = {}
+        for ann in coco["annotations"]:
+            words = {("category", _norm(categories[ann["category_id"]]))}
+            words |= {(k, _norm(v)) for k, v in (ann.get("attributes") or {}).items() if isinstance(v, str)}
+            self.by_file[files[ann["image_id"]]].append({"words": words, "segmentation": ann["segmentation"]})
+            for field, value in words:
+                self.vocabulary.setdefault(value, set()).add((field, value))
+                if field == "category":  # plurals name the category too
+                    for plural in (value + "s", value + "es"):
+                        self.vocabulary.setdefault(plural, set()).add((field, value))
+
+    def named(self, explanation: str) -> set[tuple[str, str]]:
+        """The (field, value) pairs an explanation names, longest phrases first."""
+        text, found = f" {_norm(explanation)} ", set()
+        for phrase in sorted(self.vocabulary, key=len, reverse=True):
+            if f" {phrase} " in text:
+                found |= self.vocabulary[phrase]
+                text = text.replace(f" {phrase} ", " | ")
+        return found
+
+    def objects(self, file: str) -> list[dict]:
+        return self.by_file.get(str(Path(file).resolve()), [])
+
+    def mask(self, obj: dict) -> np.ndarray:
+        if "mask" not in obj:
+            obj["mask"] = self.decode(obj["segmentation"]).astype(bool)
+        return obj["mask"]
+
+    def grounded(self, named: set, file: str, shape: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(shape, bool)
+        if not named:
+            return out
+        for obj in self.objects(file):
+            if named <= obj["words"]:
+                out |= self.mask(obj)
+        return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def activation_mask(grid, shape: tuple[int, int]) -> np.ndarray:
+    return region_mask(grid, *shape) >= 0.5
+
+
+def _image_shape(file: str, cache: dict) -> tuple[int, int]:
+    if file not in cache:
+        with Image.open(file) as im:
+            cache[file] = (im.height, im.width)
+    return cache[file]
+
+
+def feature_ious(ann: Annotations, explanation: str, images: list[dict], shapes: dict) -> dict:
+    """IoU of one explanation on some top images, the best single-object ceiling, and the
+    ground-truth attribute (the value whose objects overlap the activations best)."""
+    named = ann.named(explanation)
+    scores, ceiling, by_value = [], [], {}
+    for entry in images:
+        shape = _image_shape(entry["image"], shapes)
+        act = activation_mask(entry["grid"], shape)
+        scores.append(iou(act, ann.grounded(named, entry["image"], shape)))
+        objects = ann.objects(entry["image"])
+        ceiling.append(max((iou(act, ann.mask(o)) for o in objects), default=0.0))
+        values = {w for o in objects for w in o["words"]}
+        for value in values:
+            by_value.setdefault(value, []).append(iou(act, ann.grounded({value}, entry["image"], shape)))
+    n = len(images)
+    means = {v: sum(s) / n for v, s in by_value.items()}
+    best = max(means.values(), default=0.0)
+    # values that always go together on these images (the red one is the circle) tie; naming any counts
+    attribute = {v for v, m in means.items() if best > 0 and m >= best - 1e-9}
+    return {"iou": float(np.mean(scores)) if scores else 0.0, "ceiling_iou": float(np.mean(ceiling)) if ceiling else 0.0,
+            "attribute": sorted(map(list, attribute)), "named": sorted(map(list, named)),
+            "names_attribute": bool(attribute & named)}
+
+
+class ClipScorer:
+    """100 x cosine of text and image embeddings: the scenes CLIP model (a projected vision tower
+    whose text side is all-MiniLM-L6-v2) or any transformers CLIP model."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoConfig
+
+        kind = AutoConfig.from_pretrained(path).model_type
+        if kind == "clip_vision_model":
+            from transformers import CLIPVisionModelWithProjection
+
+            from ..concepts.embedder import default_embedder
+
+            self.vision = CLIPVisionModelWithProjection.from_pretrained(path).eval()
+            self.size = self.vision.config.image_size
+            self.embedder = default_embedder()
+            self.clip = None
+        else:
+            from transformers import CLIPModel, CLIPProcessor
+
+            self.clip = CLIPModel.from_pretrained(path).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
+
+    @torch.inference_mode()
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.clip is None:
+            from ..models.builtin import family_image_processor
+
+            proc = family_image_processor("clip", "CLIPImageProcessor", size={"shortest_edge": self.size},
+                                          crop_size={"height": self.size, "width": self.size})
+            pixels = proc(images, return_tensors="pt")["pixel_values"]
+            return F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return F.normalize(self.clip.get_image_features(pixel_values=pixels), dim=-1)
+
+    @torch.inference_mode()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        if self.clip is None:
+            return F.normalize(torch.as_tensor(np.asarray(self.embedder.encode(texts)), dtype=torch.float32), dim=-1)
+        tokens = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        return F.normalize(self.clip.get_text_features(**tokens), dim=-1)
+
+
+def derangement(n: int, rng: random.Random) -> list[int]:
+    """A shuffle that moves every index (identity when n < 2)."""
+    if n < 2:
+        return list(range(n))
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        if all(i != j for i, j in enumerate(order)):
+            return order
+
+
+def score(rows: list[dict], ann: Annotations, clip: ClipScorer | None = None, seed: int = 0) -> dict:
+    """Scores of every explained row with top images; the per-feature scores are written into
+    ``rows`` (under ``scores``)."""
+    rng = random.Random(seed)
+    rows = [r for r in rows if r.get("explanation") and r.get("top_images")]
+    shapes: dict = {}
+    per = []
+    for row in rows:
+        per.append(feature_ious(ann, row["explanation"], row["top_images"], shapes))
+    others = derangement(len(rows), rng)
+    for row, result, j in zip(rows, per, others, strict=True):
+        other = rows[j]["top_images"]
+        result["random_iou"] = feature_ious(ann, row["explanation"], other, shapes)["iou"] if len(rows) > 1 else 0.0
+    if clip is not None and rows:
+        text = clip.texts([r["explanation"] for r in rows])
+        image_means = []
+        for row in rows:
+            shown = []
+            for entry in row["top_images"]:
+                with Image.open(entry["image"]) as im:
+                    shown.append(highlight(im, entry["grid"]))
+            image_means.append(clip.images(shown))
+        shuffled = derangement(len(rows), rng)
+        for i, (result, embeds) in enumerate(zip(per, image_means, strict=True)):
+            result["clip"] = float(100 * (embeds @ text[i]).mean())
+            result["shuffled_clip"] = float(100 * (embeds @ text[shuffled[i]]).mean())
+    for row, result in zip(rows, per, strict=True):
+        row["scores"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+    keys = ["iou", "random_iou", "ceiling_iou", "names_attribute"] + (["clip", "shuffled_clip"] if clip else [])
+    mean = {k: round(float(np.mean([float(p[k]) for p in per])), 4) if per else 0.0 for k in keys}
+    mean["iou_over_random"] = round(mean["iou"] / mean["random_iou"], 2) if mean.get("random_iou") else None
+    return {"features": len(rows), "mean": mean,
+            "per_feature": [{"feature": r["feature"], "explanation": r["explanation"], **r["scores"]} for r in rows]}
+
+
+def markdown(result: dict) -> str:
+    m = result["mean"]
+    lines = ["| measure | explanations | baseline |", "|---|---|---|",
+             f"| IoU (mean over {result['features']} features) | {m['iou']:.3f} | random features {m['random_iou']:.3f} |",
+             f"| IoU ceiling (best single object) | {m['ceiling_iou']:.3f} | |",
+             f"| names the ground-truth attribute | {m['names_attribute']:.1%} | |"]
+    if "clip" in m:
+        lines.append(f"| CLIP score | {m['clip']:.1f} | shuffled {m['shuffled_clip']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_annotations(path: Path, root: Path | None = None) -> Annotations:
+    return Annotations(json.loads(Path(path).read_text()), root or Path(path).parent)

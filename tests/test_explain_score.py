@@ -1,0 +1,115 @@
+"""``lmm-steer sae score``: grounding, IoU, ceiling, attribute and CLIP arithmetic on constructed cases,
+and the command on a generated split whose activation grids are drawn from its own masks."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lmm_steer.explain.score import Annotations, derangement, feature_ious, iou, score
+from lmm_steer.scenes.generate import generate, patch_shares, rle_decode, rle_encode
+
+
+def _coco(tmp_path):
+    """One 8x8 image: a small red circle on the left half's top, a large blue square on the right half."""
+    red = np.zeros((8, 8), bool)
+    red[0:4, 0:4] = True
+    blue = np.zeros((8, 8), bool)
+    blue[:, 4:8] = True
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+            "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle_encode(red),
+                 "attributes": {"colour": "red", "size": "small", "occlusion": 0.0}},
+                {"id": 2, "image_id": 1, "category_id": 2, "segmentation": rle_encode(blue),
+                 "attributes": {"colour": "blue", "size": "large"}}]}
+    return Annotations(coco, tmp_path), str(tmp_path / "a.png")
+
+
+def test_an_explanation_names_categories_attributes_and_plurals(tmp_path):
+    ann, _ = _coco(tmp_path)
+    assert ann.named("A small red circle.") == {("size", "small"), ("colour", "red"), ("category", "circle")}
+    assert ann.named("blue squares") == {("colour", "blue"), ("category", "square")}
+    assert ann.named("curved edges") == set()
+
+
+def test_grounding_and_iou_on_a_constructed_image(tmp_path):
+    ann, image = _coco(tmp_path)
+    grid = [[1.0, 0.0], [0.0, 0.0]]  # the top-left quarter is active: exactly the red circle
+    red = ann.grounded({("colour", "red")}, image, (8, 8))
+    assert red.sum() == 16 and iou(red, red) == 1.0
+    assert ann.grounded({("colour", "red"), ("category", "square")}, image, (8, 8)).sum() == 0
+    got = feature_ious(ann, "red circle", [{"image": image, "grid": grid}], {})
+    assert got["iou"] == pytest.approx(1.0, abs=0.07) and got["names_attribute"]  # bilinear rounds one corner
+    assert got["attribute"] == [["category", "circle"], ["colour", "red"], ["size", "small"]] and got["ceiling_iou"] == pytest.approx(1.0, abs=0.07)
+    wrong = feature_ious(ann, "blue square", [{"image": image, "grid": grid}], {})
+    assert wrong["iou"] == 0.0 and not wrong["names_attribute"]
+    nothing = feature_ious(ann, "curved edges", [{"image": image, "grid": grid}], {})
+    assert nothing["iou"] == 0.0 and nothing["named"] == []
+
+
+class _FixedClip:
+    """Embeddings chosen by hand: text i and every image of feature i point the same way."""
+
+    def __init__(self):
+        self.vectors = {"red circle": torch.tensor([1.0, 0.0]), "blue square": torch.tensor([0.0, 1.0])}
+
+    def texts(self, texts):
+        return torch.stack([self.vectors[t] for t in texts])
+
+    def images(self, images):
+        mean = np.asarray(images[0]).mean()
+        return torch.tensor([[1.0, 0.0]] if mean > 0 else [[0.0, 1.0]]).expand(len(images), 2)
+
+
+def test_clip_score_and_the_shuffled_and_random_baselines(tmp_path):
+    ann, image = _coco(tmp_path)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(image)  # bright: _FixedClip reads it as "red circle"
+    dark = tmp_path / "b.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(dark)
+    rows = [{"feature": 1, "explanation": "red circle", "top_images": [{"image": image, "grid": [[1.0, 0.0], [0.0, 0.0]]}]},
+            {"feature": 2, "explanation": "blue square", "top_images": [{"image": str(dark), "grid": [[1.0, 1.0], [1.0, 1.0]]}]},
+            {"feature": 3, "explanation": "", "top_images": []}]
+    result = score(rows, ann, _FixedClip(), seed=0)
+    assert result["features"] == 2
+    first = result["per_feature"][0]
+    assert first["clip"] == pytest.approx(100.0) and first["shuffled_clip"] == pytest.approx(0.0)
+    assert first["random_iou"] == 0.0  # "red circle" on feature 2's unannotated image grounds to nothing
+    assert rows[0]["scores"]["iou"] == first["iou"] and "scores" not in rows[2]
+    assert result["mean"]["clip"] == pytest.approx(100.0) and result["mean"]["shuffled_clip"] == pytest.approx(0.0)
+
+
+def test_a_derangement_moves_everything():
+    for n in (2, 3, 7):
+        order = derangement(n, random.Random(n))
+        assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
+
+
+def test_the_score_command_on_grids_drawn_from_the_masks(tmp_path, capsys):
+    from lmm_steer.cli import main
+
+    generate(tmp_path, 6, seed=41)
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    files = {img["id"]: str(tmp_path / img["file_name"]) for img in coco["images"]}
+    rows = []
+    for n, a in enumerate(coco["annotations"][:6]):
+        grid = (patch_shares(rle_decode(a["segmentation"]), 32, 32) >= 0.5).reshape(32, 32).astype(float).tolist()
+        right = f"{a['attributes']['colour']} {names[a['category_id']]}"
+        rows.append({"feature": n, "explanation": right if n % 2 == 0 else "curved edges",
+                     "top_images": [{"image": files[a["image_id"]], "activation": 1.0, "grid": grid}]})
+    catalog = tmp_path / "explained.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "score.json"
+    assert main(["sae", "score", "--catalog", str(catalog), "--data", str(tmp_path), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    per = {p["feature"]: p for p in result["per_feature"]}
+    assert all(per[f]["iou"] > 0.4 for f in (0, 2, 4))  # two yellow stars in one image: their union and all(per[f]["iou"] == 0.0 for f in (1, 3, 5))
+    assert result["mean"]["ceiling_iou"] >= result["mean"]["iou"] > result["mean"]["random_iou"]
+    written = [json.loads(line) for line in catalog.read_text().splitlines()]
+    assert all("scores" in r for r in written) and "| IoU" in capsys.readouterr().out
+    assert main(["sae", "score", "--catalog", str(tmp_path / "missing.jsonl"), "--data", str(tmp_path)]) == 2
