@@ -113,3 +113,18 @@ def test_the_score_command_on_grids_drawn_from_the_masks(tmp_path, capsys):
     written = [json.loads(line) for line in catalog.read_text().splitlines()]
     assert all("scores" in r for r in written) and "| IoU" in capsys.readouterr().out
     assert main(["sae", "score", "--catalog", str(tmp_path / "missing.jsonl"), "--data", str(tmp_path)]) == 2
+
+
+def test_the_scenes_clip_scores_text_against_highlighted_images(tmp_path):
+    from lmm_steer.explain.score import ClipScorer
+    from lmm_steer.scenes.vision import VisionConfig, build_vision_tower
+
+    tower = build_vision_tower(VisionConfig(image_size=32, patch_size=16, hidden_size=32, layers=1, heads=2,
+                                            intermediate_size=64))
+    tower.save_pretrained(tmp_path / "clip")
+    clip = ClipScorer(str(tmp_path / "clip"))
+    images = clip.images([Image.fromarray(np.full((40, 40, 3), v, np.uint8)) for v in (0, 200)])
+    texts = clip.texts(["a red circle", "a blue square", "a red circle"])
+    assert images.shape == (2, 384) and texts.shape == (3, 384)
+    assert torch.allclose(images.norm(dim=-1), torch.ones(2)) and torch.allclose(texts.norm(dim=-1), torch.ones(3))
+    assert torch.equal(texts[0], texts[2]) and not torch.equal(texts[0], texts[1])
