@@ -1,6 +1,7 @@
 """``lmm-steer sae explain``: answers read, images highlighted, failures retried, and a run against a
 real served model (resumed)."""
 
+import io
 import json
 
 import httpx
@@ -118,3 +119,18 @@ def test_explaining_with_a_real_served_model_resumes_and_loads_as_a_catalog(tmp_
     word = next((t.split()[0] for t in before.values() if t), None)
     if word is not None:
         assert catalog.search(word, 5)
+    # the server shows each explained feature with its highlighted top images
+    served = Server("--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8",
+                    "--hookpoint", "model.layers.1", "--catalog", str(out))
+    try:
+        feature = next(iter(before))
+        info = served.get(f"/v1/features/{feature}").json()
+        assert info["explanation"] == (before[feature] or None) and 1 <= len(info["top_images"]) <= 2
+        png = served.get(info["top_images"][0]["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        shown = Image.open(io.BytesIO(png.content))
+        assert shown.size == Image.open(again[feature]["top_images"][0]["image"]).size
+        missing = served.get(f"/v1/features/{feature}/images/9.png")
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "index"
+    finally:
+        served.stop()

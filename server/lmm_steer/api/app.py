@@ -645,10 +645,40 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
     async def feature(feature_id: int):
         _feature_or_404(feature_id)
         entry = service.catalog.get(feature_id)
+        extras = dict(entry.extras) if entry else {}
+        images = [{"url": f"/v1/features/{feature_id}/images/{k}.png", "activation": im.get("activation")}
+                  for k, im in enumerate(extras.get("top_images") or []) if im.get("grid")]
         return {"id": feature_id, "explanation": _explanation(service, feature_id),
                 "hookpoint": service.engine.hookpoint,
                 "decoder_norm": service.decoder_norms[feature_id] if service.decoder_norms else None,
-                "stats": dict(entry.extras) if entry else {}}
+                "stats": extras, "scores": extras.get("scores"), "top_images": images}
+
+    @app.get("/v1/features/{feature_id}/images/{index}.png", responses={
+        200: {"content": {"image/png": {}}, "description": "the top image with the feature's active patches "
+                                                           "highlighted, the rest darkened"},
+        **_error_responses(*_GET_ERRORS)})
+    async def feature_image(feature_id: int, index: int):
+        from ..explain.highlight import highlight, png_bytes
+
+        _feature_or_404(feature_id)
+        entry = service.catalog.get(feature_id)
+        images = [im for im in ((entry.extras.get("top_images") if entry else None) or []) if im.get("grid")]
+        if not 0 <= index < len(images):
+            raise APIError(404, f"feature {feature_id} has {len(images)} top images in the catalog, not "
+                                f"an image {index}", param="index", code="not_found")
+
+        def render() -> bytes:
+            from PIL import Image
+
+            with Image.open(images[index]["image"]) as im:
+                return png_bytes(highlight(im, images[index]["grid"]))
+
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, render)
+        except OSError:
+            raise APIError(404, f"feature {feature_id}'s image {index} is not readable on the server",
+                           param="index", code="not_found") from None
+        return Response(data, media_type="image/png")
 
     @app.get("/v1/features", response_model=FeatureSearch, responses=_error_responses(*_GET_ERRORS))
     async def search_features(q: str = Query(..., min_length=1, max_length=500),

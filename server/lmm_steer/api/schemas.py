@@ -292,12 +292,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FeatureImage(BaseModel):
+    url: str = Field(description="the image with the feature's active patches highlighted (PNG)")
+    activation: float | None
+
+
 class FeatureInfo(BaseModel):
     id: int
     explanation: str | None
     hookpoint: str | None
     decoder_norm: float | None
     stats: dict
+    scores: dict | None = Field(None, description="the explanation's scores (`sae score`): IoU, CLIP score, ...")
+    top_images: list[FeatureImage] = Field(default_factory=list)
 
 
 class FeatureHit(BaseModel):
