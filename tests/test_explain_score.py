@@ -128,3 +128,67 @@ def test_the_scenes_clip_scores_text_against_highlighted_images(tmp_path):
     assert images.shape == (2, 384) and texts.shape == (3, 384)
     assert torch.allclose(images.norm(dim=-1), torch.ones(2)) and torch.allclose(texts.norm(dim=-1), torch.ones(3))
     assert torch.equal(texts[0], texts[2]) and not torch.equal(texts[0], texts[1])
+
+
+def _tiny_dino_sam(tmp_path):
+    """Grounding DINO and SAM at tiny random sizes, with processors built offline."""
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+        SwinConfig,
+    )
+
+    torch.manual_seed(0)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "red", "circle", "blue"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    dino = GroundingDinoForObjectDetection(GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                                   out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=9, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_feature_levels=3, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=16, use_timm_backbone=False))
+    dino_processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}), tokenizer=tokenizer)
+    sam = SamModel(SamConfig(
+        vision_config=SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                                      patch_size=16, output_channels=16, mlp_dim=32, global_attn_indexes=[0],
+                                      num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                                 iou_head_hidden_dim=16)))
+    sam_processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
+                                                                   pad_size={"height": 64, "width": 64}))
+    return dino_processor, dino, sam_processor, sam
+
+
+def test_grounding_dino_and_sam_plumbing_on_tiny_random_models(tmp_path):
+    from lmm_steer.explain.grounders import DinoSamGrounder, phrase
+
+    assert phrase("A Red circle.") == "a red circle."
+    models = _tiny_dino_sam(tmp_path)
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(image)
+    every = DinoSamGrounder(models=models, box_threshold=0.0, text_threshold=0.0)
+    assert len(every.boxes(Image.open(image).convert("RGB"), "red circle")) > 0
+    mask = every.ground("red circle", str(image), (48, 40))
+    assert mask.shape == (48, 40) and mask.dtype == bool
+    none = DinoSamGrounder(models=models, box_threshold=1.01)
+    assert not none.ground("red circle", str(image), (48, 40)).any()
+    rows = [{"feature": f, "explanation": "red circle", "top_images": [{"image": str(image), "grid": [[1.0, 0.0], [0.0, 1.0]]}]}
+            for f in (1, 2)]
+    result = score(rows, None, grounder=every)
+    assert set(result["mean"]) == {"iou", "random_iou", "iou_over_random"} and 0 <= result["mean"]["iou"] <= 1

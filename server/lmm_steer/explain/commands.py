@@ -98,8 +98,12 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="an explained catalog (`sae explain --out`)")
     p.add_argument("--data", required=True, help="the images' directory (a `scenes generate` split, or COCO images)")
     p.add_argument("--annotations", help="COCO-format annotations (default: DATA/annotations.json)")
-    p.add_argument("--grounder", choices=("annotations",), default="annotations",
-                   help="what grounds an explanation in an image: the annotated objects it names")
+    p.add_argument("--grounder", choices=("annotations", "groundingdino-sam"), default="annotations",
+                   help="what grounds an explanation in an image: the annotated objects it names, or Grounding DINO's "
+                        "boxes for it segmented by SAM (from a hub; annotations, where present, still give the "
+                        "ceiling and the ground-truth attribute)")
+    p.add_argument("--dino", default="IDEA-Research/grounding-dino-tiny", help="Grounding DINO model (hub id or path)")
+    p.add_argument("--sam", default="facebook/sam-vit-base", help="SAM model (hub id or path)")
     p.add_argument("--clip", metavar="MODEL", help="CLIP model for CLIP score: a `scenes train` run's clip/ "
                                                    "directory or any transformers CLIP model")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature and shuffled baselines")
@@ -114,13 +118,22 @@ def score_command(args) -> int:
 
     catalog, data = Path(args.catalog), Path(args.data)
     annotations = Path(args.annotations) if args.annotations else data / "annotations.json"
-    for flag, path in (("--catalog", catalog), ("--annotations" if args.annotations else "--data", annotations)):
+    needed = [("--catalog", catalog)]
+    if args.grounder == "annotations" or args.annotations:
+        needed.append(("--annotations" if args.annotations else "--data", annotations))
+    for flag, path in needed:
         if not path.exists():
             print(f"lmm-steer: error: {flag}: {path} does not exist", file=sys.stderr)
             return 2
+    ann = load_annotations(annotations, data) if annotations.exists() else None
+    grounder = None
+    if args.grounder == "groundingdino-sam":
+        from .grounders import DinoSamGrounder
+
+        grounder = DinoSamGrounder(args.dino, args.sam)
     rows = read_rows(catalog)
-    result = score(list(rows.values()), load_annotations(annotations, data),
-                   ClipScorer(args.clip) if args.clip else None, seed=args.seed)
+    result = score(list(rows.values()), ann, ClipScorer(args.clip) if args.clip else None, seed=args.seed,
+                   grounder=grounder)
     if not result["features"]:
         print(f"lmm-steer: error: --catalog {catalog}: no explained feature with top images", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .grounders import AnnotationGrounder
 from .highlight import highlight, region_mask
 
 
@@ -98,26 +99,31 @@ def _image_shape(file: str, cache: dict) -> tuple[int, int]:
     return cache[file]
 
 
-def feature_ious(ann: Annotations, explanation: str, images: list[dict], shapes: dict) -> dict:
-    """IoU of one explanation on some top images, the best single-object ceiling, and the
-    ground-truth attribute (the value whose objects overlap the activations best)."""
-    named = ann.named(explanation)
+def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], shapes: dict, grounder=None) -> dict:
+    """IoU of one explanation on some top images; with annotations, the best single-object ceiling
+    and the ground-truth attribute (the value whose objects overlap the activations best).
+    ``grounder``: what grounds the explanation (default: the annotations)."""
+    grounder = grounder or AnnotationGrounder(ann)
     scores, ceiling, by_value = [], [], {}
     for entry in images:
         shape = _image_shape(entry["image"], shapes)
         act = activation_mask(entry["grid"], shape)
-        scores.append(iou(act, ann.grounded(named, entry["image"], shape)))
+        scores.append(iou(act, grounder.ground(explanation, entry["image"], shape)))
+        if ann is None:
+            continue
         objects = ann.objects(entry["image"])
         ceiling.append(max((iou(act, ann.mask(o)) for o in objects), default=0.0))
-        values = {w for o in objects for w in o["words"]}
-        for value in values:
+        for value in {w for o in objects for w in o["words"]}:
             by_value.setdefault(value, []).append(iou(act, ann.grounded({value}, entry["image"], shape)))
-    n = len(images)
-    means = {v: sum(s) / n for v, s in by_value.items()}
+    out = {"iou": float(np.mean(scores)) if scores else 0.0}
+    if ann is None:
+        return out
+    named = ann.named(explanation)
+    means = {v: sum(s) / len(images) for v, s in by_value.items()}
     best = max(means.values(), default=0.0)
     # values that always go together on these images (the red one is the circle) tie; naming any counts
     attribute = {v for v, m in means.items() if best > 0 and m >= best - 1e-9}
-    return {"iou": float(np.mean(scores)) if scores else 0.0, "ceiling_iou": float(np.mean(ceiling)) if ceiling else 0.0,
+    return {**out, "ceiling_iou": float(np.mean(ceiling)) if ceiling else 0.0,
             "attribute": sorted(map(list, attribute)), "named": sorted(map(list, named)),
             "names_attribute": bool(attribute & named)}
 
@@ -176,19 +182,22 @@ def derangement(n: int, rng: random.Random) -> list[int]:
             return order
 
 
-def score(rows: list[dict], ann: Annotations, clip: ClipScorer | None = None, seed: int = 0) -> dict:
+def score(rows: list[dict], ann: Annotations | None, clip: ClipScorer | None = None, seed: int = 0,
+          grounder=None) -> dict:
     """Scores of every explained row with top images; the per-feature scores are written into
-    ``rows`` (under ``scores``)."""
+    ``rows`` (under ``scores``). Without annotations (``ann`` None, a ``grounder`` given) there is
+    no ceiling and no ground-truth attribute."""
     rng = random.Random(seed)
     rows = [r for r in rows if r.get("explanation") and r.get("top_images")]
     shapes: dict = {}
     per = []
     for row in rows:
-        per.append(feature_ious(ann, row["explanation"], row["top_images"], shapes))
+        per.append(feature_ious(ann, row["explanation"], row["top_images"], shapes, grounder))
     others = derangement(len(rows), rng)
     for row, result, j in zip(rows, per, others, strict=True):
         other = rows[j]["top_images"]
-        result["random_iou"] = feature_ious(ann, row["explanation"], other, shapes)["iou"] if len(rows) > 1 else 0.0
+        result["random_iou"] = feature_ious(None, row["explanation"], other, shapes, grounder or AnnotationGrounder(ann))[
+            "iou"] if len(rows) > 1 else 0.0
     if clip is not None and rows:
         text = clip.texts([r["explanation"] for r in rows])
         image_means = []
@@ -204,7 +213,8 @@ def score(rows: list[dict], ann: Annotations, clip: ClipScorer | None = None, se
             result["shuffled_clip"] = float(100 * (embeds @ text[shuffled[i]]).mean())
     for row, result in zip(rows, per, strict=True):
         row["scores"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
-    keys = ["iou", "random_iou", "ceiling_iou", "names_attribute"] + (["clip", "shuffled_clip"] if clip else [])
+    keys = ["iou", "random_iou"] + (["ceiling_iou", "names_attribute"] if ann is not None else [])
+    keys += ["clip", "shuffled_clip"] if clip else []
     mean = {k: round(float(np.mean([float(p[k]) for p in per])), 4) if per else 0.0 for k in keys}
     mean["iou_over_random"] = round(mean["iou"] / mean["random_iou"], 2) if mean.get("random_iou") else None
     return {"features": len(rows), "mean": mean,
@@ -215,8 +225,10 @@ def markdown(result: dict) -> str:
     m = result["mean"]
     lines = ["| measure | explanations | baseline |", "|---|---|---|",
              f"| IoU (mean over {result['features']} features) | {m['iou']:.3f} | random features {m['random_iou']:.3f} |",
-             f"| IoU ceiling (best single object) | {m['ceiling_iou']:.3f} | |",
-             f"| names the ground-truth attribute | {m['names_attribute']:.1%} | |"]
+]
+    if "ceiling_iou" in m:
+        lines += [f"| IoU ceiling (best single object) | {m['ceiling_iou']:.3f} | |",
+                  f"| names the ground-truth attribute | {m['names_attribute']:.1%} | |"]
     if "clip" in m:
         lines.append(f"| CLIP score | {m['clip']:.1f} | shuffled {m['shuffled_clip']:.1f} |")
     return "\n".join(lines) + "\n"
