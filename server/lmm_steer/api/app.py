@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..concepts.resolve import (
@@ -36,6 +37,7 @@ from ..engine import (
 )
 from ..engine.engine import NON_FINITE_CODE
 from ..service import SHUTTING_DOWN, QueueFull, RequestFailed, SteeringService
+from ..ui import STATIC
 from .errors import (
     AUTH_CHALLENGE,
     APIError,
@@ -92,7 +94,9 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        if self.keys and path != "/health" and not self._authorised(headers.get("authorization", "")):
+        # the web page's static files carry no data: a browser loads them before it can send a key
+        public = path == "/health" or path == "/ui" or path.startswith("/ui/static/")
+        if self.keys and not public and not self._authorised(headers.get("authorization", "")):
             return await self._refuse(send, APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                                                      code="invalid_api_key", headers=AUTH_CHALLENGE))
         if self.service is not None and self.service.draining and path in ADMITTING_ROUTES:
@@ -747,6 +751,12 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         result["hookpoint"] = service.engine.hookpoint
         result["object"] = "inspection"
         return JSONResponse(result)
+
+    @app.get("/ui", include_in_schema=False)
+    async def web_page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
     @app.get("/health")
     async def health():
