@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmm_steer.models.scenes_llava_next import NAME, WEIGHTS, build_untrained, load_scenes_llava_next
-from lmm_steer.scenes.evaluate import evaluate, normalise, score
+from lmm_steer.scenes.evaluate import evaluate, floor_check, normalise, score
 from lmm_steer.scenes.generate import FORMAT_HINT, generate
 from lmm_steer.scenes.train import (
     CAPTION_QUESTION,
@@ -239,6 +239,10 @@ def test_scoring_normalises_answers_and_breaks_down_by_type_and_tag():
     assert acc["all"] == {"right": 2, "n": 3, "accuracy": 0.6667}
     assert acc["colour"]["accuracy"] == 0.5 and acc["tag:small"]["accuracy"] == 1.0
     assert acc["tag:none"]["n"] == 1 and acc["colour/none"]["right"] == 0 and acc["exist/occluded"]["n"] == 1
+    floors = floor_check(acc)
+    assert floors["colour"] == {"floor": 0.9, "met": False, "easy": 0.0, "easy_n": 1, "met_on_easy": False}
+    assert floors["exist"]["met"] and floors["exist"]["easy"] is None and not floors["exist"]["met_on_easy"]
+    assert not floors["shape"]["met"] and floors["shape"]["easy_n"] == 0
 
 
 @pytest.mark.skipif(not WEIGHTS.exists(), reason="the scenes model's trained weights are not in this checkout")
