@@ -149,3 +149,34 @@ def test_a_wrong_key_shows_the_servers_error(ui_server, browser):
     page.wait_for_selector("#error:not([hidden])")
     assert "API key" in page.text_content("#error")
     page.close()
+
+
+def test_the_page_on_a_text_only_model(browser, tmp_path):
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"feature": 5, "explanation": "music and songs", "max_activation": 8.0,
+                                   "top_contexts": [{"text": "a lovely «song»", "activation": 7.0}]}) + "\n")
+    server = Server("--model", "builtin:tiny-llama", "--sae", "builtin:random-topk", "--catalog", str(catalog))
+    page = browser.new_page()
+    try:
+        page.goto(f"{server.url}/ui#/features")
+        page.fill("#search-q", "music")
+        page.press("#search-q", "Enter")
+        page.click("#search-results a[href='#/feature/5']")
+        page.wait_for_function("document.getElementById('feature-explanation').textContent === 'music and songs'")
+        assert "No top images" in page.text_content("#feature-images")
+        page.click("#feature-to-playground")
+        page.fill("#play-features li input[type=number]", "60")
+        page.dispatch_event("#play-features li input[type=number]", "change")
+        page.fill("#play-max", "10")
+        page.click("#play-run")
+        page.wait_for_function("!document.getElementById('play-run').disabled && "
+                               "document.getElementById('out-steered').textContent.length > 0")
+        assert page.text_content("#out-steered") != page.text_content("#out-unsteered")
+        page.click("#nav-inspect")
+        page.click("#inspect-form button[type=submit]")  # text alone: per-position features, no heatmap
+        page.wait_for_selector("#inspect-positions li")
+        assert page.eval_on_selector_all("#inspect-grids canvas", "cs => cs.length") == 0
+        assert page.is_hidden("#error")
+    finally:
+        page.close()
+        server.stop()
