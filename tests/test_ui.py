@@ -96,6 +96,9 @@ def test_search_open_steer_and_inspect_in_a_real_browser(ui_server, browser, sce
     page.screenshot(path=str(_shots() / "features.png"))
     page.click("#search-results a[href='#/feature/3']")
     page.wait_for_function("document.querySelector('#feature-images img')?.naturalWidth > 0")
+    page.wait_for_function("""(() => { const c = document.querySelector('#feature-images canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 120) return true; return false; })()""")
     assert page.text_content("#feature-explanation") == "red circles"
     assert page.text_content("#feature-contexts mark") == "red"
     assert "0.42" in page.text_content("#feature-stats")

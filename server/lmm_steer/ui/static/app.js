@@ -116,10 +116,17 @@ async function showFeature(id) {
   $("feature-to-playground").onclick = () => { addEdit(info); location.hash = "#/playground"; };
   const images = $("feature-images");
   images.replaceChildren();
+  const grids = (s.top_images || []).filter((im) => im.grid).map((im) => im.grid);
   for (const [k, im] of info.top_images.entries()) {
+    // the highlighted image as the explainer saw it, and beside it the activations as a heatmap
     const img = el("img", { alt: `Top image ${k + 1} of feature ${info.id}, its active patches highlighted` });
-    images.append(el("figure", {}, img, el("figcaption", {}, `activation ${Number(im.activation).toFixed(3)}`)));
-    imageURL(im.url).then((u) => { img.src = u; }).catch(showError);
+    const heat = el("canvas", { role: "img", "aria-label": `Heatmap of feature ${info.id} over top image ${k + 1}` });
+    images.append(el("figure", {}, img, heat, el("figcaption", {}, `activation ${Number(im.activation).toFixed(3)}`)));
+    imageURL(im.url).then(async (u) => {
+      img.src = u;
+      await img.decode();
+      if (grids[k]) drawHeatmap(heat, img, grids[k]);
+    }).catch(showError);
   }
   if (!info.top_images.length) images.append(el("p", { class: "muted" }, "No top images in the catalog."));
   const contexts = s.top_contexts || [];
