@@ -65,6 +65,7 @@ def build_app(args):
 
     from .api.app import ServerSettings, create_app
     from .api.images import ImageLimits
+    from .concepts.semantic import index_or_none
     from .engine import EngineConfig
     from .engine.factory import build_engine
     from .metrics import Metrics
@@ -91,7 +92,7 @@ def build_app(args):
             raise SystemExit(f"lmm-steer: error: --api-key-file {args.api_key_file} holds no keys")
     name = args.served_model_name or args.model
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
-    service.concepts = _semantic_index(catalog, catalogs, args.embedder)
+    service.concepts = index_or_none(catalog, catalogs, args.embedder, warn=log.warning)
     presets = {}
     if args.presets:
         from .presets import PresetError, check_presets, load_presets
@@ -171,22 +172,6 @@ class DrainingServer(uvicorn.Server):
             elif self.failed_at is not None and now - self.failed_at >= self.ERROR_FLUSH_S:
                 self.should_exit = True
         return await super().on_tick(counter)
-
-
-def _semantic_index(catalog, paths: list[str], embedder: str | None):
-    """Search by meaning over ``catalog``, or None (no catalog, embedding turned off, or the
-    default embedding model not installed: search then works by words alone)."""
-    if not len(catalog) or (embedder or "").lower() == "none":
-        return None
-    from .concepts.embedder import EmbedderMissing, SentenceEmbedder, default_embedder
-    from .concepts.semantic import SemanticIndex
-
-    try:
-        model = SentenceEmbedder(embedder) if embedder else default_embedder()
-    except EmbedderMissing as e:
-        log.warning("search by words only: %s", e)
-        return None
-    return SemanticIndex(catalog, model, paths[0] if len(paths) == 1 else None)
 
 
 def _warm_up(service) -> None:

@@ -107,3 +107,20 @@ class SemanticIndex:
 
     def search(self, query: str, limit: int = 10):
         return self.catalog.search(query, limit, scorer=self.scorer())
+
+
+def index_or_none(catalog: FeatureCatalog, paths: list[str], embedder: str | None = None, warn=None):
+    """Search by meaning over ``catalog``, or None (no catalog, embedding turned off with "none", or
+    the default embedding model not installed: search then works by words alone, and ``warn`` is
+    told why)."""
+    if not len(catalog) or (embedder or "").lower() == "none":
+        return None
+    from .embedder import EmbedderMissing, SentenceEmbedder, default_embedder
+
+    try:
+        model = SentenceEmbedder(embedder) if embedder else default_embedder()
+    except EmbedderMissing as e:
+        if warn is not None:
+            warn(f"search by words only: {e}")
+        return None
+    return SemanticIndex(catalog, model, paths[0] if len(paths) == 1 else None)

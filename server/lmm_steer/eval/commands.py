@@ -98,8 +98,7 @@ def fix_command(args) -> int:
     from sae_weights import FeatureCatalog
     from sae_weights.default import sources_for
 
-    from ..concepts.embedder import EmbedderMissing, default_embedder
-    from ..concepts.semantic import SemanticIndex
+    from ..concepts.semantic import index_or_none
     from ..engine import EngineConfig
     from ..scenes.commands import scene_engine
     from .fix import FIX_TYPES, markdown, run
@@ -125,10 +124,7 @@ def fix_command(args) -> int:
     for path in sources.catalogs:
         catalog.merge(FeatureCatalog.load(path))
     engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
-    try:
-        searcher = SemanticIndex(catalog, default_embedder(), sources.catalogs[0] if len(sources.catalogs) == 1 else None)
-    except EmbedderMissing:
-        searcher = catalog  # search by words alone
+    searcher = index_or_none(catalog, list(sources.catalogs)) or catalog  # else search by words alone
     oracle = None
     if args.select:
         from ..scenes.localise import best_features

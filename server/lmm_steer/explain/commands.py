@@ -113,7 +113,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def score_command(args) -> int:
-    from .run import read_rows
+    from .run import read_rows, write_rows
     from .score import ClipScorer, load_annotations, markdown, score
 
     catalog, data = Path(args.catalog), Path(args.data)
@@ -137,10 +137,7 @@ def score_command(args) -> int:
     if not result["features"]:
         print(f"lmm-steer: error: --catalog {catalog}: no explained feature with top images", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else catalog
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[f]) + "\n" for f in sorted(rows)))
-    tmp.replace(out)
+    write_rows(Path(args.out) if args.out else catalog, rows)
     result["command"] = sys.argv[1:]
     table = markdown(result)
     print(table)

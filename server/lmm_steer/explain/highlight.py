@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..scenes.generate import DARKEN  # as the scenes' region examples, which the scenes model explains from
+
 ACTIVE = 1e-5
-DARKEN = 0.25  # as the scenes' region examples: outside the region, pixels keep a quarter of their brightness
 
 
 def region_mask(grid: list[list[float]], height: int, width: int, threshold: float = ACTIVE) -> np.ndarray:

@@ -53,6 +53,13 @@ def read_rows(path: Path) -> dict[int, dict]:
     return rows
 
 
+def write_rows(path: Path, rows: dict[int, dict]) -> None:
+    """The catalog, one row per feature in feature order, replaced atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[f]) + "\n" for f in sorted(rows)))
+    tmp.replace(path)
+
+
 def explain_row(explainer: Explainer, row: dict, per_image: bool) -> tuple[str | None, str]:
     if row.get("top_images"):
         images = []
@@ -92,9 +99,6 @@ def explain_all(explainer: Explainer, rows: dict[int, dict], features: list[int]
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(one, todo))
-    final = {**rows, **read_rows(out)}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(final[f]) + "\n" for f in sorted(final)))
-    tmp.replace(out)
+    write_rows(out, {**rows, **read_rows(out)})
     return {"features": len(features), **counts, **{k: explainer.stats[k] for k in
             ("requests", "retries", "prompt_tokens", "completion_tokens")}}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..scenes.evaluate import normalise
 from .grounders import AnnotationGrounder
 from .highlight import highlight, region_mask
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
 
 
 class Annotations:
@@ -47,8 +43,8 @@ class Annotations:
             self.by_file[file] = []
         self.vocabulary: dict[str, set[tuple[str, str]]] = {}
         for ann in coco["annotations"]:
-            words = {("category", _norm(categories[ann["category_id"]]))}
-            words |= {(k, _norm(v)) for k, v in (ann.get("attributes") or {}).items() if isinstance(v, str)}
+            words = {("category", normalise(categories[ann["category_id"]]))}
+            words |= {(k, normalise(v)) for k, v in (ann.get("attributes") or {}).items() if isinstance(v, str)}
             self.by_file[files[ann["image_id"]]].append({"words": words, "segmentation": ann["segmentation"]})
             for field, value in words:
                 self.vocabulary.setdefault(value, set()).add((field, value))
@@ -58,7 +54,7 @@ class Annotations:
 
     def named(self, explanation: str) -> set[tuple[str, str]]:
         """The (field, value) pairs an explanation names, longest phrases first."""
-        text, found = f" {_norm(explanation)} ", set()
+        text, found = f" {normalise(explanation)} ", set()
         for phrase in sorted(self.vocabulary, key=len, reverse=True):
             if f" {phrase} " in text:
                 found |= self.vocabulary[phrase]
@@ -154,11 +150,9 @@ class ClipScorer:
     @torch.inference_mode()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
         if self.clip is None:
-            from ..models.builtin import family_image_processor
+            from ..scenes.vision import image_processor
 
-            proc = family_image_processor("clip", "CLIPImageProcessor", size={"shortest_edge": self.size},
-                                          crop_size={"height": self.size, "width": self.size})
-            pixels = proc(images, return_tensors="pt")["pixel_values"]
+            pixels = image_processor(self.size)(images, return_tensors="pt")["pixel_values"]
             return F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return F.normalize(self.clip.get_image_features(pixel_values=pixels), dim=-1)
@@ -188,6 +182,7 @@ def score(rows: list[dict], ann: Annotations | None, clip: ClipScorer | None = N
     ``rows`` (under ``scores``). Without annotations (``ann`` None, a ``grounder`` given) there is
     no ceiling and no ground-truth attribute."""
     rng = random.Random(seed)
+    grounder = grounder or AnnotationGrounder(ann)
     rows = [r for r in rows if r.get("explanation") and r.get("top_images")]
     shapes: dict = {}
     per = []
@@ -196,8 +191,7 @@ def score(rows: list[dict], ann: Annotations | None, clip: ClipScorer | None = N
     others = derangement(len(rows), rng)
     for row, result, j in zip(rows, per, others, strict=True):
         other = rows[j]["top_images"]
-        result["random_iou"] = feature_ious(None, row["explanation"], other, shapes, grounder or AnnotationGrounder(ann))[
-            "iou"] if len(rows) > 1 else 0.0
+        result["random_iou"] = feature_ious(None, row["explanation"], other, shapes, grounder)["iou"] if len(rows) > 1 else 0.0
     if clip is not None and rows:
         text = clip.texts([r["explanation"] for r in rows])
         image_means = []

@@ -48,17 +48,21 @@ def build_vision_tower(cfg: VisionConfig):
     return CLIPVisionModelWithProjection(config)
 
 
-def pixel_values(paths: list[str], size: int) -> torch.Tensor:
-    """``[N, 3, size, size]``, through CLIP's own image processor (resize, crop, normalise)."""
+def image_processor(size: int):
+    """CLIP's own image processor (resize, crop, normalise) at ``size`` px."""
     from ..models.builtin import family_image_processor
 
-    processor = family_image_processor("clip", "CLIPImageProcessor", size={"shortest_edge": size},
-                                       crop_size={"height": size, "width": size})
+    return family_image_processor("clip", "CLIPImageProcessor", size={"shortest_edge": size},
+                                  crop_size={"height": size, "width": size})
+
+
+def pixel_values(paths: list[str], size: int) -> torch.Tensor:
+    """``[N, 3, size, size]`` through ``image_processor``."""
     images = []
     for path in paths:
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
-    return processor(images, return_tensors="pt")["pixel_values"]
+    return image_processor(size)(images, return_tensors="pt")["pixel_values"]
 
 
 def image_embeddings(model, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
