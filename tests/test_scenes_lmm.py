@@ -249,12 +249,13 @@ def test_scoring_normalises_answers_and_breaks_down_by_type_and_tag():
 def test_the_shipped_model_meets_the_floors_on_a_fresh_test_split(tmp_path):
     from lmm_steer.models.loader import load_model
 
-    generate(tmp_path, 8, seed=20261130)  # a seed no training run used
-    loaded = load_model(NAME)
-    result = evaluate(loaded, tmp_path, types=("colour", "shape", "exist"))
-    for kind in ("colour", "shape", "exist"):
-        assert result["accuracy"][kind]["n"] >= 10
-        assert result["accuracy"][kind]["accuracy"] >= 0.9, (kind, result["accuracy"][kind])
+    # The issue sets the floors on the easy (untagged) questions; 16 scenes of a seed no run used
+    # give 13-22 of them per type.
+    generate(tmp_path, 16, seed=20261130)
+    result = evaluate(load_model(NAME), tmp_path, types=("colour", "shape", "exist"))
+    for kind, floor in result["floors"].items():
+        assert floor["easy_n"] >= 12, (kind, floor)
+        assert floor["met_on_easy"], (kind, floor)
 
 
 @pytest.mark.skipif(not WEIGHTS.exists(), reason="the scenes model's trained weights are not in this checkout")
