@@ -1,6 +1,7 @@
 """The HTTP app in-process (for failure injection a real process cannot offer)."""
 
 import asyncio
+import io
 
 import pytest
 from fastapi.testclient import TestClient
@@ -116,3 +117,31 @@ def test_metrics_after_steered_and_unsteered_requests():
     assert value(f"{effect}_count", feature="other", when="after") == 6
     assert value(f"{effect}_count", feature="3", when="before") == value(f"{effect}_count", feature="3", when="after") == 9
     assert value("lmm_steer:clamp_effect_abs_error_count") == 21
+
+
+def test_a_feature_pages_image_links_serve_the_images_they_name(tmp_path):
+    """Top images without a patch grid are not shown; the links the page gives and the PNG route
+    number the shown ones alike, so a grid-less image ahead of a shown one shifts neither."""
+    from PIL import Image
+
+    from sae_weights import FeatureCatalog, FeatureEntry, load_sae
+
+    for name, size in (("wide.png", (48, 32)), ("tall.png", (24, 40))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+    grid = [[1.0, 0.0], [0.0, 1.0]]
+    top = [{"image": str(tmp_path / "wide.png"), "activation": 3.0},  # no grid: not shown
+           {"image": str(tmp_path / "tall.png"), "activation": 2.0, "grid": grid}]
+    catalog = FeatureCatalog([FeatureEntry(4, "red", extras={"top_images": top})])
+    lm = load_model("builtin:tiny-llama")
+    service = SteeringService(Engine(lm, load_sae("builtin:random-topk", d_in=64), "model.layers.2",
+                                     EngineConfig(max_batch=2, max_seq_len=128)), catalog=catalog)
+    service.start()
+    try:
+        with TestClient(create_app(service, ServerSettings())) as client:
+            shown = client.get("/v1/features/4").json()["top_images"]
+            assert shown == [{"url": "/v1/features/4/images/0.png", "activation": 2.0}]
+            png = client.get(shown[0]["url"])
+            assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (24, 40)
+            assert client.get("/v1/features/4/images/1.png").status_code == 404
+    finally:
+        service.stop()

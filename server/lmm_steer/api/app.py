@@ -338,6 +338,12 @@ def _usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
 
+def _shown_images(entry) -> list[dict]:
+    """A catalog entry's top images that carry a patch grid, the ones a feature page shows: both the
+    page's image URLs and the PNG route number them in this list."""
+    return [im for im in ((entry.extras.get("top_images") if entry else None) or []) if im.get("grid")]
+
+
 def _explanation(service: SteeringService, feature: int) -> str | None:
     entry = service.catalog.get(feature)
     return entry.explanation if entry and entry.explanation else None
@@ -651,7 +657,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         entry = service.catalog.get(feature_id)
         extras = dict(entry.extras) if entry else {}
         images = [{"url": f"/v1/features/{feature_id}/images/{k}.png", "activation": im.get("activation")}
-                  for k, im in enumerate(extras.get("top_images") or []) if im.get("grid")]
+                  for k, im in enumerate(_shown_images(entry))]
         return {"id": feature_id, "explanation": _explanation(service, feature_id),
                 "hookpoint": service.engine.hookpoint,
                 "decoder_norm": service.decoder_norms[feature_id] if service.decoder_norms else None,
@@ -665,8 +671,7 @@ def create_app(service: SteeringService, settings: ServerSettings | None = None,
         from ..explain.highlight import highlight, png_bytes
 
         _feature_or_404(feature_id)
-        entry = service.catalog.get(feature_id)
-        images = [im for im in ((entry.extras.get("top_images") if entry else None) or []) if im.get("grid")]
+        images = _shown_images(service.catalog.get(feature_id))
         if not 0 <= index < len(images):
             raise APIError(404, f"feature {feature_id} has {len(images)} top images in the catalog, not "
                                 f"an image {index}", param="index", code="not_found")
