@@ -187,4 +187,46 @@ def _jsonl_entries(path: Path, text: str) -> Iterable[FeatureEntry]:
         if not isinstance(explanation, str):
             raise CatalogError(f"{path}:{lineno}: 'explanation' must be a string")
         hook = row.pop("hookpoint", None)
+        _resolve_images(row, path.parent)
         yield FeatureEntry(fid, explanation.strip(), hookpoint=hook, extras=row)
+
+
+def _resolve_images(row: dict, root: Path) -> None:
+    """Top images named relative to the catalog (as ``bundle_catalog`` writes them) are read from
+    beside it, wherever the server was started."""
+    for entry in row.get("top_images") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str) and not Path(entry["image"]).is_absolute():
+            entry["image"] = str(root / entry["image"])
+
+
+def bundle_catalog(src: str | Path, out_dir: str | Path, images_dir: str = "images") -> dict:
+    """Copies a JSONL catalog into ``out_dir`` with every top image it names, so the catalog can
+    travel (ship in a package, move to another machine): images go to ``out_dir/images`` under
+    their content hash, and the rows name them relative to the catalog."""
+    import hashlib
+    import shutil
+
+    src, out_dir = Path(src), Path(out_dir)
+    (out_dir / images_dir).mkdir(parents=True, exist_ok=True)
+    copied: dict[str, str] = {}
+    rows = [row for _, row in json_objects(src.read_text().splitlines(), src, CatalogError)]
+    for row in rows:
+        _resolve_images(row, src.parent)
+        for entry in row.get("top_images") or []:
+            original = entry.get("image")
+            if not isinstance(original, str):
+                continue
+            if original not in copied:
+                try:
+                    data = Path(original).read_bytes()
+                except OSError as e:
+                    raise CatalogError(f"{src}: feature {row.get('feature')}'s top image {original}: {e.strerror}") from None
+                name = f"{images_dir}/{hashlib.sha256(data).hexdigest()[:16]}{Path(original).suffix}"
+                (out_dir / name).write_bytes(data)
+                copied[original] = name
+            entry["image"] = copied[original]
+    out = out_dir / src.name
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    shutil.move(tmp, out)
+    return {"catalog": str(out), "features": len(rows), "images": len(copied)}

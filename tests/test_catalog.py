@@ -74,3 +74,37 @@ def test_search_covers_top_contexts_of_automatic_catalogs(tmp_path):
     cat = FeatureCatalog.load(path)
     assert [e.feature for e, _ in cat.search("dog")] == [1]
     assert [e.feature for e, _ in cat.search("water")] == [2]
+
+
+def test_a_bundled_catalog_carries_its_images_and_is_read_from_anywhere(tmp_path, monkeypatch):
+    """`sae bundle` copies each named top image once (by content), rewrites the rows to name them
+    relative to the catalog, and loading resolves them beside the catalog, not the working
+    directory; a missing image is an error naming the feature and the file."""
+    from lmm_steer.cli import main
+    from sae_weights.catalog import bundle_catalog
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"png-a")
+    (data / "b.png").write_bytes(b"png-b")
+    rows = [{"feature": 1, "explanation": "red", "top_images": [{"image": str(data / "a.png"), "grid": [[1.0]]},
+                                                                {"image": str(data / "b.png"), "grid": [[0.5]]}]},
+            {"feature": 2, "explanation": "", "top_images": [{"image": str(data / "a.png"), "grid": [[2.0]]}]},
+            {"feature": 3, "explanation": "text only", "top_contexts": [{"text": "«x»"}]}]
+    src = tmp_path / "catalog.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sae", "bundle", str(src), str(tmp_path / "ship")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "ship" / "catalog.jsonl").read_text().splitlines()]
+    names = [im["image"] for r in written for im in r.get("top_images", [])]
+    assert names[0] == names[2] != names[1] and all(n.startswith("images/") for n in names)
+    assert len(list((tmp_path / "ship" / "images").iterdir())) == 2
+    assert written[0]["top_images"][1]["grid"] == [[0.5]] and written[2]["top_contexts"] == rows[2]["top_contexts"]
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "ship").rename(moved)
+    (data / "a.png").unlink()  # the bundle no longer needs the originals
+    monkeypatch.chdir(tmp_path)
+    cat = FeatureCatalog.load(moved / "catalog.jsonl")
+    first = cat.get(1).extras["top_images"][0]["image"]
+    assert open(first, "rb").read() == b"png-a"
+    with pytest.raises(CatalogError, match=r"feature 1's top image .*a\.png"):
+        bundle_catalog(src, tmp_path / "again")

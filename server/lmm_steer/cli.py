@@ -46,6 +46,13 @@ def _sae_convert(args) -> int:
     return 0
 
 
+def _sae_bundle(args) -> int:
+    from sae_weights.catalog import bundle_catalog
+
+    print(json.dumps(bundle_catalog(args.catalog, args.out)))
+    return 0
+
+
 def parse_clamp(text: str):
     """``ID=VALUE[:MODE]`` -> FeatureEdit."""
     from .engine.steering import MODES, FeatureEdit
@@ -180,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--revision")
     add_hub_timeout_argument(convert)
     convert.set_defaults(func=_sae_convert)
+    bundle = sae.add_parser("bundle", help="copy a catalog with the top images it names, which it then names relative to itself")
+    bundle.add_argument("catalog", help="catalog JSONL")
+    bundle.add_argument("out", help="directory to write the catalog and its images/ into")
+    bundle.set_defaults(func=_sae_bundle)
     from .eval import commands as evaluations
 
     evals = sub.add_parser("eval", help="evaluations on fixed sets, with same-run baselines").add_subparsers(
