@@ -85,7 +85,11 @@ def test_feature_selection():
             5: {"top_contexts": [{"activation": 1.0}]}}
     assert parse_features("all", rows) == [1, 2, 5] and parse_features("top-2", rows) == [2, 5]
     assert parse_features("5,1", rows) == [5, 1]
-    for bad in ("7", "x", "top-0", ""):
+    many = {f: {"top_images": [{"activation": 1.0}]} for f in range(100)}
+    drawn = parse_features("sample-10", many)
+    assert len(set(drawn)) == 10 and drawn == sorted(drawn) and drawn == parse_features("sample-10", many)
+    assert drawn != list(range(10)) and parse_features("sample-500", rows) == [1, 2, 5]
+    for bad in ("7", "x", "top-0", "sample-0", ""):
         with pytest.raises(ValueError, match="--features"):
             parse_features(bad, rows)
 

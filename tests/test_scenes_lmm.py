@@ -7,6 +7,7 @@ a freshly generated split, and the exported checkpoint in plain transformers.
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from lmm_steer.scenes.train import (
     quadrant,
     train_scenes_lmm,
 )
+
+SHIPPED_SAE = Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-llava-next"
 
 TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1, low_rank_from=1,
                 ground_steps=2, ground_batch=4)
@@ -304,11 +307,65 @@ def test_the_served_model_answers_the_openai_client_as_the_model_alone_does(tmp_
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": q["question"]}]}])
             served.append(reply.choices[0].message.content)
+        if SHIPPED_SAE.exists():  # served with its SAE and catalog: a feature page shows its top images
+            import httpx
+
+            page = httpx.get(f"{server.url}/v1/features/0", timeout=30).json()
+            assert page["top_images"], page
+            png = httpx.get(server.url + page["top_images"][0]["url"], timeout=30)
+            assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.stop()
     assert served == alone
     right = sum(normalise(s) == normalise(q["answer"]) for s, q in zip(served, items, strict=True))
     assert right >= 6, list(zip(served, [q["answer"] for q in items], strict=True))
+
+
+@pytest.mark.skipif(not (WEIGHTS.exists() and SHIPPED_SAE.exists()), reason="the scenes model or its SAE is not in this checkout")
+def test_the_shipped_sae_and_its_catalog_belong_to_the_scenes_model():
+    """The model's shipped SAE is what `serve --model` picks up; its catalog covers every feature and
+    every top image it shows is in the package, with an 8 x 8 base-view grid; the metrics file
+    holds what the SAE's README records."""
+    from sae_weights import FeatureCatalog, load_sae
+    from sae_weights.default import sources_for
+
+    sources = sources_for(NAME)
+    assert sources.hookpoint == "model.layers.15" and sources.catalogs
+    sae = load_sae(sources.sae, hookpoint=sources.hookpoint)
+    assert (sae.d_in, sae.num_latents, sae.k) == (576, 4096, 32)
+    catalog = FeatureCatalog.load(sources.catalogs[0])
+    assert len(catalog) == 4096
+    shown = [im for f in catalog.ids() for im in catalog.get(f).extras.get("top_images", [])]
+    assert shown and all(Path(im["image"]).is_file() for im in shown)
+    assert {(len(im["grid"]), len(im["grid"][0])) for im in shown} == {(8, 8)}
+    metrics = json.loads((SHIPPED_SAE / "metrics.json").read_text())
+    readme = (SHIPPED_SAE / "README.md").read_text()
+    assert f"| {metrics['fvu']:.4f} |" in readme and f"KL {metrics['kl']:.3f}" in readme
+
+
+@pytest.mark.skipif(not (WEIGHTS.exists() and SHIPPED_SAE.exists()), reason="the scenes model or its SAE is not in this checkout")
+def test_the_readme_shows_the_scenes_model_steered_and_unsteered(tmp_path, monkeypatch, capsys):
+    """The README's scenes example runs as written: each `lmm-steer` command in its block prints the
+    answer shown under it, unsteered and steered."""
+    import re
+    import shlex
+
+    from lmm_steer.cli import main
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- scenes-steering-example -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+    monkeypatch.chdir(tmp_path)
+    checked = []
+    for line, after in zip(lines, [*lines[1:], ""], strict=True):
+        if not line.startswith("lmm-steer "):
+            continue
+        assert main(shlex.split(line)[1:]) == 0, line
+        out = capsys.readouterr().out.strip()
+        if after.startswith("# "):
+            checked.append((out, after[2:].strip()))
+    assert len(checked) == 2 and checked[0][1] != checked[1][1]
+    assert [got for got, _ in checked] == [want for _, want in checked]
 
 
 def test_the_lmm_stage_trains_only_the_parts_given_a_rate(train_split, tmp_path):

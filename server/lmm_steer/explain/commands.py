@@ -22,7 +22,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explainer", required=True, metavar="URL", help="OpenAI-compatible endpoint (…/v1)")
     p.add_argument("--explainer-model", required=True, metavar="NAME")
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
-    p.add_argument("--features", default="all", help="all, top-N or comma-separated ids")
+    p.add_argument("--features", default="all", help="all, top-N (strongest first), sample-N (drawn at random, seed 0) or comma-separated ids")
     p.add_argument("--top", type=int, default=5, help="top images (or contexts) shown per feature")
     p.add_argument("--mode", choices=("together", "per-image"), default="together",
                    help="one request with all top images (the paper), or one per image with the answers combined "

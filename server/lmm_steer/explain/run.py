@@ -5,6 +5,7 @@ nothing; the output is a catalog ``serve --catalog`` loads."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,16 +19,20 @@ DONE = ("ok", "unable")
 
 
 def parse_features(spec: str, rows: dict[int, dict]) -> list[int]:
-    """``all``, ``top-N`` (the N whose best example activates them most) or ``ID,ID,...``."""
+    """``all``, ``top-N`` (the N whose best example activates them most), ``sample-N`` (N drawn at
+    random, seed 0, in id order: a fair sample where explaining all would take too long) or
+    ``ID,ID,...``."""
     spec = spec.strip()
     if spec == "all":
         return sorted(rows)
+    if spec.startswith("sample-") and spec[7:].isdigit() and int(spec[7:]) > 0:
+        return sorted(random.Random(0).sample(sorted(rows), min(int(spec[7:]), len(rows))))
     if spec.startswith("top-") and spec[4:].isdigit() and int(spec[4:]) > 0:
         return sorted(rows, key=lambda f: -_peak(rows[f]))[:int(spec[4:])]
     try:
         ids = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--features: expected all, top-N or comma-separated ids, got {spec!r}") from None
+        raise ValueError(f"--features: expected all, top-N, sample-N or comma-separated ids, got {spec!r}") from None
     if not ids:
         raise ValueError("--features: no feature ids given")
     missing = [f for f in ids if f not in rows]

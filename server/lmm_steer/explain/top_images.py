@@ -51,7 +51,7 @@ def top_images(engine, images: list[str], top: int = 5, progress=None) -> dict[i
     for n, (i, features) in enumerate(sorted(wanted.items())):
         acts, rows, cols = patch_activations(engine, images[i])
         for f in features:
-            grids[i, f] = acts[:, f].reshape(rows, cols).tolist()
+            grids[i, f] = [[round(v, 3) for v in r] for r in acts[:, f].reshape(rows, cols).tolist()]
         if progress:
             progress("grids", n + 1, len(wanted))
     out: dict[int, list[dict]] = {}
