@@ -63,3 +63,24 @@ def test_localise_names_a_missing_split(tmp_path):
 
     with pytest.raises(SystemExit, match="--select"):
         main(["scenes", "localise", "--select", str(tmp_path), "--test", str(tmp_path)])
+
+
+SCENES_SAE = __import__("pathlib").Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-llava-next"
+
+
+@pytest.mark.skipif(not SCENES_SAE.exists(), reason="the scenes model's SAE is not in this checkout")
+def test_the_scenes_sae_has_features_on_the_objects_they_are_about(tmp_path):
+    """On the shipped scenes model and SAE, each colour's and shape's best feature (chosen on one
+    fresh split) overlaps that value's objects on another: docs/scenes.md measured a mean patch IoU
+    of 0.39 over 100 + 100 scenes against 0.006 for a random image feature; on 30 + 20 scenes the
+    test asks for half of that and ten times the random feature."""
+    from lmm_steer.engine.factory import build_engine
+    from lmm_steer.scenes.localise import localise
+
+    generate(tmp_path / "select", 30, seed=20261204)
+    generate(tmp_path / "test", 20, seed=20261205)
+    engine = build_engine("builtin:scenes-llava-next", str(SCENES_SAE), hookpoint="model.layers.15", device="cpu")
+    result = localise(engine, tmp_path / "select", tmp_path / "test", scenes=30)
+    assert len(result["values"]) >= 12, sorted(result["values"])
+    mean = result["mean"]
+    assert mean["iou"] >= 0.2 and mean["iou"] >= 10 * mean["random_iou"], mean
