@@ -81,6 +81,9 @@ def test_search_takes_each_words_top_hits_at_their_steering_values():
     top_red = catalog.search("red", 1)[0][0].feature
     assert edits[0].feature == top_red and edits[0].value == {1: 12.0, 2: 7.5}[top_red]
     assert len(edits) == 2 and edits[1].feature != top_red and edits[1].value == 0.0  # suppress: clamp at 0
+    stronger = search_edits(catalog, catalog, [Target("colour:red", 1), Target("colour:brown", -1)], per_value=1,
+                            strength=3.0)
+    assert [(e.feature, e.value) for e in stronger] == [(edits[0].feature, 3 * edits[0].value), (edits[1].feature, 0.0)]
 
 
 def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):

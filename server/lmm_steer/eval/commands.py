@@ -87,6 +87,9 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-scenes", type=int, default=100, help="scenes of --select the oracle reads")
     p.add_argument("--types", default=",".join(FIX_TYPES), help=f"comma-separated, of {', '.join(FIX_TYPES)}")
     p.add_argument("--features", type=int, default=1, help="search hits edited per attribute value")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="multiplies each amplifying edit's value (the feature's calibrated value, else 3x its "
+                        "largest activation); suppression stays 0")
     p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
                    help="positions the edits touch")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
@@ -117,6 +120,8 @@ def fix_command(args) -> int:
     for flag, value in (("--limit", args.limit), ("--features", args.features), ("--select-scenes", args.select_scenes)):
         if value is not None and value < 1:
             return fail(f"{flag} must be at least 1, got {value}")
+    if not args.strength > 0:
+        return fail(f"--strength must be positive, got {args.strength}")
     sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
     if not sources.catalogs:
         return fail("--catalog: the SAE has no shipped catalog; name one")
@@ -131,7 +136,7 @@ def fix_command(args) -> int:
 
         oracle = best_features(engine, Path(args.select), args.select_scenes)
     result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
-                 per_value=args.features, scope=args.scope, seed=args.seed)
+                 per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength)
     result["search"] = "meaning" if searcher is not catalog else "words"
     table = markdown(result)
     print(table)

@@ -98,8 +98,9 @@ def outcome(item: dict, got: str, again: str) -> str:
     return "unchanged" if normalise(again) == normalise(got) else "other_wrong"
 
 
-def search_edits(searcher, catalog, tgs: list[Target], per_value: int) -> list[FeatureEdit]:
-    """The top ``per_value`` search hits of each value's word, at their steering values."""
+def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength: float = 1.0) -> list[FeatureEdit]:
+    """The top ``per_value`` search hits of each value's word, at their steering values (times
+    ``strength``)."""
     edits: dict[int, FeatureEdit] = {}
     for t in tgs:
         word = t.key.split(":", 1)[1]
@@ -107,24 +108,24 @@ def search_edits(searcher, catalog, tgs: list[Target], per_value: int) -> list[F
         for entry, _ in searcher.search(word, per_value + len(edits)):
             if entry.feature in edits or taken == per_value:
                 continue
-            edits[entry.feature] = FeatureEdit(entry.feature, _value(catalog, entry.feature, t.sign))
+            edits[entry.feature] = FeatureEdit(entry.feature, _value(catalog, entry.feature, t.sign, strength))
             taken += 1
     return list(edits.values())
 
 
-def _value(catalog, feature: int, sign: int) -> float:
+def _value(catalog, feature: int, sign: int, strength: float = 1.0) -> float:
     if sign < 0:
         return 0.0
     entry = catalog.get(feature)
     value = steer_value(entry)[0] if entry is not None else None
-    return float(value) if value is not None else 0.0
+    return strength * float(value) if value is not None else 0.0
 
 
-def oracle_edits(oracle: dict[str, int], catalog, tgs: list[Target]) -> list[FeatureEdit]:
+def oracle_edits(oracle: dict[str, int], catalog, tgs: list[Target], strength: float = 1.0) -> list[FeatureEdit]:
     edits = {}
     for t in tgs:
         if t.key in oracle and oracle[t.key] not in edits:
-            edits[oracle[t.key]] = FeatureEdit(oracle[t.key], _value(catalog, oracle[t.key], t.sign))
+            edits[oracle[t.key]] = FeatureEdit(oracle[t.key], _value(catalog, oracle[t.key], t.sign, strength))
     return list(edits.values())
 
 
@@ -163,7 +164,7 @@ def ask(engine, data: Path, items: list[dict], steerings: list[SteeringSpec | No
 
 
 def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None, limit: int | None = None,
-        types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0) -> dict:
+        types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0) -> dict:
     items = questions(data, limit, types)
     first = ask(engine, data, items, [None] * len(items))
     cases, right = [], []
@@ -175,11 +176,11 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     rng = random.Random(seed)
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0]
     for case in cases:
-        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value)
+        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value, strength)
         case.edits["search-paper"] = case.edits["search"]
         case.edits["random"] = random_edits(case.edits["search"], pool, rng)
         if oracle is not None:
-            case.edits["oracle"] = oracle_edits(oracle, catalog, case.targets)
+            case.edits["oracle"] = oracle_edits(oracle, catalog, case.targets, strength)
     methods = [m for m in METHODS if m != "oracle" or oracle is not None]
     jobs = [(case, m) for case in cases for m in methods if case.edits[m]]
     specs = [SteeringSpec(case.edits[m], scope=scope, semantics="paper" if m == "search-paper" else "delta")
@@ -190,7 +191,7 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     collateral = ask(engine, data, [item for _, item in pairs],
                      [SteeringSpec(c.edits["search"], scope=scope) for c, _ in pairs])
     return summarise(items, cases, methods, pairs, collateral) | {"scope": scope, "per_value": per_value,
-                                                                  "seed": seed, "data": str(data)}
+                                                                  "strength": strength, "seed": seed, "data": str(data)}
 
 
 def summarise(items, cases: list[Case], methods, pairs, collateral: list[str]) -> dict:
