@@ -31,6 +31,7 @@ from lmm_steer.scenes.train import (
     train_scenes_lmm,
 )
 
+RED_FEATURE = 1974  # of the shipped scenes SAE: the README's example and `scenes localise`'s red feature
 SHIPPED_SAE = Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-llava-next"
 
 TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1, low_rank_from=1,
@@ -314,6 +315,19 @@ def test_the_served_model_answers_the_openai_client_as_the_model_alone_does(tmp_
             assert page["top_images"], page
             png = httpx.get(server.url + page["top_images"][0]["url"], timeout=30)
             assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+            # inspect's patch grid for the red feature (1974, `scenes localise`'s choice on dev scenes)
+            # falls on the red objects of the two scenes that have them
+            from lmm_steer.scenes.generate import patch_shares
+            from lmm_steer.scenes.localise import scene_masks
+
+            for file, masks in scene_masks(tmp_path)[:2]:
+                url = "data:image/png;base64," + base64.b64encode((tmp_path / file).read_bytes()).decode()
+                found = httpx.post(f"{server.url}/v1/inspect", timeout=60, json={"features": [RED_FEATURE], "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "Describe the image."}]}]}).json()
+                grid = torch.tensor(found["images"][0]["features"][str(RED_FEATURE)]).flatten()
+                red = torch.from_numpy(patch_shares(masks["colour:red"], 8, 8)) > 0.25
+                assert grid.sum() > 0 and grid[red].sum() >= 0.6 * grid.sum(), (file, grid.reshape(8, 8), red.reshape(8, 8))
     finally:
         server.stop()
     assert served == alone
