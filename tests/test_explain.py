@@ -112,6 +112,9 @@ def test_explaining_with_a_real_served_model_resumes_and_loads_as_a_catalog(tmp_
         assert len(explained) == 3 and all(r["explainer"]["status"] in ("ok", "unable") for r in explained)
         assert all(r["explainer"]["input"] == "images" and len(r["top_images"]) <= 2 for r in explained)
         assert len(rows) > 3  # every feature that fires is in the catalog, explained or not
+        for r in rows:  # a peak at one patch, as max_activation is everywhere: above the ranking mean
+            peak = max(v for im in r["top_images"] for row in im["grid"] for v in row)
+            assert r["max_activation"] == peak >= r["top_images"][0]["activation"] > 0
         before = {r["feature"]: r["explanation"] for r in explained}
         assert main([*run, "--features", "top-4", "--mode", "per-image"]) == 0  # resumes: only one more
         again = {r["feature"]: r for r in map(json.loads, out.read_text().splitlines()) if "explainer" in r}

@@ -42,7 +42,7 @@ def explain_command(args) -> int:
     from ..training.data import iter_examples
     from .explainer import Explainer, ExplainerConfig
     from .run import explain_all, parse_features
-    from .top_images import top_images
+    from .top_images import peak_patch, top_images
 
     def fail(message: str) -> int:
         print(f"lmm-steer: error: {message}", file=sys.stderr)
@@ -65,7 +65,9 @@ def explain_command(args) -> int:
         bar = tqdm(total=len(paths), desc="top images", file=sys.stderr)
         for f, images in top_images(engine, paths, args.top, progress=lambda stage, i, n: bar.update(1)
                                     if stage == "rank" else None).items():
-            rows[f] = {"feature": f, "explanation": "", "max_activation": images[0]["score"],
+            # max_activation as everywhere else: a peak at one position (here the largest patch of the
+            # top images), not the mean over an image that ranks them; steering values scale with it
+            rows[f] = {"feature": f, "explanation": "", "max_activation": peak_patch(images),
                        "top_images": [{"image": im["image"], "activation": im["score"], "grid": im["grid"]}
                                       for im in images]}
         bar.close()

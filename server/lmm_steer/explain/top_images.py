@@ -61,3 +61,8 @@ def top_images(engine, images: list[str], top: int = 5, progress=None) -> dict[i
         if rows:
             out[f] = rows
     return out
+
+
+def peak_patch(images: list[dict]) -> float:
+    """The largest patch activation in these top images' grids."""
+    return max((v for im in images for row in im["grid"] for v in row), default=0.0)
