@@ -183,3 +183,47 @@ def test_the_page_on_a_text_only_model(browser, tmp_path):
     finally:
         page.close()
         server.stop()
+
+
+SCENES_SAE = Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-llava-next"
+
+
+@pytest.mark.skipif(not SCENES_SAE.exists(), reason="the scenes model's SAE is not in this checkout")
+def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(browser, tmp_path):
+    """The scenes model with its shipped SAE and catalog: feature 1974 (red objects) opens with its top
+    images' heatmaps; in the playground, with the README's scene uploaded, clamping it on the image
+    turns "yellow" into "red" beside the unsteered answer; inspecting the scene draws its heatmaps."""
+    generate(tmp_path, 4, seed=11)  # the README's scene: scene 3, a yellow circle
+    scene = tmp_path / "images" / "000003.png"
+    server = Server("--model", "builtin:scenes-llava-next")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"{server.url}/ui#/feature/1974")
+        page.wait_for_function("document.querySelectorAll('#feature-images canvas').length >= 3")
+        page.wait_for_function("document.querySelector('#feature-images img')?.naturalWidth > 0")
+        page.screenshot(path=str(_shots() / "scenes-feature.png"), full_page=True)
+        page.click("#feature-to-playground")
+        page.wait_for_selector("#view-playground:not([hidden]) #play-features li")
+        page.fill("#play-prompt", "What colour is the circle? Answer in a word or a short phrase.")
+        page.set_input_files("#play-image", str(scene))
+        page.fill("#play-features li:first-child input[type=number]", "150")
+        page.dispatch_event("#play-features li:first-child input[type=number]", "change")
+        page.select_option("#play-scope", "image")
+        page.fill("#play-max", "8")
+        page.click("#play-run")
+        page.wait_for_function("!document.getElementById('play-run').disabled && "
+                               "document.getElementById('out-unsteered').textContent.length > 0")
+        assert (page.text_content("#out-unsteered").strip(), page.text_content("#out-steered").strip()) == ("yellow", "red")
+        page.screenshot(path=str(_shots() / "scenes-playground.png"), full_page=True)
+        page.click("#nav-inspect")
+        page.set_input_files("#inspect-image", str(scene))
+        page.click("#inspect-form button[type=submit]")
+        page.wait_for_selector("#inspect-grids canvas")
+        assert "image tokens" in page.text_content("#inspect-status")
+        page.screenshot(path=str(_shots() / "scenes-inspect.png"), full_page=True)
+        assert page.is_hidden("#error") and errors == []
+    finally:
+        page.close()
+        server.stop()
