@@ -227,3 +227,36 @@ def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(b
     finally:
         page.close()
         server.stop()
+
+
+def test_the_page_on_the_default_model_finds_a_feature_and_steers_with_it(browser):
+    """`lmm-steer serve` with no arguments (SmolLM2 and its shipped SAE and catalog): searching
+    "music" finds the README's feature 1951; it is calibrated, so the playground offers a strength,
+    and at strength 1 the poem turns to music beside the unsteered one."""
+    from test_default_model import CONCEPTS, mentions
+
+    server = Server()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{server.url}/ui#/features")
+        page.fill("#search-q", "music")
+        page.press("#search-q", "Enter")
+        page.wait_for_selector("#search-results a[href='#/feature/1951']")
+        page.click("#search-results a[href='#/feature/1951']")
+        page.wait_for_function("document.querySelectorAll('#feature-contexts mark').length > 0")
+        page.click("#feature-to-playground")
+        page.fill("#play-prompt", "Write a short poem.")
+        assert "strength" in page.text_content("#play-features")
+        page.fill("#play-features li input[type=number]", "1")
+        page.dispatch_event("#play-features li input[type=number]", "change")
+        page.fill("#play-max", "40")
+        page.click("#play-run")
+        page.wait_for_function("!document.getElementById('play-run').disabled && "
+                               "document.getElementById('out-unsteered').textContent.length > 0")
+        steered, plain = page.text_content("#out-steered"), page.text_content("#out-unsteered")
+        assert page.is_hidden("#error"), page.text_content("#error")
+        assert mentions(steered, CONCEPTS["music"]) and not mentions(plain, CONCEPTS["music"]), (steered, plain)
+        assert page.is_hidden("#error")
+    finally:
+        page.close()
+        server.stop()
