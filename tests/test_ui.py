@@ -66,6 +66,25 @@ def _shots() -> Path:
     return out
 
 
+def _search_and_open(page, url: str, query: str, feature: int) -> None:
+    """From the features view, search ``query`` and open ``feature``'s page from the results."""
+    page.goto(f"{url}/ui#/features")
+    page.fill("#search-q", query)
+    page.press("#search-q", "Enter")
+    page.click(f"#search-results a[href='#/feature/{feature}']")  # waits for the result to appear
+
+
+def _steer(page, number: str, max_tokens: str, row: str = "#play-features li:first-child") -> None:
+    """Set the playground's first feature's value (or strength), generate, and wait for both outputs."""
+    page.fill(f"{row} input[type=number]", number)
+    page.dispatch_event(f"{row} input[type=number]", "change")
+    page.fill("#play-max", max_tokens)
+    page.click("#play-run")
+    page.wait_for_function("!document.getElementById('play-run').disabled && "
+                           "document.getElementById('out-steered').textContent.length > 0 && "
+                           "document.getElementById('out-unsteered').textContent.length > 0")
+
+
 def test_the_page_and_its_files_need_no_key_but_the_api_does(ui_server):
     page = httpx.get(f"{ui_server.url}/ui")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "app.js" in page.text
@@ -161,19 +180,11 @@ def test_the_page_on_a_text_only_model(browser, tmp_path):
     server = Server("--model", "builtin:tiny-llama", "--sae", "builtin:random-topk", "--catalog", str(catalog))
     page = browser.new_page()
     try:
-        page.goto(f"{server.url}/ui#/features")
-        page.fill("#search-q", "music")
-        page.press("#search-q", "Enter")
-        page.click("#search-results a[href='#/feature/5']")
+        _search_and_open(page, server.url, "music", 5)
         page.wait_for_function("document.getElementById('feature-explanation').textContent === 'music and songs'")
         assert "No top images" in page.text_content("#feature-images")
         page.click("#feature-to-playground")
-        page.fill("#play-features li input[type=number]", "60")
-        page.dispatch_event("#play-features li input[type=number]", "change")
-        page.fill("#play-max", "10")
-        page.click("#play-run")
-        page.wait_for_function("!document.getElementById('play-run').disabled && "
-                               "document.getElementById('out-steered').textContent.length > 0")
+        _steer(page, "60", "10")
         assert page.text_content("#out-steered") != page.text_content("#out-unsteered")
         page.click("#nav-inspect")
         page.click("#inspect-form button[type=submit]")  # text alone: per-position features, no heatmap
@@ -208,13 +219,8 @@ def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(b
         page.wait_for_selector("#view-playground:not([hidden]) #play-features li")
         page.fill("#play-prompt", "What colour is the circle? Answer in a word or a short phrase.")
         page.set_input_files("#play-image", str(scene))
-        page.fill("#play-features li:first-child input[type=number]", "150")
-        page.dispatch_event("#play-features li:first-child input[type=number]", "change")
         page.select_option("#play-scope", "image")
-        page.fill("#play-max", "8")
-        page.click("#play-run")
-        page.wait_for_function("!document.getElementById('play-run').disabled && "
-                               "document.getElementById('out-unsteered').textContent.length > 0")
+        _steer(page, "150", "8")
         assert (page.text_content("#out-unsteered").strip(), page.text_content("#out-steered").strip()) == ("yellow", "red")
         page.screenshot(path=str(_shots() / "scenes-playground.png"), full_page=True)
         page.click("#nav-inspect")
@@ -238,21 +244,12 @@ def test_the_page_on_the_default_model_finds_a_feature_and_steers_with_it(browse
     server = Server()
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
-        page.goto(f"{server.url}/ui#/features")
-        page.fill("#search-q", "music")
-        page.press("#search-q", "Enter")
-        page.wait_for_selector("#search-results a[href='#/feature/1951']")
-        page.click("#search-results a[href='#/feature/1951']")
+        _search_and_open(page, server.url, "music", 1951)
         page.wait_for_function("document.querySelectorAll('#feature-contexts mark').length > 0")
         page.click("#feature-to-playground")
         page.fill("#play-prompt", "Write a short poem.")
         assert "strength" in page.text_content("#play-features")
-        page.fill("#play-features li input[type=number]", "1")
-        page.dispatch_event("#play-features li input[type=number]", "change")
-        page.fill("#play-max", "40")
-        page.click("#play-run")
-        page.wait_for_function("!document.getElementById('play-run').disabled && "
-                               "document.getElementById('out-unsteered').textContent.length > 0")
+        _steer(page, "1", "40")
         steered, plain = page.text_content("#out-steered"), page.text_content("#out-unsteered")
         assert page.is_hidden("#error"), page.text_content("#error")
         assert mentions(steered, CONCEPTS["music"]) and not mentions(plain, CONCEPTS["music"]), (steered, plain)
