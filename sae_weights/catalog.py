@@ -204,7 +204,6 @@ def bundle_catalog(src: str | Path, out_dir: str | Path, images_dir: str = "imag
     travel (ship in a package, move to another machine): images go to ``out_dir/images`` under
     their content hash, and the rows name them relative to the catalog."""
     import hashlib
-    import shutil
 
     src, out_dir = Path(src), Path(out_dir)
     (out_dir / images_dir).mkdir(parents=True, exist_ok=True)
@@ -228,5 +227,5 @@ def bundle_catalog(src: str | Path, out_dir: str | Path, images_dir: str = "imag
     out = out_dir / src.name
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    shutil.move(tmp, out)
+    tmp.replace(out)
     return {"catalog": str(out), "features": len(rows), "images": len(copied)}

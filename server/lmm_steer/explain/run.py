@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,10 +26,12 @@ def parse_features(spec: str, rows: dict[int, dict]) -> list[int]:
     spec = spec.strip()
     if spec == "all":
         return sorted(rows)
-    if spec.startswith("sample-") and spec[7:].isdigit() and int(spec[7:]) > 0:
-        return sorted(random.Random(0).sample(sorted(rows), min(int(spec[7:]), len(rows))))
-    if spec.startswith("top-") and spec[4:].isdigit() and int(spec[4:]) > 0:
-        return sorted(rows, key=lambda f: -_peak(rows[f]))[:int(spec[4:])]
+    counted = re.fullmatch(r"(top|sample)-(\d+)", spec)
+    if counted and int(counted[2]) > 0:
+        n = int(counted[2])
+        if counted[1] == "top":
+            return sorted(rows, key=lambda f: -_peak(rows[f]))[:n]
+        return sorted(random.Random(0).sample(sorted(rows), min(n, len(rows))))
     try:
         ids = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ..engine.hookpoint import capture_block_output
-from ..engine.inspect import image_grids
+from ..engine.inspect import grid_values, image_grids
 from ..models.inputs import build_inputs
 
 IMAGE_ONLY = [{"role": "user", "content": [{"type": "image"}]}]
@@ -51,7 +51,7 @@ def top_images(engine, images: list[str], top: int = 5, progress=None) -> dict[i
     for n, (i, features) in enumerate(sorted(wanted.items())):
         acts, rows, cols = patch_activations(engine, images[i])
         for f in features:
-            grids[i, f] = [[round(v, 3) for v in r] for r in acts[:, f].reshape(rows, cols).tolist()]
+            grids[i, f] = grid_values(acts[:, f], rows, cols)
         if progress:
             progress("grids", n + 1, len(wanted))
     out: dict[int, list[dict]] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.inspect import image_grids
+from ..engine.inspect import grid_values, image_grids
 from .activations import encoded, hidden_states
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
@@ -93,7 +93,7 @@ def _image_grids(engine, kept, best_act, best_ref) -> dict[tuple[int, int], list
         h, _ = hidden_states(engine.loaded, engine.hook_index, inputs)
         acts = engine.sae.feature_activations(h[0, pos].to(engine.sae.W_dec.dtype), features).float()
         for j, f in enumerate(features):
-            out[e, f] = [[round(v, 3) for v in r] for r in acts[:, j].reshape(rows, cols).tolist()]  # 3 decimals: a 4,096-feature catalog stays megabytes
+            out[e, f] = grid_values(acts[:, j], rows, cols)
     return out
 
 
