@@ -192,3 +192,17 @@ def test_grounding_dino_and_sam_plumbing_on_tiny_random_models(tmp_path):
             for f in (1, 2)]
     result = score(rows, None, grounder=every)
     assert set(result["mean"]) == {"iou", "random_iou", "iou_over_random"} and 0 <= result["mean"]["iou"] <= 1
+
+
+def test_the_background_is_what_no_object_covers_and_is_named_alone(tmp_path):
+    ann, image = _coco(tmp_path)
+    grid = [[0.0, 0.0], [1.0, 0.0]]  # the bottom-left quarter: neither the circle nor the square
+    background = ann.grounded(ann.named("The background."), image, (8, 8))
+    assert background.sum() == 16 and not background[:4, :4].any() and not background[:, 4:].any()
+    got = feature_ious(ann, "The background", [{"image": image, "grid": grid}], {})
+    assert got["iou"] == pytest.approx(1.0, abs=0.07) and got["names_attribute"]
+    assert got["attribute"] == [["region", "background"]] and got["ceiling_iou"] == pytest.approx(1.0, abs=0.07)
+    # named beside an object, the background is where that object stands, not what is highlighted
+    on = ann.grounded(ann.named("a red circle on a background"), image, (8, 8))
+    assert on.sum() == 16 and on[:4, :4].all()
+    assert feature_ious(ann, "red circle", [{"image": image, "grid": grid}], {})["iou"] == 0.0

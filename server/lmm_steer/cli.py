@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
          explain.add_explain_arguments, explain.explain_command),
         ("score", "score explanations: IoU against annotated objects and CLIP score, beside random baselines",
          explain.add_score_arguments, explain.score_command),
+        ("highlights", "add feature-style highlighted examples with their answers to a scenes split (to train an explainer)",
+         explain.add_highlights_arguments, explain.highlights_command),
         ("embed", "index a catalog for search by meaning and write the index beside it", concepts.add_embed_arguments,
          concepts.embed_command),
         ("calibrate", "measure each feature's steering strengths into the catalog", concepts.add_calibrate_arguments,

@@ -96,6 +96,24 @@ def explain_command(args) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+def add_highlights_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a `scenes generate` directory; highlights/ and highlights.jsonl are added")
+    p.add_argument("--per-scene", type=int, default=1, help="highlighted examples per scene")
+
+
+def highlights_command(args) -> int:
+    from pathlib import Path
+
+    from .highlight_examples import write_highlights
+
+    if not (Path(args.data) / "scenes.json").exists():
+        raise SystemExit(f"lmm-steer: error: --data {args.data}: no scenes.json (make it with `scenes generate`)")
+    if args.per_scene < 1:
+        raise SystemExit(f"lmm-steer: error: --per-scene must be at least 1, got {args.per_scene}")
+    print(json.dumps(write_highlights(Path(args.data), args.per_scene)))
+    return 0
+
+
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="an explained catalog (`sae explain --out`)")
     p.add_argument("--data", required=True, help="the images' directory (a `scenes generate` split, or COCO images)")

@@ -6,8 +6,9 @@ the explanation's words that are a category name or an attribute value ("small",
 select the annotated objects that have all of them; an explanation naming none grounds to nothing.
 Beside it, in the same run: random features (each explanation grounded on another feature's
 images against that feature's masks), and a ceiling (on each image, the best IoU any single
-annotated object reaches). A feature's ground-truth attribute is the annotated value whose objects
-overlap its activations best over its top images; the explanation names it or not.
+annotated region reaches: one object, or the background, which is what no object covers). A
+feature's ground-truth attribute is the annotated value (or the background) whose pixels overlap
+its activations best over its top images; the explanation names it or not.
 
 CLIP score: 100 x the cosine between the explanation's text embedding and each highlighted top
 image's embedding, averaged; beside it, explanations shuffled among the features.
@@ -27,6 +28,8 @@ from PIL import Image
 from ..scenes.evaluate import normalise
 from .grounders import AnnotationGrounder
 from .highlight import highlight, region_mask
+
+BACKGROUND = ("region", "background")
 
 
 class Annotations:
@@ -51,6 +54,9 @@ class Annotations:
                 if field == "category":  # plurals name the category too
                     for plural in (value + "s", value + "es"):
                         self.vocabulary.setdefault(plural, set()).add((field, value))
+        # every pixel belongs to an annotated object or to the background, so "the background" is
+        # annotated too: what no object covers
+        self.vocabulary["background"] = {BACKGROUND}
 
     def named(self, explanation: str) -> set[tuple[str, str]]:
         """The (field, value) pairs an explanation names, longest phrases first."""
@@ -70,7 +76,14 @@ class Annotations:
         return obj["mask"]
 
     def grounded(self, named: set, file: str, shape: tuple[int, int]) -> np.ndarray:
+        """The pixels of the objects having every named value; the background where it is named
+        alone ("a red circle on a gray background" grounds to red circles)."""
         out = np.zeros(shape, bool)
+        if named == {BACKGROUND}:
+            for obj in self.objects(file):
+                out |= self.mask(obj)
+            return ~out
+        named = named - {BACKGROUND}
         if not named:
             return out
         for obj in self.objects(file):
@@ -96,7 +109,7 @@ def _image_shape(file: str, cache: dict) -> tuple[int, int]:
 
 
 def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], shapes: dict, grounder=None) -> dict:
-    """IoU of one explanation on some top images; with annotations, the best single-object ceiling
+    """IoU of one explanation on some top images; with annotations, the best single-region ceiling
     and the ground-truth attribute (the value whose objects overlap the activations best).
     ``grounder``: what grounds the explanation (default: the annotations)."""
     grounder = grounder or AnnotationGrounder(ann)
@@ -108,8 +121,9 @@ def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], 
         if ann is None:
             continue
         objects = ann.objects(entry["image"])
-        ceiling.append(max((iou(act, ann.mask(o)) for o in objects), default=0.0))
-        for value in {w for o in objects for w in o["words"]}:
+        background = ann.grounded({BACKGROUND}, entry["image"], shape)
+        ceiling.append(max([iou(act, background), *(iou(act, ann.mask(o)) for o in objects)]))
+        for value in {w for o in objects for w in o["words"]} | {BACKGROUND}:
             by_value.setdefault(value, []).append(iou(act, ann.grounded({value}, entry["image"], shape)))
     out = {"iou": float(np.mean(scores)) if scores else 0.0}
     if ann is None:
@@ -221,7 +235,7 @@ def markdown(result: dict) -> str:
              f"| IoU (mean over {result['features']} features) | {m['iou']:.3f} | random features {m['random_iou']:.3f} |",
 ]
     if "ceiling_iou" in m:
-        lines += [f"| IoU ceiling (best single object) | {m['ceiling_iou']:.3f} | |",
+        lines += [f"| IoU ceiling (best single region: an object or the background) | {m['ceiling_iou']:.3f} | |",
                   f"| names the ground-truth attribute | {m['names_attribute']:.1%} | |"]
     if "clip" in m:
         lines.append(f"| CLIP score | {m['clip']:.1f} | shuffled {m['shuffled_clip']:.1f} |")

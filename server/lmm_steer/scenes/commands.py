@@ -43,7 +43,7 @@ def train_command(args) -> int:
     from dataclasses import fields
     from pathlib import Path
 
-    from .train import SceneTrainConfig, print_progress, train_scenes_lmm
+    from .train import TRAINED_FILE, SceneTrainConfig, print_progress, train_scenes_lmm
 
     cfg = SceneTrainConfig(**{f.name: getattr(args, f.name) for f in fields(SceneTrainConfig)})
     for name in ("steps", "batch", "turns", "rank", "checkpoint_every", "clip_batch"):
@@ -51,6 +51,11 @@ def train_command(args) -> int:
             raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not (Path(args.data) / "conversations.jsonl").exists():
         raise SystemExit(f"lmm-steer: error: --data {args.data}: no conversations.jsonl (make it with `scenes generate`)")
+    if cfg.init and not Path(cfg.init).is_file():
+        raise SystemExit(f"lmm-steer: error: --init {cfg.init}: no such file (a `scenes train` run's {TRAINED_FILE})")
+    for name in ("region_share", "highlight_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be within [0, 1], got {getattr(cfg, name)}")
     if max(cfg.lr, cfg.lora_lr, cfg.vision_lr) <= 0:
         raise SystemExit("lmm-steer: error: --lr, --lora-lr and --vision-lr are all 0: nothing to train")
     print(json.dumps(train_scenes_lmm(Path(args.data), Path(args.out), cfg, print_progress)))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..models.scenes_llava_next import ARCHITECTURE, build_untrained
+from ..models.scenes_llava_next import ARCHITECTURE, apply_trained, build_untrained, read_weights
 from ..training.trainer import warmup_cosine
 from .generate import FORMAT_HINT
 from .vision import VisionConfig, pixel_values, train_vision_tower
@@ -79,6 +79,12 @@ class SceneTrainConfig:
     ground_tile_share: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
+    # fine-tuning: start from a trained file (`scenes-llava-next.safetensors`: tower, projector and
+    # delta), skipping stages 1 and 2 ("" trains from scratch)
+    init: str = ""
+    # share of conversations that are one feature-style highlight (`sae highlights`), for training an
+    # explainer that can also answer "background" and "unable"; 0 draws exactly what it did before
+    highlight_share: float = 0.0
 
 
 class LowRankLinear(nn.Module):
@@ -119,15 +125,27 @@ class SceneConversations:
         self.scenes = sorted(by_image.items())
         self.captions = {r["image"]: r["caption"]
                          for r in map(json.loads, (self.root / "captions.jsonl").read_text().splitlines())}
-        self.regions = [(r["image"], [(_question(r), r["conversations"][1]["value"])])
-                        for r in map(json.loads, (self.root / "regions.jsonl").read_text().splitlines())]
+        self.regions = self._single_questions("regions.jsonl")
+        self.highlights = self._single_questions("highlights.jsonl")
         if not self.scenes:
             raise ValueError(f"{self.root}: no conversations")
 
-    def sample(self, rng: random.Random, turns: int, region_share: float):
+    def _single_questions(self, name: str) -> list:
+        path = self.root / name
+        if not path.exists():
+            return []
+        return [(r["image"], [(_question(r), r["conversations"][1]["value"])])
+                for r in map(json.loads, path.read_text().splitlines())]
+
+    def sample(self, rng: random.Random, turns: int, region_share: float, highlight_share: float = 0.0):
         """One conversation: (image path, [(question, answer), ...]). A scene's ends with its caption,
         every object's size, colour and shape in one answer: dense supervision of what the image
         tokens must carry."""
+        if highlight_share > 0:  # no draw otherwise, so runs without highlights see what they always did
+            if not self.highlights:
+                raise ValueError(f"{self.root}: no highlights.jsonl (make it with `sae highlights`)")
+            if rng.random() < highlight_share:
+                return self.highlights[rng.randrange(len(self.highlights))]
         if self.regions and rng.random() < region_share:
             return self.regions[rng.randrange(len(self.regions))]
         image, qa = self.scenes[rng.randrange(len(self.scenes))]
@@ -436,23 +454,34 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     data = SceneConversations(data_dir)
-    clip = train_clip(data, cfg, out, progress)
-
-    loaded = build_untrained(ARCHITECTURE, seed=cfg.seed)
+    if cfg.init:
+        init_state, architecture = read_weights(Path(cfg.init))
+        loaded = build_untrained(architecture, seed=cfg.seed)
+        apply_trained(loaded.model, {k: v.float() for k, v in init_state.items()
+                                     if not k.endswith((".lora_A", ".lora_B"))})
+    else:
+        clip = train_clip(data, cfg, out, progress)
+        loaded = build_untrained(ARCHITECTURE, seed=cfg.seed)
+        tower = loaded.model.model.vision_tower
+        # transformers builds LLaVA's tower as CLIPVisionModel (``vision_model.*``) or, in some 5.x
+        # releases, as the bare transformer; either way it is the CLIP model's ``vision_model``
+        target = tower.vision_model if hasattr(tower, "vision_model") else tower
+        target.load_state_dict(clip.vision_model.state_dict())
     model, processor = loaded.model, loaded.processor
-    tower = model.model.vision_tower
-    # transformers builds LLaVA's tower as CLIPVisionModel (``vision_model.*``) or, in some 5.x
-    # releases, as the bare transformer; either way it is the CLIP model's ``vision_model``
-    target = tower.vision_model if hasattr(tower, "vision_model") else tower
-    target.load_state_dict(clip.vision_model.state_dict())
     for p in model.parameters():
         p.requires_grad_(False)
-    train_grounding(model, loaded.tokenizer, data, cfg, out, progress)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if not cfg.init:
+        train_grounding(model, loaded.tokenizer, data, cfg, out, progress)
+        for p in model.parameters():
+            p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         wrapped = add_low_rank(model, "model.language_model", cfg.rank)
+    if cfg.init:  # the delta goes on learning from where the file left it (not merged)
+        with torch.no_grad():
+            for linear, layer in wrapped.items():
+                layer.A.copy_(init_state[f"{linear}.lora_A"].float())
+                layer.B.copy_(init_state[f"{linear}.lora_B"].float())
     # a part whose rate is 0 stays frozen: no gradient through it (run F spent time back-propagating
     # into the tower it never changed), no optimiser state, no share of the clipped norm
     groups = {k: ps for k, ps in _trainable(model, wrapped).items() if rates[k] > 0}
@@ -468,8 +497,8 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     started = time.monotonic() - elapsed
     while step < cfg.steps:
         rng = random.Random(f"{cfg.seed}:{step}")
-        batch = encode(processor, [data.sample(rng, cfg.turns, cfg.region_share) for _ in range(cfg.batch)],
-                       data.root)
+        batch = encode(processor, [data.sample(rng, cfg.turns, cfg.region_share, cfg.highlight_share)
+                                   for _ in range(cfg.batch)], data.root)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, cfg.steps)
             if group["name"] == "low_rank" and step < cfg.low_rank_from:
@@ -488,10 +517,11 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(out, model, wrapped, opt, step, time.monotonic() - started)
     total = time.monotonic() - started
-    clip_seconds = json.loads((out / "clip" / "stage.json").read_text())["seconds"]
+    clip_seconds = None if cfg.init else json.loads((out / "clip" / "stage.json").read_text())["seconds"]
     summary = {"steps": cfg.steps, "lmm_seconds": round(total, 1), "clip_seconds": clip_seconds,
-               "data": str(data_dir), "scenes": len(data.scenes), "regions": len(data.regions)}
-    metadata = {"architecture": json.dumps(ARCHITECTURE), "config": json.dumps(asdict(cfg)),
+               "data": str(data_dir), "scenes": len(data.scenes), "regions": len(data.regions),
+               "highlights": len(data.highlights)}
+    metadata = {"architecture": json.dumps(architecture if cfg.init else ARCHITECTURE), "config": json.dumps(asdict(cfg)),
                 "summary": json.dumps(summary)}
     save_file(trained_state(model, wrapped), str(out / TRAINED_FILE), metadata=metadata)
     return summary
