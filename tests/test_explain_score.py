@@ -206,3 +206,16 @@ def test_the_background_is_what_no_object_covers_and_is_named_alone(tmp_path):
     on = ann.grounded(ann.named("a red circle on a background"), image, (8, 8))
     assert on.sum() == 16 and on[:4, :4].all()
     assert feature_ious(ann, "red circle", [{"image": image, "grid": grid}], {})["iou"] == 0.0
+
+
+def test_the_shipped_scenes_clip_matches_fresh_scenes_with_their_own_captions(tmp_path):
+    from lmm_steer.explain.score import ClipScorer
+
+    generate(tmp_path, 8, seed=20261207)  # a split of its own
+    captions = [json.loads(line)["caption"] for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    images = [Image.open(tmp_path / f"images/{i:06d}.png").convert("RGB") for i in range(8)]
+    clip = ClipScorer("builtin:scenes-clip")
+    similarity = clip.images(images) @ clip.texts(captions).T
+    own = similarity.diag()
+    others = (similarity.sum(1) - own) / 7
+    assert (own > others).all() and int((similarity.argmax(1) == torch.arange(8)).sum()) >= 5

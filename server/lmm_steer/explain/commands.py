@@ -124,8 +124,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                         "ceiling and the ground-truth attribute)")
     p.add_argument("--dino", default="IDEA-Research/grounding-dino-tiny", help="Grounding DINO model (hub id or path)")
     p.add_argument("--sam", default="facebook/sam-vit-base", help="SAM model (hub id or path)")
-    p.add_argument("--clip", metavar="MODEL", help="CLIP model for CLIP score: a `scenes train` run's clip/ "
-                                                   "directory or any transformers CLIP model")
+    p.add_argument("--clip", metavar="MODEL", help="CLIP model for CLIP score: builtin:scenes-clip (the scenes "
+                                                   "model's, shipped), a `scenes train` run's clip/ directory or any "
+                                                   "transformers CLIP model")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature and shuffled baselines")
     p.add_argument("--out", help="catalog written with per-feature scores (default: --catalog, in place)")
     p.add_argument("--json", metavar="PATH", help="the report, every feature's scores included")

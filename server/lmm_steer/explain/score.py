@@ -145,13 +145,16 @@ class ClipScorer:
     def __init__(self, path: str) -> None:
         from transformers import AutoConfig
 
+        from ..models.scenes_llava_next import CLIP_NAME, CLIP_WEIGHTS
+
+        path = str(CLIP_WEIGHTS) if path == CLIP_NAME else path
         kind = AutoConfig.from_pretrained(path).model_type
         if kind == "clip_vision_model":
             from transformers import CLIPVisionModelWithProjection
 
             from ..concepts.embedder import default_embedder
 
-            self.vision = CLIPVisionModelWithProjection.from_pretrained(path).eval()
+            self.vision = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
             self.size = self.vision.config.image_size
             self.embedder = default_embedder()
             self.clip = None

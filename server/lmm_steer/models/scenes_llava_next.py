@@ -27,6 +27,10 @@ from .loaded import LoadedModel
 NAME = "builtin:scenes-llava-next"
 IMAGE_TOKEN = "<image>"
 WEIGHTS = Path(__file__).parent / "weights" / "scenes-llava-next.safetensors"
+# stage 1 of `scenes train` (the contrastive tower with its projection, in fp16): the scenes' CLIP
+# model, whose text side is all-MiniLM-L6-v2; `sae score --clip builtin:scenes-clip` scores with it
+CLIP_NAME = "builtin:scenes-clip"
+CLIP_WEIGHTS = Path(__file__).parent / "weights" / "scenes-clip"
 # The vision tower's shape (transformers' CLIPVisionConfig names) and ``tile_grid``, AnyRes tiles
 # per side (the scene upscaled that many times); the trainer's defaults.
 ARCHITECTURE = {"image_size": 128, "patch_size": 16, "hidden_size": 192, "num_hidden_layers": 4,
