@@ -212,3 +212,15 @@ def test_command_line_writes_a_split_and_refuses_bad_counts(tmp_path):
     frozen = subprocess.run(train, capture_output=True, text=True)
     assert frozen.returncode != 0 and "--lora-lr and --vision-lr are all 0" in frozen.stderr
     assert not (tmp_path / "run").exists()
+    base = train[:-2]
+    missing = subprocess.run([*base, "--init", str(tmp_path / "nothing.safetensors")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "--init" in missing.stderr and "no such file" in missing.stderr
+    share = subprocess.run([*base, "--highlight-share", "1.5"], capture_output=True, text=True)
+    assert share.returncode != 0 and "--highlight-share must be within [0, 1], got 1.5" in share.stderr
+    highlights = [sys.executable, "-m", "lmm_steer.cli", "sae", "highlights", "--data", str(tmp_path / "s")]
+    added = subprocess.run(highlights, capture_output=True, text=True)
+    assert added.returncode == 0 and json.loads(added.stdout)["highlights"] == 2, added.stderr
+    assert len((tmp_path / "s" / "highlights.jsonl").read_text().splitlines()) == 2
+    nowhere = subprocess.run([*highlights[:-1], str(tmp_path / "none")], capture_output=True, text=True)
+    assert nowhere.returncode != 0 and "no scenes.json" in nowhere.stderr
+    assert not (tmp_path / "run").exists()
