@@ -30,16 +30,19 @@ def main(presets: str, name: str, split: str, limit: int = 60, types: str = "col
     steered = ask(engine, data, items, [spec] * len(items))
     table = Counter()
     for item, a, b in zip(items, plain, steered, strict=True):
+        said = normalise(a)
         right_a = normalise(a) == normalise(item["answer"])
         right_b = normalise(b) == normalise(item["answer"])
         kind = {(True, True): "kept right", (False, True): "fixed", (True, False): "broken",
                 (False, False): "kept wrong"}[right_a, right_b]
         table[item["type"], kind] += 1
         table["all", kind] += 1
+        table[f"answered {said!r} unsteered", kind] += 1
     kinds = ("kept right", "fixed", "broken", "kept wrong")
     print("| questions | " + " | ".join(kinds) + " | accuracy unsteered -> steered |")
     print("|---" * (len(kinds) + 2) + "|")
-    for group in [*types.split(","), "all"]:
+    said = sorted({g for g, _ in table if g.startswith("answered")})
+    for group in [*types.split(","), "all", *said]:
         row = [table[group, k] for k in kinds]
         n = sum(row)
         if n:
