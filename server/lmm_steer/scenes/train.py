@@ -460,20 +460,20 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         apply_trained(loaded.model, {k: v.float() for k, v in init_state.items()
                                      if not k.endswith((".lora_A", ".lora_B"))})
     else:
+        architecture = ARCHITECTURE
         clip = train_clip(data, cfg, out, progress)
-        loaded = build_untrained(ARCHITECTURE, seed=cfg.seed)
+        loaded = build_untrained(architecture, seed=cfg.seed)
         tower = loaded.model.model.vision_tower
         # transformers builds LLaVA's tower as CLIPVisionModel (``vision_model.*``) or, in some 5.x
         # releases, as the bare transformer; either way it is the CLIP model's ``vision_model``
         target = tower.vision_model if hasattr(tower, "vision_model") else tower
         target.load_state_dict(clip.vision_model.state_dict())
+        for p in loaded.model.parameters():
+            p.requires_grad_(False)
+        train_grounding(loaded.model, loaded.tokenizer, data, cfg, out, progress)
     model, processor = loaded.model, loaded.processor
     for p in model.parameters():
         p.requires_grad_(False)
-    if not cfg.init:
-        train_grounding(model, loaded.tokenizer, data, cfg, out, progress)
-        for p in model.parameters():
-            p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         wrapped = add_low_rank(model, "model.language_model", cfg.rank)
@@ -521,7 +521,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     summary = {"steps": cfg.steps, "lmm_seconds": round(total, 1), "clip_seconds": clip_seconds,
                "data": str(data_dir), "scenes": len(data.scenes), "regions": len(data.regions),
                "highlights": len(data.highlights)}
-    metadata = {"architecture": json.dumps(architecture if cfg.init else ARCHITECTURE), "config": json.dumps(asdict(cfg)),
+    metadata = {"architecture": json.dumps(architecture), "config": json.dumps(asdict(cfg)),
                 "summary": json.dumps(summary)}
     save_file(trained_state(model, wrapped), str(out / TRAINED_FILE), metadata=metadata)
     return summary
