@@ -123,7 +123,8 @@ def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], 
         objects = ann.objects(entry["image"])
         background = ann.grounded({BACKGROUND}, entry["image"], shape)
         ceiling.append(max([iou(act, background), *(iou(act, ann.mask(o)) for o in objects)]))
-        for value in {w for o in objects for w in o["words"]} | {BACKGROUND}:
+        by_value.setdefault(BACKGROUND, []).append(iou(act, background))
+        for value in {w for o in objects for w in o["words"]}:
             by_value.setdefault(value, []).append(iou(act, ann.grounded({value}, entry["image"], shape)))
     out = {"iou": float(np.mean(scores)) if scores else 0.0}
     if ann is None:
