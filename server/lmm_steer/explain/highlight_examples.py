@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..scenes.generate import REGION_QUESTION, make_scene, patch_shares
-from ..scenes.generate import _plural as plural
+from ..scenes.generate import REGION_QUESTION, make_scene, patch_shares, plural
 from .highlight import highlight, region_mask
 
 GRID = 8  # the base view's patches per side (128 px, patches of 16)
@@ -43,10 +42,10 @@ def _group_answer(kind: str, value: str) -> str:
 
 def _minimal_answer(grid, scene, masks, size: int) -> str:
     lit = region_mask(grid, size, size) >= 0.5
-    if lit.sum():
+    if lit.sum():  # a scene has at least one object
         shares = [(m & lit).sum() / lit.sum() for m in masks]
-        best = int(np.argmax(shares)) if shares else -1
-        if best >= 0 and shares[best] >= OBJECT_SHARE:
+        best = int(np.argmax(shares))
+        if shares[best] >= OBJECT_SHARE:
             return f"A {scene.objects[best].phrase()}."
     return "Unable."
 

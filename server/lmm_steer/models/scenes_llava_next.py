@@ -27,7 +27,7 @@ from .loaded import LoadedModel
 NAME = "builtin:scenes-llava-next"
 IMAGE_TOKEN = "<image>"
 WEIGHTS = Path(__file__).parent / "weights" / "scenes-llava-next.safetensors"
-# stage 1 of `scenes train` (the contrastive tower with its projection, in fp16): the scenes' CLIP
+# stage 1 of `scenes train` (the contrastive tower with its projection, float32): the scenes' CLIP
 # model, whose text side is all-MiniLM-L6-v2; `sae score --clip builtin:scenes-clip` scores with it
 CLIP_NAME = "builtin:scenes-clip"
 CLIP_WEIGHTS = Path(__file__).parent / "weights" / "scenes-clip"

@@ -173,7 +173,7 @@ def _count_word(n: int) -> str:
     return ("zero", "one", "two", "three", "four", "five", "six", "seven")[n] if n < 8 else str(n)
 
 
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("x") else "s")
 
 
@@ -195,7 +195,7 @@ def questions(scene: Scene, rng: random.Random) -> list[dict]:
         if len(by_colour[o.colour]) == 1:
             add("shape", f"What shape is the {o.colour} object?", o.shape, [o])
     shape = rng.choice(SHAPES)
-    add("count", f"How many {_plural(shape)} are there?", _count_word(len(by_shape[shape])), by_shape[shape])
+    add("count", f"How many {plural(shape)} are there?", _count_word(len(by_shape[shape])), by_shape[shape])
     colour = rng.choice(list(COLOURS))
     add("count", f"How many {colour} objects are there?", _count_word(len(by_colour[colour])), by_colour[colour])
     present = rng.choice(objs)
