@@ -10,9 +10,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lmm_steer.engine import FeatureEdit, SteeringSpec
 from lmm_steer.eval.fix import ask
-from lmm_steer.presets import load_presets
+from lmm_steer.presets import feature_spec, load_presets
 from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.evaluate import normalise, questions
 
@@ -21,8 +20,7 @@ def main(presets: str, name: str, split: str, limit: int = 60, types: str = "col
     steering = load_presets(presets)[name].steering
     if steering.concepts:
         raise SystemExit("this probe takes presets of feature edits only")
-    spec = SteeringSpec([FeatureEdit(f.id, f.value, f.mode) for f in steering.features],
-                        scope=steering.scope, semantics=steering.semantics or "delta")
+    spec = feature_spec(steering)
     engine = scene_engine("builtin:scenes-llava-next", None, None, None)
     data = Path(split)
     items = questions(data, limit, tuple(types.split(",")))

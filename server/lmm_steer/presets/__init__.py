@@ -60,14 +60,20 @@ def load_presets(path: str | Path) -> dict[str, Preset]:
     return presets
 
 
+def feature_spec(steering) -> SteeringSpec:
+    """A steering's feature edits, scope and semantics as the engine's spec (concepts, which need the
+    server's search, are left out)."""
+    return SteeringSpec([FeatureEdit(f.id, float(f.value), f.mode) for f in steering.features],
+                        scope=steering.scope, semantics=steering.semantics)
+
+
 def check_presets(presets: dict[str, Preset], num_latents: int | None, max_edits: int, activation: str,
                   max_value: float, has_concepts: bool) -> None:
     """Refuse at start what every request using a preset would be refused: features the SAE lacks,
     values over the server's limit, concepts without search by meaning."""
     for name, preset in presets.items():
         steering = preset.steering
-        spec = SteeringSpec([FeatureEdit(f.id, float(f.value), f.mode) for f in steering.features],
-                            scope=steering.scope, semantics=steering.semantics)
+        spec = feature_spec(steering)
         try:
             spec.validate(num_latents, max_edits, activation, max_value)
         except SteeringError as e:
