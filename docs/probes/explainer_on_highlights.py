@@ -11,8 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lmm_steer.explain.explainer import REGION_QUESTION, Explainer, ExplainerConfig, clean
-from lmm_steer.explain.highlight import data_url
+from lmm_steer.explain.explainer import Explainer, ExplainerConfig, clean
 
 
 def main(split: str, url: str, model: str, limit: int = 200) -> None:
@@ -21,9 +20,8 @@ def main(split: str, url: str, model: str, limit: int = 200) -> None:
     right, total, said = defaultdict(int), Counter(), Counter()
     for row in rows:
         with Image.open(Path(split) / row["image"]) as im:
-            content = [{"type": "image_url", "image_url": {"url": data_url(im.convert("RGB"))}},
-                       {"type": "text", "text": REGION_QUESTION}]
-        answer = clean(explainer.ask(content)) or "unable"
+            # per-image mode on one image: the question `sae explain --mode per-image` asks, its answer cleaned
+            answer = explainer.explain_images([im.convert("RGB")], per_image=True) or "unable"
         expected = clean(row["answer"]) or "unable"
         kind = row["kind"] if expected != "unable" else "minimal (unable)"
         total[kind] += 1
