@@ -19,6 +19,7 @@ from lmm_steer.scenes.train import (
     CAPTION_QUESTION,
     TRAINED_FILE,
     SceneConversations,
+    answer_loss,
     SceneTrainConfig,
     answer_mask,
     dihedral,
@@ -104,6 +105,21 @@ def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split)
     ids = untrained.tokenizer("<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nx<|im_end|>",
                               return_tensors="pt")["input_ids"]
     assert untrained.tokenizer.decode(ids[0][answer_mask(ids, untrained.tokenizer)[0]]) == "red<|im_end|>"
+
+
+def test_the_answer_loss_of_a_right_padded_batch_equals_each_conversation_alone(untrained, train_split):
+    """answer_loss passes no attention mask, relying on right padding and causal attention."""
+    import random
+
+    data = SceneConversations(train_split)
+    conversations = [data.sample(random.Random(s), turns=t, region_share=0.0) for s, t in ((1, 1), (2, 6))]
+    together = encode(untrained.processor, conversations, train_split)
+    assert not together["attention_mask"].all()  # the short one is padded
+    alone = [encode(untrained.processor, [c], train_split) for c in conversations]
+    counts = [int(b["labels_mask"].sum()) for b in alone]
+    with torch.no_grad():
+        mean = sum(answer_loss(untrained.model, b) * n for b, n in zip(alone, counts, strict=True)) / sum(counts)
+        assert torch.allclose(answer_loss(untrained.model, together), mean, rtol=1e-4)
 
 
 def test_grounding_targets_name_the_object_covering_each_patch(untrained, train_split):
