@@ -32,7 +32,7 @@ def _q(kind, question, answer, difficulty=()):
     (_q("shape", "What shape is the red object?", "star"), "cross", [("shape:star", 1), ("shape:cross", -1)]),
     (_q("exist", "Is there a red hexagon?", "yes"), "no", [("colour:red", 1), ("shape:hexagon", 1)]),
     (_q("exist", "Is there a blue star?", "no"), "yes", [("colour:blue", -1), ("shape:star", -1)]),
-    (_q("count", "How many crosss are there?", "three"), "two", [("shape:cross", 1)]),
+    (_q("count", "How many crosses are there?", "three"), "two", [("shape:cross", 1)]),
     (_q("count", "How many circles are there?", "one"), "two", [("shape:circle", -1)]),
     (_q("count", "How many purple objects are there?", "zero"), "lots", [("colour:purple", -1)]),
 ])

@@ -6,11 +6,14 @@ rest darkened), and the answer is what its ground truth says the highlight shows
 - every object of one colour, shape or size (where the scene has two or more) -> "Red objects.",
   "Circles.", "Large objects."
 - a wide stretch of patches no object covers -> "The background."
-- one or two patches that no object fills -> "Unable." (the paper's answer to minimal highlights)
+- one or two patches, whatever they show -> "Unable." (the paper's answer to minimal highlights)
 
 Most features that fire on the scenes SAE's image tokens light one or two patches of background
 (docs/explain.md); an explainer trained only on exact single-object masks described those as its
-most common object instead of declining."""
+most common object instead of declining. The first explainer was trained with one- and two-patch
+highlights named when an object filled them; it then named one-object phrases for 45 two-patch
+features with an IoU of 0.007, mostly objects that were not there, so now every such highlight
+declines."""
 
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ import numpy as np
 from PIL import Image
 
 from ..scenes.generate import REGION_QUESTION, make_scene, patch_shares, plural
-from .highlight import highlight, region_mask
+from .highlight import highlight
 
 GRID = 8  # the base view's patches per side (128 px, patches of 16)
-KINDS = {"minimal": 0.3, "object": 0.3, "colour": 0.12, "shape": 0.08, "size": 0.05, "background": 0.15}
-OBJECT_SHARE = 0.4  # a minimal highlight names an object that fills this share of what it lights
+KINDS = {"minimal": 0.1, "object": 0.4, "colour": 0.15, "shape": 0.1, "size": 0.05, "background": 0.2}
+MINIMAL_PATCHES = 2  # a highlight of this many patches or fewer is declined
 BACKGROUND_PATCHES = 6  # fewer free patches than this and a background highlight is minimal instead
 
 
@@ -40,18 +43,15 @@ def _group_answer(kind: str, value: str) -> str:
     return f"{value.capitalize()} objects."
 
 
-def _minimal_answer(grid, scene, masks, size: int) -> str:
-    lit = region_mask(grid, size, size) >= 0.5
-    if lit.sum():  # a scene has at least one object
-        shares = [(m & lit).sum() / lit.sum() for m in masks]
-        best = int(np.argmax(shares))
-        if shares[best] >= OBJECT_SHARE:
-            return f"A {scene.objects[best].phrase()}."
-    return "Unable."
-
-
 def example(seed: int, index: int, k: int, size: int) -> tuple[list[list[float]], str, str]:
     """The ``k``-th highlight of scene ``index`` of split ``seed``: (patch grid, kind, answer)."""
+    active, kind, answer = _draw(seed, index, k, size)
+    if active.sum() <= MINIMAL_PATCHES:
+        return _grid(active), "minimal", "Unable."
+    return _grid(active), kind, answer
+
+
+def _draw(seed: int, index: int, k: int, size: int) -> tuple[np.ndarray, str, str]:
     rng = random.Random(f"{seed}/{index}/highlight/{k}")
     scene, _, masks = make_scene(seed, index, size)
     cover = np.stack([patch_shares(m, GRID, GRID) for m in masks])  # [objects, patches]
@@ -67,23 +67,22 @@ def example(seed: int, index: int, k: int, size: int) -> tuple[list[list[float]]
             active = (cover[ids] > threshold).any(0)
             for i in ids:  # every member shows, however small
                 active[cover[i].argmax()] = True
-            return _grid(active), kind, _group_answer(kind, value)
+            return active, kind, _group_answer(kind, value)
         kind = "object"
     if kind == "object":
         i = rng.randrange(len(scene.objects))
         active = cover[i] > threshold
         active[cover[i].argmax()] = True
-        return _grid(active), kind, f"A {scene.objects[i].phrase()}."
+        return active, kind, f"A {scene.objects[i].phrase()}."
     free = np.flatnonzero(cover.max(0) < 0.1)
     if kind == "background" and len(free) >= BACKGROUND_PATCHES:
         take = free if rng.random() < 0.5 else rng.sample(list(free), rng.randint(BACKGROUND_PATCHES, len(free)))
         active = np.zeros(GRID * GRID, bool)
         active[list(take)] = True
-        return _grid(active), kind, "The background."
+        return active, kind, "The background."
     active = np.zeros(GRID * GRID, bool)
     active[rng.sample(range(GRID * GRID), rng.choice((1, 1, 2)))] = True
-    grid = _grid(active)
-    return grid, "minimal", _minimal_answer(grid, scene, masks, size)
+    return active, "minimal", "Unable."
 
 
 def write_highlights(data: Path, per_scene: int = 1) -> dict:
