@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     fix = evals.add_parser("fix", help="do clamps fix a scenes model's misrecognitions? against random and oracle features")
     evaluations.add_fix_arguments(fix)
     fix.set_defaults(func=evaluations.fix_command)
+    preset_eval = evals.add_parser("preset", help="choose a steering preset's strength on held-out questions, measure it on others")
+    evaluations.add_preset_arguments(preset_eval)
+    preset_eval.set_defaults(func=evaluations.preset_command)
     from .scenes import commands as scenes
 
     scene_commands = sub.add_parser("scenes", help="synthetic scenes with exact ground truth").add_subparsers(

@@ -1,4 +1,4 @@
-"""``lmm-steer eval steer``."""
+"""``lmm-steer eval steer``, ``eval fix`` and ``eval preset``."""
 
 from __future__ import annotations
 
@@ -140,6 +140,89 @@ def fix_command(args) -> int:
     result["search"] = "meaning" if searcher is not catalog else "words"
     table = markdown(result)
     print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": sys.argv[1:], **result}, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+def add_preset_arguments(p: argparse.ArgumentParser) -> None:
+    from .preset import SCALES
+
+    p.add_argument("--presets", required=True, metavar="PATH", help="a preset file or directory (as `serve --presets`)")
+    p.add_argument("--preset", required=True, metavar="NAME", help="the preset to calibrate")
+    p.add_argument("--select", required=True, help="a `scenes generate` split where the factor is chosen")
+    p.add_argument("--data", required=True, help="another split (another seed) where the choice is measured")
+    p.add_argument("--types", default="colour,shape", help="question types asked, comma-separated")
+    p.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES),
+                   help="factors tried on the preset's values, comma-separated")
+    p.add_argument("--select-limit", type=int, help="the first N scenes of --select only")
+    p.add_argument("--limit", type=int, help="the first N scenes of --data only")
+    p.add_argument("--model", default="builtin:scenes-llava-next", help="a multimodal model name or path")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
+    p.add_argument("--hookpoint", help="default: the SAE's own")
+    p.add_argument("--write", metavar="PATH", help="write the preset with the chosen factor here (JSON), if one is chosen")
+    p.add_argument("--name", help="the written preset's name (default: NAME-calibrated)")
+    p.add_argument("--json", metavar="PATH", help="write every table here")
+    p.add_argument("--markdown", metavar="PATH")
+
+
+def preset_command(args) -> int:
+    from sae_weights.default import sources_for
+
+    from ..engine import EngineConfig
+    from ..presets import PresetError, feature_spec, load_presets
+    from ..scenes.commands import scene_engine
+    from ..scenes.evaluate import TYPES
+    from .preset import calibrated_preset, markdown, run
+
+    def fail(message: str) -> int:
+        print(f"lmm-steer: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        presets = load_presets(args.presets)
+    except PresetError as e:
+        return fail(f"--presets: {e}")
+    if args.preset not in presets:
+        return fail(f"--preset: no preset {args.preset!r} in {args.presets} (there: {', '.join(sorted(presets))})")
+    preset = presets[args.preset]
+    if preset.steering.concepts or not preset.steering.features:
+        return fail(f"--preset: {args.preset!r} must steer by feature edits alone (concepts need the server's search)")
+    for flag in ("select", "data"):
+        if not (Path(getattr(args, flag)) / "annotations.json").exists():
+            return fail(f"--{flag} {getattr(args, flag)}: no annotations.json (make it with `scenes generate`)")
+    if Path(args.select).resolve() == Path(args.data).resolve():
+        return fail("--select and --data are the same split: choose on one, measure on another")
+    types = [t for t in args.types.split(",") if t]
+    if not types or set(types) - set(TYPES):
+        return fail(f"--types: {args.types!r}: choose from {', '.join(TYPES)}")
+    try:
+        scales = sorted({float(s) for s in args.scales.split(",") if s})
+    except ValueError:
+        return fail(f"--scales: {args.scales!r}: comma-separated numbers")
+    if not scales or min(scales) <= 0:
+        return fail(f"--scales: {args.scales!r}: every factor must be positive")
+    for flag, value in (("--limit", args.limit), ("--select-limit", args.select_limit)):
+        if value is not None and value < 1:
+            return fail(f"{flag} must be at least 1, got {value}")
+    sources = sources_for(args.model, args.sae, args.hookpoint, [])
+    engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
+
+    def progress(factor: float, cell: dict) -> None:
+        print(f"x{factor:g}: fixed {cell['fixed']}, broken {cell['broken']} of {cell['n']}", file=sys.stderr, flush=True)
+
+    result = run(engine, feature_spec(preset.steering), Path(args.select), Path(args.data), types=tuple(types),
+                 scales=tuple(scales), select_limit=args.select_limit, limit=args.limit, progress=progress)
+    result["preset"] = args.preset
+    table = markdown(result)
+    print(table)
+    if args.write and result["chosen"] is not None:
+        written = calibrated_preset(preset, result["chosen"], result, args.name or f"{args.preset}-calibrated")
+        Path(args.write).write_text(json.dumps(written, indent=1) + "\n")
+        result["written"] = written
     if args.json:
         Path(args.json).write_text(json.dumps({"command": sys.argv[1:], **result}, indent=1) + "\n")
     if args.markdown:
