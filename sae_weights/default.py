@@ -23,12 +23,15 @@ class ShippedSAE:
     sae: Path
     hookpoint: str
     catalog: Path
+    # explanations written by `sae explain` and scored by `sae score`, merged over the catalog
+    explanations: Path | None = None
 
 
 SHIPPED = {
     DEFAULT_MODEL: ShippedSAE(DEFAULT_SAE, DEFAULT_HOOKPOINT, DEFAULT_CATALOG),
     "builtin:scenes-llava-next": ShippedSAE(HERE / "scenes-llava-next", "model.layers.15",
-                                            HERE / "scenes-llava-next" / "catalog.jsonl"),
+                                            HERE / "scenes-llava-next" / "catalog.jsonl",
+                                            HERE / "scenes-llava-next" / "explained.jsonl"),
 }
 
 
@@ -65,5 +68,5 @@ def sources_for(model: str, sae: str | None = None, hookpoint: str | None = None
     shipped = shipped_for(model)
     if shipped is None:
         return SteeringSources("none", hookpoint, catalogs)
-    own = (str(shipped.catalog),) if shipped.catalog.exists() else ()
+    own = tuple(str(p) for p in (shipped.catalog, shipped.explanations) if p is not None and p.exists())
     return SteeringSources(str(shipped.sae), hookpoint or shipped.hookpoint, catalogs or own)

@@ -1,0 +1,53 @@
+"""The explained catalog shipped with the scenes model (issue #17): what serve loads with it, and
+scores that `sae score`'s arithmetic reproduces on the split it was made on (seed 12, regenerated)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from lmm_steer.explain.score import feature_ious, load_annotations
+from lmm_steer.scenes.generate import generate
+from sae_weights import FeatureCatalog
+from sae_weights.default import SHIPPED, sources_for
+
+SHIPPED_SCENES = SHIPPED["builtin:scenes-llava-next"]
+EXPLAINED = SHIPPED_SCENES.explanations
+ROWS = [json.loads(line) for line in EXPLAINED.read_text().splitlines()] if EXPLAINED.exists() else []
+pytestmark = pytest.mark.skipif(not ROWS, reason="no explained catalog in this checkout")
+
+
+def test_serve_merges_the_explanations_over_the_catalog_and_keeps_its_steering_values():
+    sources = sources_for("builtin:scenes-llava-next")
+    assert sources.catalogs == (str(SHIPPED_SCENES.catalog), str(EXPLAINED))
+    plain = FeatureCatalog.load(sources.catalogs[0])
+    merged = FeatureCatalog()
+    for path in sources.catalogs:
+        merged.merge(FeatureCatalog.load(path))
+    assert len(merged) == len(plain) == 4096
+    for row in ROWS:
+        entry = merged.get(row["feature"])
+        assert entry.explanation == row["explanation"] and entry.extras["scores"] == row["scores"]
+        # steering values come from the catalog's statistics, not from the explanation run
+        assert entry.extras["max_activation"] == plain.get(row["feature"]).extras["max_activation"]
+        assert all(Path(im["image"]).is_file() for im in entry.extras["top_images"])
+    top, _ = merged.search("red", 1)[0]
+    assert "red" in top.explanation.lower()
+
+
+def test_the_shipped_scores_are_what_scoring_gives_on_the_split_they_were_made_on(tmp_path):
+    generate(tmp_path, 300, seed=12)  # `scenes generate --n 300 --seed 12`: the explanation split
+    by_hash = {hashlib.sha256(p.read_bytes()).hexdigest()[:16]: p for p in (tmp_path / "images").glob("*.png")}
+    ann = load_annotations(tmp_path / "annotations.json")
+    checked = 0
+    for row in ROWS[::10]:
+        images = [{**im, "image": str(by_hash[Path(im["image"]).stem])} for im in row["top_images"]]
+        got = feature_ious(ann, row["explanation"], images, {})
+        for key in ("iou", "ceiling_iou"):
+            assert got[key] == pytest.approx(row["scores"][key], abs=1e-3), (row["feature"], key)
+        assert got["names_attribute"] == row["scores"]["names_attribute"]
+        checked += 1
+    assert checked >= 25
+    ious = [r["scores"]["iou"] for r in ROWS]
+    assert len(ROWS) == 286 and round(sum(ious) / len(ious), 3) == 0.205  # docs/explain.md's union table
