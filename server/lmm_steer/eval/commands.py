@@ -11,6 +11,7 @@ from pathlib import Path
 from sae_weights.default import DEFAULT_CATALOG, DEFAULT_MODEL, DEFAULT_SAE, hookpoint_for
 
 from ..engine.factory import add_device_arguments
+from ..scenes.commands import add_scene_engine_arguments
 from .steer import CONDITIONS, HELD_OUT
 
 
@@ -71,13 +72,16 @@ def steer_command(args) -> int:
     return 0
 
 
+def fail(message: str) -> int:
+    """A bad argument: said on stderr, naming the flag; exit status 2, as argparse's own."""
+    print(f"lmm-steer: error: {message}", file=sys.stderr)
+    return 2
+
+
 def add_fix_arguments(p: argparse.ArgumentParser) -> None:
     from .fix import FIX_TYPES
 
-    p.add_argument("--model", default="builtin:scenes-llava-next", help="a multimodal model name or path")
-    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
-    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
-    p.add_argument("--hookpoint", help="default: the SAE's own")
+    add_scene_engine_arguments(p)
     p.add_argument("--catalog", action="append", default=[], metavar="PATH",
                    help="catalog whose search chooses the features (repeatable; default: the shipped SAE's)")
     p.add_argument("--data", required=True, help="a `scenes generate` directory made with a seed training never used")
@@ -105,10 +109,6 @@ def fix_command(args) -> int:
     from ..engine import EngineConfig
     from ..scenes.commands import scene_engine
     from .fix import FIX_TYPES, markdown, run
-
-    def fail(message: str) -> int:
-        print(f"lmm-steer: error: {message}", file=sys.stderr)
-        return 2
 
     types = [t for t in args.types.split(",") if t]
     if not types or set(types) - set(FIX_TYPES):
@@ -159,10 +159,7 @@ def add_preset_arguments(p: argparse.ArgumentParser) -> None:
                    help="factors tried on the preset's values, comma-separated")
     p.add_argument("--select-limit", type=int, help="the first N scenes of --select only")
     p.add_argument("--limit", type=int, help="the first N scenes of --data only")
-    p.add_argument("--model", default="builtin:scenes-llava-next", help="a multimodal model name or path")
-    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
-    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
-    p.add_argument("--hookpoint", help="default: the SAE's own")
+    add_scene_engine_arguments(p)
     p.add_argument("--write", metavar="PATH", help="write the preset with the chosen factor here (JSON), if one is chosen")
     p.add_argument("--name", help="the written preset's name (default: NAME-calibrated)")
     p.add_argument("--json", metavar="PATH", help="write every table here")
@@ -177,10 +174,6 @@ def preset_command(args) -> int:
     from ..scenes.commands import scene_engine
     from ..scenes.evaluate import TYPES
     from .preset import calibrated_preset, markdown, run
-
-    def fail(message: str) -> int:
-        print(f"lmm-steer: error: {message}", file=sys.stderr)
-        return 2
 
     try:
         presets = load_presets(args.presets)

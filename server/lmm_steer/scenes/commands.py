@@ -133,6 +133,14 @@ def export_command(args) -> int:
     return 0
 
 
+def add_scene_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """What `scene_engine` is built from: the model, a run's weights, the SAE and its hookpoint."""
+    p.add_argument("--model", default="builtin:scenes-llava-next", help="a multimodal model name or path")
+    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
+    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
+    p.add_argument("--hookpoint", help="default: the SAE's own")
+
+
 def scene_engine(model: str, weights: str | None, sae: str | None, hookpoint: str | None, config=None):
     """A steering engine on a multimodal model (``weights``: a scenes run's instead of the shipped
     ones) with the SAE named, else the model's shipped one."""
@@ -152,10 +160,7 @@ def scene_engine(model: str, weights: str | None, sae: str | None, hookpoint: st
 def add_localise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", required=True, help="a `scenes generate` directory: choose each value's best feature here")
     p.add_argument("--test", required=True, help="another one (another seed): measure the chosen features' IoU here")
-    p.add_argument("--model", default="builtin:scenes-llava-next", help="model name or path")
-    p.add_argument("--weights", help="a `scenes train` run's scenes-llava-next.safetensors instead of the shipped one")
-    p.add_argument("--sae", help="SAE source (default: the model's shipped SAE)")
-    p.add_argument("--hookpoint", help="default: the SAE's own")
+    add_scene_engine_arguments(p)
     p.add_argument("--scenes", type=int, default=100, help="scenes of each split")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature baseline")
     p.add_argument("--json", help="write the result here")
