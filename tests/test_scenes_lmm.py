@@ -196,7 +196,7 @@ def test_grounding_on_tiles_runs_and_differs_from_the_base_view_alone(train_spli
     from safetensors.torch import load_file
 
     quick = {**TINY_RUN, "steps": 1, "ground_steps": 3}
-    train_scenes_lmm(train_split, tmp_path / "base", SceneTrainConfig(**quick))
+    train_scenes_lmm(train_split, tmp_path / "base", SceneTrainConfig(**quick, ground_tile_share=0.0))
     shutil.copytree(tmp_path / "base" / "clip", tmp_path / "tiles" / "clip")
     train_scenes_lmm(train_split, tmp_path / "tiles", SceneTrainConfig(**quick, ground_tile_share=1.0))
     a = load_file(tmp_path / "base" / "grounding.safetensors")

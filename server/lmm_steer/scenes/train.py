@@ -51,7 +51,7 @@ class SceneTrainConfig:
     clip_batch: int = 128
     clip_lr: float = 1e-3
     # stage 3: the LMM
-    steps: int = 900
+    steps: int = 700  # run 10's: the recipe that met the floors in about 2 hours (docs/scenes.md)
     batch: int = 3  # conversations per step
     turns: int = 8  # most questions packed into one scene's conversation (its caption comes last)
     region_share: float = 0.2  # share of conversations that are one highlighted-region question
@@ -69,14 +69,14 @@ class SceneTrainConfig:
     # stage 1.5: the tower and projector learn to put, on each patch an object covers, SmolLM2's own
     # input embedding of the object's colour and shape words, and to classify each patch's shape and
     # colour (heads dropped afterwards); shape only starts to be learned after some 500 steps
-    ground_steps: int = 2500
+    ground_steps: int = 5000
     ground_batch: int = 64
     ground_vision_lr: float = 1e-3
     ground_lr: float = 1e-3  # projector
     ground_head_lr: float = 1e-2
     # share of grounding steps on one random 128 px tile of the 2x upscaled scene, as AnyRes's tiles
     # show it (0: the base view only, as run F was grounded; the tiles' scale is then unseen there)
-    ground_tile_share: float = 0.0
+    ground_tile_share: float = 0.5
     seed: int = 0
     checkpoint_every: int = 50
     # fine-tuning: start from a trained file (`scenes-llava-next.safetensors`: tower, projector and
