@@ -108,6 +108,7 @@ def markdown(result: dict) -> str:
                                    "none (no factor fixes more than it breaks)") + "\n\n")
     out += head.format(f"test: {Path(result['data']).name}")
     for label, cells in result["test"].items():
-        for group in ["all", *sorted(g for g in cells if g != "all")]:
+        types = sorted(g for g in cells if g != "all")
+        for group in ["all", *(types if len(types) > 1 else [])]:
             out += line(f"{label}, {group}", cells[group])
     return out
