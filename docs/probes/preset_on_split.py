@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from lmm_steer.eval.fix import ask
+from lmm_steer.eval.preset import OUTCOMES, outcome
 from lmm_steer.presets import feature_spec, load_presets
 from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.evaluate import normalise, questions
@@ -29,14 +30,11 @@ def main(presets: str, name: str, split: str, limit: int = 60, types: str = "col
     table = Counter()
     for item, a, b in zip(items, plain, steered, strict=True):
         said = normalise(a)
-        right_a = normalise(a) == normalise(item["answer"])
-        right_b = normalise(b) == normalise(item["answer"])
-        kind = {(True, True): "kept right", (False, True): "fixed", (True, False): "broken",
-                (False, False): "kept wrong"}[right_a, right_b]
+        kind = outcome(item["answer"], a, b)
         table[item["type"], kind] += 1
         table["all", kind] += 1
         table[f"answered {said!r} unsteered", kind] += 1
-    kinds = ("kept right", "fixed", "broken", "kept wrong")
+    kinds = OUTCOMES
     print("| questions | " + " | ".join(kinds) + " | accuracy unsteered -> steered |")
     print("|---" * (len(kinds) + 2) + "|")
     said = sorted({g for g, _ in table if g.startswith("answered")})

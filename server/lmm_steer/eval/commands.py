@@ -78,6 +78,13 @@ def fail(message: str) -> int:
     return 2
 
 
+def split_error(flag: str, path: str | None) -> str | None:
+    """Why ``path``, given as ``--flag``, is not a `scenes generate` split (None: it is, or not given)."""
+    if path is not None and not (Path(path) / "annotations.json").exists():
+        return f"--{flag} {path}: no annotations.json (make it with `scenes generate`)"
+    return None
+
+
 def add_fix_arguments(p: argparse.ArgumentParser) -> None:
     from .fix import FIX_TYPES
 
@@ -114,9 +121,8 @@ def fix_command(args) -> int:
     if not types or set(types) - set(FIX_TYPES):
         return fail(f"--types: {args.types!r}: choose from {', '.join(FIX_TYPES)}")
     for flag in ("data", "select"):
-        path = getattr(args, flag)
-        if path is not None and not (Path(path) / "annotations.json").exists():
-            return fail(f"--{flag} {path}: no annotations.json (make it with `scenes generate`)")
+        if error := split_error(flag, getattr(args, flag)):
+            return fail(error)
     for flag, value in (("--limit", args.limit), ("--features", args.features), ("--select-scenes", args.select_scenes)):
         if value is not None and value < 1:
             return fail(f"{flag} must be at least 1, got {value}")
@@ -167,8 +173,6 @@ def add_preset_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def preset_command(args) -> int:
-    from sae_weights.default import sources_for
-
     from ..engine import EngineConfig
     from ..presets import PresetError, feature_spec, load_presets
     from ..scenes.commands import scene_engine
@@ -185,8 +189,8 @@ def preset_command(args) -> int:
     if preset.steering.concepts or not preset.steering.features:
         return fail(f"--preset: {args.preset!r} must steer by feature edits alone (concepts need the server's search)")
     for flag in ("select", "data"):
-        if not (Path(getattr(args, flag)) / "annotations.json").exists():
-            return fail(f"--{flag} {getattr(args, flag)}: no annotations.json (make it with `scenes generate`)")
+        if error := split_error(flag, getattr(args, flag)):
+            return fail(error)
     if Path(args.select).resolve() == Path(args.data).resolve():
         return fail("--select and --data are the same split: choose on one, measure on another")
     types = [t for t in args.types.split(",") if t]
@@ -201,8 +205,8 @@ def preset_command(args) -> int:
     for flag, value in (("--limit", args.limit), ("--select-limit", args.select_limit)):
         if value is not None and value < 1:
             return fail(f"{flag} must be at least 1, got {value}")
-    sources = sources_for(args.model, args.sae, args.hookpoint, [])
-    engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
+    # no catalog is searched here, so the engine resolves the SAE itself (the model's shipped one by default)
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16))
 
     def progress(factor: float, cell: dict) -> None:
         print(f"x{factor:g}: fixed {cell['fixed']}, broken {cell['broken']} of {cell['n']}", file=sys.stderr, flush=True)
