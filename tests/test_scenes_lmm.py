@@ -29,6 +29,7 @@ from lmm_steer.scenes.train import (
     patch_objects,
     patch_words,
     quadrant,
+    steps_within_budget,
     train_scenes_lmm,
 )
 
@@ -205,10 +206,30 @@ def test_grounding_on_tiles_runs_and_differs_from_the_base_view_alone(train_spli
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_budget_shortens_the_schedule_to_the_steps_that_fit_and_never_lengthens_it():
+    assert steps_within_budget(step=50, total=700, pace_s=6.0, left_s=3600.0) == 650  # 50 + 600 fit
+    assert steps_within_budget(step=50, total=700, pace_s=5.0, left_s=3600.0) == 700  # 720 fit: capped
+    assert steps_within_budget(step=50, total=700, pace_s=6.0, left_s=-30.0) == 50  # over already: stop now
+    assert steps_within_budget(step=50, total=700, pace_s=6.0, left_s=11.9) == 51
+
+
+def test_a_run_over_its_budget_stops_after_warm_up_and_stays_stopped_when_resumed(train_split, tmp_path):
+    cfg = SceneTrainConfig(**{**TINY_RUN, "warmup": 2}, budget_minutes=0.001)  # spent before stage 3 begins
+    summary = train_scenes_lmm(train_split, tmp_path / "run", cfg)
+    assert summary["steps"] == 2 and summary["wall_seconds"] > 0.06
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["steps"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["budget_steps"] for r in log if "budget_steps" in r] == [2]
+    spent = json.loads((tmp_path / "run" / "wall.json").read_text())["seconds"]
+    again = train_scenes_lmm(train_split, tmp_path / "run", cfg)  # resumed: no step more
+    assert again["steps"] == 2 and json.loads((tmp_path / "run" / "wall.json").read_text())["seconds"] >= spent
+
+
 def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_one(train_split, tmp_path):
     from safetensors.torch import load_file
 
-    once = train_scenes_lmm(train_split, tmp_path / "once", SceneTrainConfig(**TINY_RUN))
+    # a budget the run fits in changes nothing: equal to the unbudgeted run below
+    once = train_scenes_lmm(train_split, tmp_path / "once", SceneTrainConfig(**TINY_RUN, budget_minutes=1000.0))
     half = SceneTrainConfig(**{**TINY_RUN, "steps": 2})
     train_scenes_lmm(train_split, tmp_path / "twice", half)
     assert json.loads((tmp_path / "twice" / "checkpoint.json").read_text())["step"] == 2

@@ -56,6 +56,8 @@ def train_command(args) -> int:
     for name in ("region_share", "highlight_share"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be within [0, 1], got {getattr(cfg, name)}")
+    if cfg.budget_minutes < 0:
+        raise SystemExit(f"lmm-steer: error: --budget-minutes must be at least 0 (0: no budget), got {cfg.budget_minutes}")
     if max(cfg.lr, cfg.lora_lr, cfg.vision_lr) <= 0:
         raise SystemExit("lmm-steer: error: --lr, --lora-lr and --vision-lr are all 0: nothing to train")
     print(json.dumps(train_scenes_lmm(Path(args.data), Path(args.out), cfg, print_progress)))

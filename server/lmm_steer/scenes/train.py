@@ -16,6 +16,10 @@
 Stage 3 saves a checkpoint (trained tensors and AdamW state, safetensors; step and elapsed time,
 JSON) every ``checkpoint_every`` steps; a run started again with the same ``--out`` resumes from
 it, and the batches of a step depend only on (seed, step), so a resumed run sees the same data.
+
+With ``budget_minutes``, the run's wall clock (every invocation's, kept in ``wall.json``) is held to
+the budget: stage 3 measures its pace and, from the end of warm-up on, shortens its schedule to the
+steps that fit (never lengthens it), so a slower machine trains fewer steps instead of running over.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,6 +89,35 @@ class SceneTrainConfig:
     # share of conversations that are one feature-style highlight (`sae highlights`), for training an
     # explainer that can also answer "background" and "unable"; 0 draws exactly what it did before
     highlight_share: float = 0.0
+    # the whole run's wall clock in minutes (0: no budget); stage 3 trains the steps that fit
+    budget_minutes: float = 0.0
+
+
+# seconds the budget keeps back after stage 3's last step: the final save, the process's start and exit
+BUDGET_RESERVE_S = 60.0
+
+
+class WallClock:
+    """The run's wall clock across invocations: ``wall.json`` holds what earlier ones spent, updated at
+    every stage's end and checkpoint (a killed invocation loses at most its time since the last)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "wall.json"
+        self.before = json.loads(self.path.read_text())["seconds"] if self.path.exists() else 0.0
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({"seconds": round(self.seconds(), 1)}))
+
+
+def steps_within_budget(step: int, total: int, pace_s: float, left_s: float) -> int:
+    """The schedule's new length: the steps done plus those that fit in ``left_s`` at ``pace_s`` a
+    step, never more than ``total`` (a budget only shortens) and never fewer than ``step``."""
+    fit = step + int(max(left_s, 0.0) // pace_s) if pace_s > 0 else total
+    return max(step, min(total, fit))
 
 
 class LowRankLinear(nn.Module):
@@ -400,7 +433,7 @@ def trained_state(model, wrapped) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_checkpoint(out: Path, model, wrapped, opt, step: int, elapsed: float) -> None:
+def _save_checkpoint(out: Path, model, wrapped, opt, step: int, elapsed: float, steps: int) -> None:
     from safetensors.torch import save_file
 
     state = {f"param/{k}": v for k, v in trained_state(model, wrapped).items()}
@@ -413,7 +446,7 @@ def _save_checkpoint(out: Path, model, wrapped, opt, step: int, elapsed: float) 
     tmp = out / "checkpoint.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(out / "checkpoint.safetensors")
-    (out / "checkpoint.json").write_text(json.dumps({"step": step, "elapsed_s": round(elapsed, 1)}))
+    (out / "checkpoint.json").write_text(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "steps": steps}))
 
 
 def _named_trainable(model, wrapped):
@@ -428,7 +461,9 @@ def _named_trainable(model, wrapped):
             yield low_rank_names.get(id(p), by_id.get(id(p))), p
 
 
-def _load_checkpoint(out: Path, model, wrapped, opt) -> tuple[int, float]:
+def _load_checkpoint(out: Path, model, wrapped, opt) -> tuple[int, float, int | None]:
+    """Restores the trained tensors and AdamW state; returns the step, the stage's seconds and the
+    schedule's length as last decided (None in checkpoints from before budgets)."""
     from safetensors.torch import load_file
 
     meta = json.loads((out / "checkpoint.json").read_text())
@@ -442,7 +477,7 @@ def _load_checkpoint(out: Path, model, wrapped, opt) -> tuple[int, float]:
         keys = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"adam/{name}/")}
         if keys and id(p) in optimised:
             opt.state[p] = keys
-    return meta["step"], meta["elapsed_s"]
+    return meta["step"], meta["elapsed_s"], meta.get("steps")
 
 
 def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=None) -> dict:
@@ -456,6 +491,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    wall = WallClock(out)
     data = SceneConversations(data_dir)
     if cfg.init:
         init_state, architecture = read_weights(Path(cfg.init))
@@ -465,6 +501,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     else:
         architecture = ARCHITECTURE
         clip = train_clip(data, cfg, out, progress)
+        wall.save()
         loaded = build_untrained(architecture, seed=cfg.seed)
         tower = loaded.model.model.vision_tower
         # transformers builds LLaVA's tower as CLIPVisionModel (``vision_model.*``) or, in some 5.x
@@ -474,6 +511,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         for p in loaded.model.parameters():
             p.requires_grad_(False)
         train_grounding(loaded.model, loaded.tokenizer, data, cfg, out, progress)
+        wall.save()
     model, processor = loaded.model, loaded.processor
     for p in model.parameters():
         p.requires_grad_(False)
@@ -493,17 +531,21 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
             p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": ps, "lr": rates[k], "name": k, "weight_decay": 0.0}
                              for k, ps in groups.items()])
-    step, elapsed = 0, 0.0
+    step, elapsed, steps = 0, 0.0, cfg.steps
     if (out / "checkpoint.json").exists():
-        step, elapsed = _load_checkpoint(out, model, wrapped, opt)
+        step, elapsed, budgeted = _load_checkpoint(out, model, wrapped, opt)
+        if cfg.budget_minutes > 0 and budgeted:
+            steps = min(steps, budgeted)
     model.train()
     started = time.monotonic() - elapsed
-    while step < cfg.steps:
+    # the pace is the mean of this invocation's recent steps (run 10's slowed from 5.1 s to 6.4 s)
+    recent = deque([(step, time.monotonic())], maxlen=cfg.checkpoint_every + 1)
+    while step < steps:
         rng = random.Random(f"{cfg.seed}:{step}")
         batch = encode(processor, [data.sample(rng, cfg.turns, cfg.region_share, cfg.highlight_share)
                                    for _ in range(cfg.batch)], data.root)
         for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, cfg.steps)
+            group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, steps)
             if group["name"] == "low_rank" and step < cfg.low_rank_from:
                 group["lr"] = 0.0
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -513,20 +555,31 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
         opt.step()
         step += 1
-        if step % 10 == 0 or step == cfg.steps:
+        recent.append((step, time.monotonic()))
+        # decided once warm-up is over (the cosine has not begun to fall) and again at each checkpoint
+        if cfg.budget_minutes > 0 and step >= cfg.warmup and (step == cfg.warmup or step % cfg.checkpoint_every == 0):
+            pace = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+            left = cfg.budget_minutes * 60 - BUDGET_RESERVE_S - wall.seconds()
+            if (shortened := steps_within_budget(step, steps, pace, left)) < steps:
+                steps = shortened
+                _log(out, {"stage": "lmm", "step": step, "budget_steps": steps, "pace_s": round(pace, 2),
+                           "wall_s": round(wall.seconds(), 1)}, progress)
+        if step % 10 == 0 or step == steps:
             _log(out, {"stage": "lmm", "step": step, "loss": round(loss.item(), 4),
                        "answers": int(batch["labels_mask"].sum()),
                        "elapsed_s": round(time.monotonic() - started, 1)}, progress)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(out, model, wrapped, opt, step, time.monotonic() - started)
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            _save_checkpoint(out, model, wrapped, opt, step, time.monotonic() - started, steps)
+            wall.save()
     total = time.monotonic() - started
     clip_seconds = None if cfg.init else json.loads((out / "clip" / "stage.json").read_text())["seconds"]
-    summary = {"steps": cfg.steps, "lmm_seconds": round(total, 1), "clip_seconds": clip_seconds,
+    summary = {"steps": steps, "lmm_seconds": round(total, 1), "clip_seconds": clip_seconds,
                "data": str(data_dir), "scenes": len(data.scenes), "regions": len(data.regions),
-               "highlights": len(data.highlights)}
+               "highlights": len(data.highlights), "wall_seconds": round(wall.seconds(), 1)}
     metadata = {"architecture": json.dumps(architecture), "config": json.dumps(asdict(cfg)),
                 "summary": json.dumps(summary)}
     save_file(trained_state(model, wrapped), str(out / TRAINED_FILE), metadata=metadata)
+    wall.save()
     return summary
 
 
