@@ -16,6 +16,7 @@ from lmm_steer.eval.fix import (
     summarise,
     targets,
 )
+from lmm_steer.eval.tested import VALUE_KEYS, effect_rates, pick
 from lmm_steer.scenes.generate import generate
 from sae_weights import FeatureCatalog
 from sae_weights.catalog import FeatureEntry
@@ -47,13 +48,15 @@ def test_outcomes_and_the_table_count_each_case_once_per_key():
              Case(star, "cross", [Target("shape:star", 1)], answers={"search": "square", "random": "cross"})]
     assert outcome(red, "brown", "red") == "fixed" and outcome(star, "cross", "Cross.") == "unchanged"
     assert outcome(star, "cross", "square") == "other_wrong"
-    pairs = [(cases[0], _q("colour", "What colour is the circle?", "blue"))]
-    result = summarise([red, star], cases, ["search", "random", "oracle"], pairs, ["green"])
+    blue = _q("colour", "What colour is the circle?", "blue")
+    result = summarise([red, star], cases, ["search", "random", "oracle"],
+                       {"search": [(blue, "green")], "oracle": [(blue, "Blue."), (blue, "blue")]})
     search, rand, oracle = (result["methods"][m] for m in ("search", "random", "oracle"))
     assert search["all"] == {"n": 2, "fixed": 1, "unchanged": 0, "other_wrong": 1, "no_edit": 0, "fixed_share": 0.5}
     assert search["tag:near_colours"]["fixed"] == 1 and search["tag:none"]["other_wrong"] == 1
     assert rand["all"]["unchanged"] == 2 and oracle["all"]["no_edit"] == 2  # no oracle answer: no edit made
-    assert result["collateral"] == {"n": 1, "turned_wrong": 1, "share": 1.0}
+    assert result["collateral"] == {"search": {"n": 1, "turned_wrong": 1, "share": 1.0},
+                                    "oracle": {"n": 2, "turned_wrong": 0, "share": 0.0}}
 
 
 def test_random_control_draws_other_features_at_the_same_values():
@@ -84,6 +87,21 @@ def test_search_takes_each_words_top_hits_at_their_steering_values():
     stronger = search_edits(catalog, catalog, [Target("colour:red", 1), Target("colour:brown", -1)], per_value=1,
                             strength=3.0)
     assert [(e.feature, e.value) for e in stronger] == [(edits[0].feature, 3 * edits[0].value), (edits[1].feature, 0.0)]
+    scaled = search_edits(catalog, catalog, [Target("colour:red", 1), Target("colour:brown", -1)], per_value=1,
+                          strength=4.0, amplify="scale")  # the feature's own activation times 4; suppression as before
+    assert [(e.feature, e.value, e.mode) for e in scaled] == [(edits[0].feature, 4.0, "scale"),
+                                                              (edits[1].feature, 0.0, "clamp")]
+
+
+def test_a_tested_hit_is_scored_on_the_answers_it_changed_and_the_best_is_kept():
+    unsteered = ["red", "blue", "Green."]  # the first already says red: not counted for anyone
+    said = [["red", "blue", "green"], ["red", "Red.", "red"], ["red", "red", "green"]]
+    assert effect_rates(said, unsteered, "red") == [0.0, 1.0, 0.5]
+    assert effect_rates(said, ["red", "red", "red"], "red") == [0.0, 0.0, 0.0]  # nothing left to turn
+    assert pick([7, 8, 9], [0.0, 1.0, 0.5]) == 8
+    assert pick([7, 8, 9], [0.5, 0.5, 0.0]) == 7  # a tie goes to the better-ranked hit
+    assert pick([7, 8], [0.0, 0.0]) == 7  # no effect anywhere: plain search's top hit
+    assert pick([], []) is None
 
 
 def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
@@ -98,9 +116,18 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
     out = tmp_path / "fix.json"
     assert main(["eval", "fix", "--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8",
                  "--hookpoint", "model.layers.1", "--catalog", str(catalog), "--data", str(tmp_path / "test"),
-                 "--select", str(tmp_path / "select"), "--json", str(out)]) == 0
+                 "--select", str(tmp_path / "select"), "--test-hits", "2", "--test-questions", "2",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["misrecognitions"] > 0 and set(result["methods"]) == {"search", "search-paper", "random", "oracle"}
+    assert result["misrecognitions"] > 0
+    assert set(result["methods"]) == {"search", "search-tested", "search-paper", "random", "oracle"}
+    assert set(result["collateral"]) == {"search", "search-tested", "oracle"}
+    # every colour and shape value was tested, its choice one of the hits it tried, at the rate it scored
+    assert set(result["tested"]) == set(VALUE_KEYS)
+    for choice in result["tested"].values():
+        tried = dict(choice["tried"])
+        assert choice["feature"] in tried and tried[choice["feature"]] == choice["rate"]
+        assert set(tried) <= set(range(len(words))) and all(0 <= r <= 1 for r in tried.values())
     for table in result["methods"].values():
         cell = table["all"]
         assert cell["n"] == result["misrecognitions"]
@@ -109,6 +136,8 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
         search = {f for f, _ in case["edits"]["search"]}
         assert search <= set(range(len(words))) and not search & {f for f, _ in case["edits"]["random"]}
         assert all(0 <= f < 64 for f, _ in case["edits"]["oracle"])
+        chosen = {result["tested"][key]["feature"] for key, sign in case["targets"]}
+        assert {f for f, _ in case["edits"]["search-tested"]} == chosen
     assert any(case["edits"]["oracle"] for case in result["cases"])
     assert "Collateral" in capsys.readouterr().out
 

@@ -93,14 +93,21 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                    help="catalog whose search chooses the features (repeatable; default: the shipped SAE's)")
     p.add_argument("--data", required=True, help="a `scenes generate` directory made with a seed training never used")
     p.add_argument("--select", help="another split (another seed) where the oracle row chooses features from ground "
-                                    "truth; without it there is no oracle row")
+                                    "truth and the search-tested row tests search hits; without it neither row")
     p.add_argument("--limit", type=int, help="the first N scenes of --data only")
     p.add_argument("--select-scenes", type=int, default=100, help="scenes of --select the oracle reads")
     p.add_argument("--types", default=",".join(FIX_TYPES), help=f"comma-separated, of {', '.join(FIX_TYPES)}")
     p.add_argument("--features", type=int, default=1, help="search hits edited per attribute value")
+    p.add_argument("--test-hits", type=int, default=6,
+                   help="search hits per value the search-tested row tries on --select (0: no such row)")
+    p.add_argument("--test-questions", type=int, default=6,
+                   help="questions of --select per type each tried hit is clamped on")
     p.add_argument("--strength", type=float, default=1.0,
                    help="multiplies each amplifying edit's value (the feature's calibrated value, else 3x its "
-                        "largest activation); suppression stays 0")
+                        "largest activation), or with --amplify scale is the factor; suppression stays 0")
+    p.add_argument("--amplify", default="clamp", choices=("clamp", "scale"),
+                   help="clamp: set the feature to its value on every position in scope; scale: multiply its own "
+                        "activation by --strength, so only where it already fires")
     p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
                    help="positions the edits touch")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
@@ -123,9 +130,12 @@ def fix_command(args) -> int:
     for flag in ("data", "select"):
         if error := split_error(flag, getattr(args, flag)):
             return fail(error)
-    for flag, value in (("--limit", args.limit), ("--features", args.features), ("--select-scenes", args.select_scenes)):
+    for flag, value in (("--limit", args.limit), ("--features", args.features), ("--select-scenes", args.select_scenes),
+                        ("--test-questions", args.test_questions)):
         if value is not None and value < 1:
             return fail(f"{flag} must be at least 1, got {value}")
+    if args.test_hits < 0:
+        return fail(f"--test-hits must be at least 0, got {args.test_hits}")
     if not args.strength > 0:
         return fail(f"--strength must be positive, got {args.strength}")
     sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
@@ -136,14 +146,22 @@ def fix_command(args) -> int:
         catalog.merge(FeatureCatalog.load(path))
     engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
     searcher = index_or_none(catalog, list(sources.catalogs)) or catalog  # else search by words alone
-    oracle = None
+    oracle = tested = None
     if args.select:
         from ..scenes.localise import best_features
+        from .tested import tested_choice
 
         oracle = best_features(engine, Path(args.select), args.select_scenes)
+        if args.test_hits:
+            tested = tested_choice(engine, searcher, catalog, Path(args.select), candidates=args.test_hits,
+                                   per_type=args.test_questions, strength=args.strength, amplify=args.amplify,
+                                   scope=args.scope)
     result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
-                 per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength)
+                 per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength, amplify=args.amplify,
+                 tested={k: v["feature"] for k, v in tested.items()} if tested is not None else None)
     result["search"] = "meaning" if searcher is not catalog else "words"
+    if tested is not None:
+        result["tested"] = tested
     table = markdown(result)
     print(table)
     if args.json:

@@ -10,12 +10,15 @@ hits for the word, clamped at the feature's calibrated value (or three times its
 activation) to amplify and at 0 to suppress, on the image's positions by default. The question is
 then asked again: fixed, unchanged, or changed into another wrong answer.
 
-Rows of the same run: ``search`` (those edits, delta semantics), ``search-paper`` (the same edits,
-paper semantics), ``random`` (as many random features at the same values: should fix about
+Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
+top hits, the one whose clamp most often makes the model say the value on a selection split's
+questions, reading only the model's answers there: ``eval.tested``), ``search-paper`` (the same
+edits as ``search``, paper semantics), ``random`` (as many random features at the same values: should fix about
 nothing), ``oracle`` (for each value, the feature whose firing patches best overlap the value's
 objects on a separate selection split: ``scenes localise``'s choice from ground truth, which
 separates "search found the wrong feature" from "the feature is not causal"), and collateral: each
-misrecognition's ``search`` edits applied to a question of the same type the model got right.
+misrecognition's edits of ``search``, ``search-tested`` and ``oracle`` applied to a question of the
+same type the model got right.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from ..scenes.evaluate import normalise, questions
 from ..scenes.generate import COLOURS, SHAPES
 
 FIX_TYPES = ("colour", "shape", "count", "exist")
-METHODS = ("search", "search-paper", "random", "oracle")
+METHODS = ("search", "search-tested", "search-paper", "random", "oracle")
+# the rows whose edits are also applied to right answers: the automatic ones and the oracle
+COLLATERAL_METHODS = ("search", "search-tested", "oracle")
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 
@@ -98,9 +103,9 @@ def outcome(item: dict, got: str, again: str) -> str:
     return "unchanged" if normalise(again) == normalise(got) else "other_wrong"
 
 
-def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength: float = 1.0) -> list[FeatureEdit]:
-    """The top ``per_value`` search hits of each value's word, at their steering values (times
-    ``strength``)."""
+def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength: float = 1.0,
+                 amplify: str = "clamp") -> list[FeatureEdit]:
+    """The top ``per_value`` search hits of each value's word, as ``feature_edit`` makes them."""
     edits: dict[int, FeatureEdit] = {}
     for t in tgs:
         word = t.key.split(":", 1)[1]
@@ -108,24 +113,36 @@ def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength:
         for entry, _ in searcher.search(word, per_value + len(edits)):
             if entry.feature in edits or taken == per_value:
                 continue
-            edits[entry.feature] = FeatureEdit(entry.feature, _value(catalog, entry.feature, t.sign, strength))
+            edits[entry.feature] = feature_edit(catalog, entry.feature, t.sign, strength, amplify)
             taken += 1
     return list(edits.values())
 
 
-def _value(catalog, feature: int, sign: int, strength: float = 1.0) -> float:
-    if sign < 0:
-        return 0.0
+def steering_value(catalog, feature: int) -> float:
+    """The feature's calibrated value, else three times its largest activation (0: none known)."""
     entry = catalog.get(feature)
     value = steer_value(entry)[0] if entry is not None else None
-    return strength * float(value) if value is not None else 0.0
+    return float(value) if value is not None else 0.0
 
 
-def oracle_edits(oracle: dict[str, int], catalog, tgs: list[Target], strength: float = 1.0) -> list[FeatureEdit]:
+def feature_edit(catalog, feature: int, sign: int, strength: float = 1.0, amplify: str = "clamp") -> FeatureEdit:
+    """Suppress: clamp at 0. Amplify with ``"clamp"``: clamp at the steering value times ``strength``,
+    wherever the scope reaches; with ``"scale"``: multiply the feature's own activation by
+    ``strength``, so only where it already fires (it cannot paint a colour onto another object)."""
+    if sign < 0:
+        return FeatureEdit(feature, 0.0)
+    if amplify == "scale":
+        return FeatureEdit(feature, strength, "scale")
+    return FeatureEdit(feature, strength * steering_value(catalog, feature))
+
+
+def mapped_edits(chosen: dict[str, int], catalog, tgs: list[Target], strength: float = 1.0,
+                 amplify: str = "clamp") -> list[FeatureEdit]:
+    """Each value's one feature from a ``"colour:red" -> feature`` choice (the oracle's, or the tested search's)."""
     edits = {}
     for t in tgs:
-        if t.key in oracle and oracle[t.key] not in edits:
-            edits[oracle[t.key]] = FeatureEdit(oracle[t.key], _value(catalog, oracle[t.key], t.sign, strength))
+        if t.key in chosen and chosen[t.key] not in edits:
+            edits[chosen[t.key]] = feature_edit(catalog, chosen[t.key], t.sign, strength, amplify)
     return list(edits.values())
 
 
@@ -163,8 +180,10 @@ def ask(engine, data: Path, items: list[dict], steerings: list[SteeringSpec | No
     return [r.text for r in engine.generate(reqs)] if reqs else []
 
 
-def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None, limit: int | None = None,
-        types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0) -> dict:
+def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None,
+        tested: dict[str, int] | None = None, limit: int | None = None,
+        types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0,
+        amplify: str = "clamp") -> dict:
     items = questions(data, limit, types)
     first = ask(engine, data, items, [None] * len(items))
     cases, right = [], []
@@ -176,26 +195,35 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     rng = random.Random(seed)
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0]
     for case in cases:
-        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value, strength)
+        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value, strength, amplify)
         case.edits["search-paper"] = case.edits["search"]
         case.edits["random"] = random_edits(case.edits["search"], pool, rng)
+        if tested is not None:
+            case.edits["search-tested"] = mapped_edits(tested, catalog, case.targets, strength, amplify)
         if oracle is not None:
-            case.edits["oracle"] = oracle_edits(oracle, catalog, case.targets, strength)
-    methods = [m for m in METHODS if m != "oracle" or oracle is not None]
+            case.edits["oracle"] = mapped_edits(oracle, catalog, case.targets, strength, amplify)
+    made = {"oracle": oracle is not None, "search-tested": tested is not None}
+    methods = [m for m in METHODS if made.get(m, True)]
     jobs = [(case, m) for case in cases for m in methods if case.edits[m]]
     specs = [SteeringSpec(case.edits[m], scope=scope, semantics="paper" if m == "search-paper" else "delta")
              for case, m in jobs]
     for (case, m), again in zip(jobs, ask(engine, data, [c.item for c, _ in jobs], specs), strict=True):
         case.answers[m] = again
-    pairs = [(c, item) for c, item in pair_collateral(cases, right) if c.edits["search"]]
-    collateral = ask(engine, data, [item for _, item in pairs],
-                     [SteeringSpec(c.edits["search"], scope=scope) for c, _ in pairs])
-    return summarise(items, cases, methods, pairs, collateral) | {"scope": scope, "per_value": per_value,
-                                                                  "strength": strength, "seed": seed, "data": str(data)}
+    paired = [(m, c, item) for m in COLLATERAL_METHODS if m in methods
+              for c, item in pair_collateral(cases, right) if c.edits[m]]
+    answers = ask(engine, data, [item for _, _, item in paired],
+                  [SteeringSpec(c.edits[m], scope=scope) for m, c, _ in paired])
+    collateral = {m: [] for m in COLLATERAL_METHODS if m in methods}
+    for (m, _, item), again in zip(paired, answers, strict=True):
+        collateral[m].append((item, again))
+    return summarise(items, cases, methods, collateral) | {"scope": scope, "per_value": per_value,
+                                                                  "strength": strength, "amplify": amplify, "seed": seed,
+                                                                  "data": str(data)}
 
 
-def summarise(items, cases: list[Case], methods, pairs, collateral: list[str]) -> dict:
-    """Counts per method (overall, per type, per difficulty tag) and the collateral damage."""
+def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tuple[dict, str]]]) -> dict:
+    """Counts per method (overall, per type, per difficulty tag) and the collateral damage: per
+    method, the right answers its edits were applied to, each with the answer it then gave."""
     table = {}
     for m in methods:
         cells = defaultdict(lambda: {"n": 0, "fixed": 0, "unchanged": 0, "other_wrong": 0, "no_edit": 0})
@@ -207,10 +235,11 @@ def summarise(items, cases: list[Case], methods, pairs, collateral: list[str]) -
                 cells[k]["n"] += 1
                 cells[k][result] += 1
         table[m] = {k: {**v, "fixed_share": round(v["fixed"] / v["n"], 4)} for k, v in sorted(cells.items())}
-    broken = sum(normalise(a) != normalise(item["answer"]) for (_, item), a in zip(pairs, collateral, strict=True))
-    return {"questions": len(items), "misrecognitions": len(cases), "methods": table,
-            "collateral": {"n": len(pairs), "turned_wrong": broken,
-                           "share": round(broken / len(pairs), 4) if pairs else 0.0},
+    damage = {}
+    for m, asked in collateral.items():
+        broken = sum(normalise(again) != normalise(item["answer"]) for item, again in asked)
+        damage[m] = {"n": len(asked), "turned_wrong": broken, "share": round(broken / len(asked), 4) if asked else 0.0}
+    return {"questions": len(items), "misrecognitions": len(cases), "methods": table, "collateral": damage,
             "cases": [{**c.item, "got": c.got, "targets": [[t.key, t.sign] for t in c.targets],
                        "edits": {m: [[e.feature, e.value] for e in es] for m, es in c.edits.items()},
                        "answers": c.answers} for c in cases]}
@@ -227,8 +256,8 @@ def markdown(result: dict) -> str:
             c = methods[m].get(k)
             cells.append(f"{c['fixed']}/{c['n']} fixed, {c['other_wrong']} other wrong" if c else "")
         lines.append(f"| {k} ({methods['search'][k]['n']}) | " + " | ".join(cells) + " |")
-    col = result["collateral"]
-    lines.append(f"\nCollateral: the `search` edits turned {col['turned_wrong']} of {col['n']} correctly answered "
-                 f"questions wrong ({col['share']:.1%}).")
+    lines.append("\nCollateral (each row's edits applied to correctly answered questions of the same type): "
+                 + "; ".join(f"`{m}` turned {c['turned_wrong']} of {c['n']} wrong ({c['share']:.1%})"
+                             for m, c in result["collateral"].items()) + ".")
     return "\n".join(lines) + "\n"
 
