@@ -209,16 +209,15 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
              for case, m in jobs]
     for (case, m), again in zip(jobs, ask(engine, data, [c.item for c, _ in jobs], specs), strict=True):
         case.answers[m] = again
-    paired = [(m, c, item) for m in COLLATERAL_METHODS if m in methods
-              for c, item in pair_collateral(cases, right) if c.edits[m]]
+    pairs = pair_collateral(cases, right)
+    paired = [(m, c, item) for m in COLLATERAL_METHODS if m in methods for c, item in pairs if c.edits[m]]
     answers = ask(engine, data, [item for _, _, item in paired],
                   [SteeringSpec(c.edits[m], scope=scope) for m, c, _ in paired])
     collateral = {m: [] for m in COLLATERAL_METHODS if m in methods}
     for (m, _, item), again in zip(paired, answers, strict=True):
         collateral[m].append((item, again))
-    return summarise(items, cases, methods, collateral) | {"scope": scope, "per_value": per_value,
-                                                                  "strength": strength, "amplify": amplify, "seed": seed,
-                                                                  "data": str(data)}
+    return summarise(items, cases, methods, collateral) | {"scope": scope, "per_value": per_value, "strength": strength,
+                                                           "amplify": amplify, "seed": seed, "data": str(data)}
 
 
 def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tuple[dict, str]]]) -> dict:

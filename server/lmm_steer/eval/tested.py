@@ -44,8 +44,8 @@ def tested_choice(engine, searcher, catalog, select: Path, *, candidates: int = 
                   keys=VALUE_KEYS) -> dict[str, dict]:
     """``"colour:red" -> {"feature", "rate", "tried": [[feature, rate], ...]}``: of the top
     ``candidates`` search hits of each value's word, the one whose amplifying edit (``fix.feature_edit``)
-    most often makes the model give that value on ``per_type`` questions of
-    the value's type from ``select``."""
+    most often makes the model give that value on ``per_type`` questions of the value's type from
+    ``select``."""
     kinds = sorted({k.split(":", 1)[0] for k in keys})
     asked = {kind: questions(select, None, (kind,))[:per_type] for kind in kinds}
     unsteered = {kind: ask(engine, select, items, [None] * len(items), max_tokens=4) for kind, items in asked.items()}
