@@ -14,7 +14,7 @@ import torch
 
 from lmm_steer.models.scenes_llava_next import NAME, WEIGHTS, build_untrained, load_scenes_llava_next
 from lmm_steer.scenes.evaluate import evaluate, floor_check, normalise, score
-from lmm_steer.scenes.generate import FORMAT_HINT, generate
+from lmm_steer.scenes.generate import FORMAT_HINT, binding_negatives, generate
 from lmm_steer.scenes.train import (
     CAPTION_QUESTION,
     TRAINED_FILE,
@@ -106,6 +106,38 @@ def test_only_answers_and_their_end_token_are_trained_on(untrained, train_split)
     ids = untrained.tokenizer("<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\nx<|im_end|>",
                               return_tensors="pt")["input_ids"]
     assert untrained.tokenizer.decode(ids[0][answer_mask(ids, untrained.tokenizer)[0]]) == "red<|im_end|>"
+
+
+def test_binding_negatives_are_a_scenes_colours_and_shapes_never_together():
+    objects = [("red", "circle"), ("blue", "square"), ("red", "star")]
+    assert binding_negatives(objects) == [("blue", "circle"), ("blue", "star"), ("red", "square")]
+    assert binding_negatives([("red", "circle")]) == [] and binding_negatives([("red", "circle")] * 2) == []
+
+
+def test_binding_turns_add_a_no_to_a_rebound_pair_and_a_yes_to_an_object_there(train_split):
+    import random
+
+    data = SceneConversations(train_split)
+    seen_first = 0
+    for seed in range(40):
+        image, plain = data.sample(random.Random(seed), turns=4, region_share=0.0)
+        image2, bound = data.sample(random.Random(seed), turns=4, region_share=0.0, binding_turns=2)
+        assert image2 == image and bound[-1] == plain[-1]
+        objects = data.objects[image]
+        added = [turn for turn in bound if turn not in plain]
+        if not binding_negatives(objects):  # nothing to rebind: the conversation is unchanged
+            assert bound == plain
+            continue
+        assert len(bound) == len(plain) + 4 and [a for _, a in added].count("no") == 2
+        for question, answer in added:
+            assert question.endswith(FORMAT_HINT)
+            colour, shape = question.removeprefix("Is there a ").removesuffix("?" + FORMAT_HINT).split(" ")
+            if answer == "no":
+                assert (colour, shape) in binding_negatives(objects)
+            else:
+                assert answer == "yes" and (colour, shape) in objects
+        seen_first += bound[0] in added
+    assert seen_first > 0  # the served (first) turn is sometimes one of them
 
 
 def test_the_answer_loss_of_a_right_padded_batch_equals_each_conversation_alone(untrained, train_split):

@@ -56,6 +56,8 @@ def train_command(args) -> int:
     for name in ("region_share", "highlight_share"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise SystemExit(f"lmm-steer: error: --{name.replace('_', '-')} must be within [0, 1], got {getattr(cfg, name)}")
+    if cfg.binding_turns < 0:
+        raise SystemExit(f"lmm-steer: error: --binding-turns must be at least 0, got {cfg.binding_turns}")
     if cfg.budget_minutes < 0:
         raise SystemExit(f"lmm-steer: error: --budget-minutes must be at least 0 (0: no budget), got {cfg.budget_minutes}")
     if max(cfg.lr, cfg.lora_lr, cfg.vision_lr) <= 0:

@@ -179,6 +179,19 @@ def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
 
 
+def exist_question(colour: str, shape: str) -> str:
+    return f"Is there a {colour} {shape}?"
+
+
+def binding_negatives(objects: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(colour, shape) pairs absent from a scene whose colour is on one of its objects and whose
+    shape is on another: the existence questions that only a model binding each colour to its own
+    shape answers "no" to (most of run 11's easy existence errors were a "yes" to one of these)."""
+    present = set(objects)
+    colours, shapes = {c for c, _ in objects}, {s for _, s in objects}
+    return sorted((c, s) for c in colours for s in shapes if (c, s) not in present)
+
+
 def questions(scene: Scene, rng: random.Random) -> list[dict]:
     """Questions with exact answers from the scene graph: colour, shape, count, exist, left/right.
     Each names its type, answer, the objects it is about and their difficulty tags."""
@@ -201,10 +214,10 @@ def questions(scene: Scene, rng: random.Random) -> list[dict]:
     colour = rng.choice(list(COLOURS))
     add("count", f"How many {colour} objects are there?", _count_word(len(by_colour[colour])), by_colour[colour])
     present = rng.choice(objs)
-    add("exist", f"Is there a {present.colour} {present.shape}?", "yes", [present])
+    add("exist", exist_question(present.colour, present.shape), "yes", [present])
     absent = [(c, s) for c in COLOURS for s in SHAPES if not any(o.colour == c and o.shape == s for o in objs)]
     c, s = rng.choice(absent)
-    add("exist", f"Is there a {c} {s}?", "no", [])
+    add("exist", exist_question(c, s), "no", [])
     for o in objs:  # the nearest object on each side, where colour and shape name the subject alone
         if sum(p.colour == o.colour and p.shape == o.shape for p in objs) > 1:
             continue

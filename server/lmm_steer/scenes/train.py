@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -40,7 +41,7 @@ from torch import nn
 
 from ..models.scenes_llava_next import ARCHITECTURE, apply_trained, build_untrained, read_weights
 from ..training.trainer import warmup_cosine
-from .generate import FORMAT_HINT
+from .generate import FORMAT_HINT, binding_negatives, exist_question
 from .vision import VisionConfig, pixel_values, train_vision_tower
 
 LOW_RANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,6 +92,10 @@ class SceneTrainConfig:
     highlight_share: float = 0.0
     # the whole run's wall clock in minutes (0: no budget); stage 3 trains the steps that fit
     budget_minutes: float = 0.0
+    # pairs of existence turns added to each scene conversation: a "no" to a colour and a shape that
+    # are both in the scene but on different objects (``binding_negatives``) and a "yes" to an object
+    # that is there. Runs 10 and 11 (0) answered "yes" to such pairs: most of their easy existence errors
+    binding_turns: int = 1
 
 
 # seconds the budget keeps back after stage 3's last step: the final save, the process's start and exit
@@ -159,6 +164,8 @@ class SceneConversations:
         self.captions = {r["image"]: r["caption"]
                          for r in map(json.loads, (self.root / "captions.jsonl").read_text().splitlines())}
         self.regions = self._single_questions("regions.jsonl")
+        graphs = json.loads((self.root / "scenes.json").read_text())["scenes"] if (self.root / "scenes.json").exists() else []
+        self.objects = {g["file"]: [(o["colour"], o["shape"]) for o in g["objects"]] for g in graphs}
         self.highlights = self._single_questions("highlights.jsonl")
         if not self.scenes:
             raise ValueError(f"{self.root}: no conversations")
@@ -170,10 +177,12 @@ class SceneConversations:
         return [(r["image"], [(_question(r), r["conversations"][1]["value"])])
                 for r in map(json.loads, path.read_text().splitlines())]
 
-    def sample(self, rng: random.Random, turns: int, region_share: float, highlight_share: float = 0.0):
+    def sample(self, rng: random.Random, turns: int, region_share: float, highlight_share: float = 0.0,
+               binding_turns: int = 0):
         """One conversation: (image path, [(question, answer), ...]). A scene's ends with its caption,
         every object's size, colour and shape in one answer: dense supervision of what the image
-        tokens must carry."""
+        tokens must carry. ``binding_turns`` pairs of existence turns (see ``SceneTrainConfig``) go in
+        at random places, the first turn included."""
         if highlight_share > 0:  # no draw otherwise, so runs without highlights see what they always did
             if not self.highlights:
                 raise ValueError(f"{self.root}: no highlights.jsonl (make it with `sae highlights`)")
@@ -182,7 +191,23 @@ class SceneConversations:
         if self.regions and rng.random() < region_share:
             return self.regions[rng.randrange(len(self.regions))]
         image, qa = self.scenes[rng.randrange(len(self.scenes))]
-        return image, rng.sample(qa, min(turns, len(qa))) + [(CAPTION_QUESTION, self.captions[image])]
+        picked = rng.sample(qa, min(turns, len(qa)))
+        if binding_turns > 0:  # no draw otherwise, so runs without them see what they always did
+            picked = self._with_binding(rng, image, picked, binding_turns)
+        return image, picked + [(CAPTION_QUESTION, self.captions[image])]
+
+    def _with_binding(self, rng: random.Random, image: str, picked: list, pairs: int) -> list:
+        if image not in self.objects:
+            raise ValueError(f"{self.root}: no scenes.json entry for {image} (binding turns need the scene graph)")
+        objects = self.objects[image]
+        negatives = binding_negatives(objects)
+        picked = list(picked)
+        for _ in range(pairs if negatives else 0):  # a one-colour or one-shape scene has none
+            extra = [(exist_question(*rng.choice(negatives)) + FORMAT_HINT, "no"),
+                     (exist_question(*rng.choice(objects)) + FORMAT_HINT, "yes")]
+            for turn in extra:
+                picked.insert(rng.randrange(len(picked) + 1), turn)
+        return picked
 
 
 def _question(row) -> str:
@@ -240,6 +265,16 @@ def answer_loss(model, batch) -> torch.Tensor:
     targets = batch["labels_mask"][:, 1:]
     logits = model.lm_head(hidden[:, :-1][targets])
     return F.cross_entropy(logits.float(), batch["input_ids"][:, 1:][targets])
+
+
+def _rss_gb() -> float | None:
+    """The process's resident memory now (Linux), logged beside the pace: runs 10 and 11 slowed by a
+    quarter over the LMM stage while peak RSS reached 18.7 GB, and the cause is not yet known."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**30, 2)
 
 
 def _log(out: Path, row: dict, progress) -> None:
@@ -542,7 +577,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     recent = deque([(step, time.monotonic())], maxlen=cfg.checkpoint_every + 1)
     while step < steps:
         rng = random.Random(f"{cfg.seed}:{step}")
-        batch = encode(processor, [data.sample(rng, cfg.turns, cfg.region_share, cfg.highlight_share)
+        batch = encode(processor, [data.sample(rng, cfg.turns, cfg.region_share, cfg.highlight_share, cfg.binding_turns)
                                    for _ in range(cfg.batch)], data.root)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, steps)
@@ -567,7 +602,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         if step % 10 == 0 or step == steps:
             _log(out, {"stage": "lmm", "step": step, "loss": round(loss.item(), 4),
                        "answers": int(batch["labels_mask"].sum()),
-                       "elapsed_s": round(time.monotonic() - started, 1)}, progress)
+                       "elapsed_s": round(time.monotonic() - started, 1), "rss_gb": _rss_gb()}, progress)
         if step % cfg.checkpoint_every == 0 or step == steps:
             _save_checkpoint(out, model, wrapped, opt, step, time.monotonic() - started, steps)
             wall.save()
