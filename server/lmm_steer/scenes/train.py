@@ -56,7 +56,7 @@ class SceneTrainConfig:
     clip_batch: int = 128
     clip_lr: float = 1e-3
     # stage 3: the LMM
-    steps: int = 700  # run 10's: the recipe that met the floors in about 2 hours (docs/scenes.md)
+    steps: int = 700  # runs 10-12's; under --budget-minutes 120, run 12 trained 578 of them (docs/scenes.md)
     batch: int = 3  # conversations per step
     turns: int = 8  # most questions packed into one scene's conversation (its caption comes last)
     region_share: float = 0.2  # share of conversations that are one highlighted-region question
@@ -268,8 +268,8 @@ def answer_loss(model, batch) -> torch.Tensor:
 
 
 def _rss_gb() -> float | None:
-    """The process's resident memory now (Linux), logged beside the pace: runs 10 and 11 slowed by a
-    quarter over the LMM stage while peak RSS reached 18.7 GB, and the cause is not yet known."""
+    """The process's resident memory now (Linux), logged beside the pace. The LMM stage slows by about a
+    fifth as it goes; in run 12 the memory grew fastest early and did not follow the slowdown."""
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, ValueError, IndexError):
