@@ -199,16 +199,41 @@ def _resolve_images(row: dict, root: Path) -> None:
             entry["image"] = str(root / entry["image"])
 
 
-def bundle_catalog(src: str | Path, out_dir: str | Path, images_dir: str = "images") -> dict:
+# What an explained row keeps when shipped beside a catalog (``bundle_catalog(explained_only=True)``):
+# the explanation and its evidence, not the explain run's statistics, so that merged over the
+# catalog the catalog's statistics (and every steering value drawn from them) stay.
+EXPLANATION_KEYS = ("feature", "explanation", "explainer", "scores", "top_images")
+
+
+def explanation_rows(rows: list[dict]) -> list[dict]:
+    """The rows an explainer explained (status ``ok``, a non-empty explanation), cut to
+    ``EXPLANATION_KEYS``; an explainer named by a local path is named by its last part, which is
+    all the path means on another machine."""
+    kept = []
+    for row in rows:
+        meta = row.get("explainer")
+        if not (isinstance(meta, dict) and meta.get("status") == "ok" and str(row.get("explanation", "")).strip()):
+            continue
+        row = {k: row[k] for k in EXPLANATION_KEYS if k in row}
+        if isinstance(meta.get("model"), str) and Path(meta["model"]).is_absolute():
+            row["explainer"] = {**meta, "model": Path(meta["model"]).name}
+        kept.append(row)
+    return kept
+
+
+def bundle_catalog(src: str | Path, out_dir: str | Path, images_dir: str = "images", explained_only: bool = False) -> dict:
     """Copies a JSONL catalog into ``out_dir`` with every top image it names, so the catalog can
     travel (ship in a package, move to another machine): images go to ``out_dir/images`` under
-    their content hash, and the rows name them relative to the catalog."""
+    their content hash, and the rows name them relative to the catalog. ``explained_only`` ships
+    an explain run's explanations alone (``explanation_rows``), to be merged over a catalog."""
     import hashlib
 
     src, out_dir = Path(src), Path(out_dir)
     (out_dir / images_dir).mkdir(parents=True, exist_ok=True)
     copied: dict[str, str] = {}
     rows = [row for _, row in json_objects(src.read_text().splitlines(), src, CatalogError)]
+    if explained_only:
+        rows = explanation_rows(rows)
     for row in rows:
         _resolve_images(row, src.parent)
         for entry in row.get("top_images") or []:

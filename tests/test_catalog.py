@@ -3,6 +3,7 @@ import json
 import pytest
 
 from sae_weights import CatalogError, FeatureCatalog
+from sae_weights.catalog import FeatureEntry
 
 PAPER = [
     {"model.layers.24_feature17": "Text in images, especially printed signs and labels"},
@@ -108,3 +109,29 @@ def test_a_bundled_catalog_carries_its_images_and_is_read_from_anywhere(tmp_path
     assert open(first, "rb").read() == b"png-a"
     with pytest.raises(CatalogError, match=r"feature 1's top image .*a\.png"):
         bundle_catalog(src, tmp_path / "again")
+
+
+def test_bundling_explained_only_ships_the_explanations_and_keeps_the_catalogs_statistics(tmp_path):
+    """`sae bundle --explained-only` keeps the features an explainer explained, with their
+    explanation, scores and evidence, and drops the run's statistics, so that merged over the
+    catalog it explains, the catalog's maximum (the steering value's source) stays."""
+    from lmm_steer.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"png-a")
+    image = [{"image": str(tmp_path / "a.png"), "grid": [[1.0]]}]
+    rows = [{"feature": 1, "explanation": "red", "max_activation": 0.4, "top_images": image, "scores": {"iou": 0.5},
+             "explainer": {"model": str(tmp_path / "explainer-hf"), "status": "ok"}},
+            {"feature": 2, "explanation": "", "max_activation": 0.3, "top_images": image,
+             "explainer": {"model": "x", "status": "unable"}},
+            {"feature": 3, "explanation": "blue", "max_activation": 0.2, "explainer": {"model": "x", "status": "failed"}}]
+    src = tmp_path / "explained.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sae", "bundle", "--explained-only", str(src), str(tmp_path / "ship")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "ship" / "explained.jsonl").read_text().splitlines()]
+    assert [r["feature"] for r in written] == [1]
+    assert set(written[0]) == {"feature", "explanation", "explainer", "scores", "top_images"}
+    assert written[0]["explainer"]["model"] == "explainer-hf" and written[0]["top_images"][0]["image"].startswith("images/")
+    catalog = FeatureCatalog()
+    catalog.add(FeatureEntry(feature=1, explanation="", extras={"max_activation": 7.0}))
+    catalog.merge(FeatureCatalog.load(tmp_path / "ship" / "explained.jsonl"))
+    assert catalog.get(1).explanation == "red" and catalog.get(1).extras["max_activation"] == 7.0

@@ -49,7 +49,7 @@ def _sae_convert(args) -> int:
 def _sae_bundle(args) -> int:
     from sae_weights.catalog import bundle_catalog
 
-    print(json.dumps(bundle_catalog(args.catalog, args.out)))
+    print(json.dumps(bundle_catalog(args.catalog, args.out, explained_only=args.explained_only)))
     return 0
 
 
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = sae.add_parser("bundle", help="copy a catalog with the top images it names, which it then names relative to itself")
     bundle.add_argument("catalog", help="catalog JSONL")
     bundle.add_argument("out", help="directory to write the catalog and its images/ into")
+    bundle.add_argument("--explained-only", action="store_true",
+                        help="an `sae explain` output: keep the explained features alone, with their explanation, "
+                             "scores and evidence images but not the run's statistics, to merge over a catalog")
     bundle.set_defaults(func=_sae_bundle)
     from .eval import commands as evaluations
 
