@@ -34,6 +34,9 @@ def reference_generate(lm, inputs, sae, layer_idx, edits, scope="all", semantics
             z = sae.encode(h)
             new = h
             for e in edits:
+                if e.mode == "transfer":  # the source's activation, along this feature's direction
+                    new = new + mask * e.value * z[..., e.source : e.source + 1] * sae.W_dec[e.feature]
+                    continue
                 zj = z[..., e.feature : e.feature + 1]
                 target = {"clamp": e.value, "add": zj + e.value, "scale": e.value * zj}[e.mode]
                 new = new + mask * (target - zj) * sae.W_dec[e.feature]

@@ -108,6 +108,12 @@ def test_builder_rejects_bad_input_before_sending():
     assert Steering().clamp(3, 10).ablate(4).scale(5, 2).to_dict() == {
         "features": [{"id": 3, "value": 10.0, "mode": "clamp"}, {"id": 4, "value": 0.0, "mode": "clamp"},
                      {"id": 5, "value": 2.0, "mode": "scale"}]}
+    assert Steering().swap(4, 9, 2.0).to_dict() == {
+        "features": [{"id": 4, "value": 0.0, "mode": "clamp"}, {"id": 9, "value": 2.0, "mode": "transfer", "source": 4}]}
+    for bad in (lambda: Steering().transfer(3, 1.0, 3), lambda: Steering().transfer(3, 1.0, None),
+                lambda: Steering().transfer(3, 1.0, -2)):
+        with pytest.raises(ValueError):
+            bad()
     assert Steering().semantics("paper").preset("fix-red").to_dict() == {
         "features": [], "semantics": "paper", "preset": "fix-red"}
     with pytest.raises(ValueError):

@@ -104,6 +104,7 @@ EDITS = {
     "add": [FeatureEdit(7, 12.0, "add")],
     "scale": [FeatureEdit(3, 8.0, "scale"), FeatureEdit(90, 0.0, "scale")],
     "mixed": [FeatureEdit(11, 25.0), FeatureEdit(7, -9.0, "add"), FeatureEdit(3, 4.0, "scale")],
+    "swap": [FeatureEdit(3, 0.0), FeatureEdit(11, 6.0, "transfer", 3)],  # source 3: replaced by an active one
 }
 
 
@@ -123,13 +124,16 @@ def test_delta_semantics_match_reference(llava, kind, scope):
     if kind == "scale":
         f = _natural_active_feature(lm, sae, _request(lm))
         edits = [FeatureEdit(f, 8.0, "scale")]
+    if kind == "swap":  # where the active feature fires, the model reads feature 11 instead
+        f = _natural_active_feature(lm, sae, _request(lm))
+        edits = [FeatureEdit(f, 0.0), FeatureEdit(11, 6.0, "transfer", f)]
     req = _request(lm, steering=SteeringSpec(edits, scope=scope))
     res = _engine(lm, sae).generate([req])[0]
     inputs = build_inputs(lm, req.messages, req.images)
     ref_tokens, ref_lp = reference_generate(lm, inputs, sae, 2, edits, scope=scope, max_new_tokens=N_TOKENS)
     assert res.token_ids == ref_tokens
     torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
-    if (kind, scope) != ("scale", "generated"):  # the scaled feature is silent on generated tokens
+    if (kind, scope) not in (("scale", "generated"), ("swap", "generated")):  # silent on generated tokens
         plain = _engine(lm, sae).generate([_request(lm)])[0]
         assert max(abs(a - b) for a, b in zip(res.logprobs, plain.logprobs, strict=True)) > 0.1
 
@@ -164,6 +168,7 @@ def _mixed_requests(lm):
         _request(lm, "Describe the picture.", SteeringSpec(EDITS["add"], scope="generated"), max_tokens=11),
         _request(lm, "The weather is sunny.", SteeringSpec(EDITS["mixed"], semantics="paper")),
         _request(lm, "Bob likes books.", SteeringSpec(EDITS["scale"], scope="prompt"), max_tokens=3),
+        _request(lm, "Alice reads.", SteeringSpec(EDITS["swap"]), max_tokens=4),
     ]
 
 
@@ -175,7 +180,7 @@ def test_rows_are_isolated_in_mixed_batches(llava):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     for a, t in zip(alone, together, strict=True):
         torch.testing.assert_close(torch.tensor(t.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
-    assert engine.stats["prefills"] == 5
+    assert engine.stats["prefills"] == 6
 
 
 def test_join_and_leave_between_steps(llava):
@@ -222,6 +227,10 @@ def test_seeded_sampling_reproduces_alone_and_batched(llava):
     ([FeatureEdit(i, 1.0) for i in range(9)], "steering.features", "9 feature edits exceed the limit of 8"),
     ([FeatureEdit(1, 1.0), FeatureEdit(2, 1e308)], "steering.features[1].value", r"outside \[-10000, 10000\]"),
     ([FeatureEdit(1, -10000.5, "add")], "steering.features[0].value", "largest steering value"),
+    ([FeatureEdit(1, 1.0, "transfer")], "steering.features[0].source", "needs a source feature"),
+    ([FeatureEdit(1, 1.0, "transfer", 1)], "steering.features[0].source", "another feature"),
+    ([FeatureEdit(1, 1.0, "transfer", 256)], "steering.features[0].source", "another feature"),
+    ([FeatureEdit(1, 1.0, "clamp", 2)], "steering.features[0].source", "for mode 'transfer' only"),
 ])
 def test_bad_steering_is_rejected_with_field(llava, edits, field, msg):
     lm, sae = llava
@@ -614,3 +623,11 @@ def test_an_unsteered_prefill_is_reused_exactly(llava):
     # the unsteered and the two generated-scope requests share one prefill; scope "all" has its own
     assert (cached.stats["prefills"], cached.stats["prefill_reuses"]) == (2, 2)
     assert (fresh.stats["prefills"], fresh.stats["prefill_reuses"]) == (4, 0)
+
+
+def test_a_transfer_needs_delta_semantics(llava):
+    lm, sae = llava
+    spec = SteeringSpec([FeatureEdit(3, 0.0), FeatureEdit(11, 6.0, "transfer", 3)], semantics="paper")
+    with pytest.raises(EngineError, match="delta semantics") as info:
+        _engine(lm, sae).submit(_request(lm, steering=spec))
+    assert info.value.field == "steering.features[1].mode"

@@ -83,6 +83,22 @@ def test_openai_client_with_clamps(client):
     assert plain.model_extra["steering"] is None
 
 
+def test_a_swap_is_echoed_with_its_source_and_equals_the_sdks(client, server):
+    """A transfer edit (the source's activation written along another feature) travels through the
+    stock client's extra_body, is echoed with its source, and the SDK's ``swap`` sends the same."""
+    from lmm_steer_client import Client, Steering
+
+    body = {"steering": {"features": [{"id": 7, "value": 0.0}, {"id": 11, "value": 4.0, "mode": "transfer", "source": 7}]}}
+    swapped = _chat(client, extra_body=body)
+    applied = swapped.model_extra["steering"]["features"]
+    assert applied[1] == {"id": 11, "value": 4.0, "mode": "transfer", "source": 7, "explanation": HOOK_FEATURES[11],
+                          "concept": None}
+    assert "source" not in applied[0]
+    with Client(server.url) as sdk:
+        again = sdk.chat(prompt="Tell me a story", max_tokens=12, temperature=0, steering=Steering().swap(7, 11, 4.0))
+    assert again.text == swapped.choices[0].message.content
+
+
 def test_openai_streaming_equals_non_streaming(client):
     body = {"steering": {"features": [{"id": 7, "value": 5.0, "mode": "add"}], "scope": "generated"}}
     whole = _chat(client, extra_body=body).choices[0].message.content
@@ -217,6 +233,10 @@ ERROR_CASES = [
      "33 feature edits exceed the limit of 32"),
     ("unknown mode", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "mode": "mul"}]}},
      400, "steering.features[0].mode", "clamp"),
+    ("transfer without a source", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "mode": "transfer"}]}},
+     400, "steering.features[0].source", "needs a source feature"),
+    ("source of a clamp", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "source": 2}]}},
+     400, "steering.features[0].source", "for mode 'transfer' only"),
     ("unknown scope", {"messages": _msgs(), "steering": {"features": [], "scope": "everywhere"}}, 400,
      "steering.scope", "all"),
     ("unknown semantics", {"messages": _msgs(), "steering": {"semantics": "sparsify"}}, 400, "steering.semantics",

@@ -101,3 +101,16 @@ def test_generate_without_an_sae_says_so_in_cli_terms():
     out = _cli("generate", "--model", "builtin:tiny-llama", "--prompt", "hi", "--clamp", "1=2", "--max-tokens", "2")
     assert out.returncode == 1
     assert "no SAE is loaded" in out.stderr and "--sae" in out.stderr and "server" not in out.stderr
+
+
+def test_clamp_arguments_take_a_transfer_with_its_source():
+    import argparse
+
+    from lmm_steer.cli import parse_clamp
+    from lmm_steer.engine import FeatureEdit
+
+    assert parse_clamp("11=2.5:transfer:7") == FeatureEdit(11, 2.5, "transfer", 7)
+    assert parse_clamp("11=2.5:add") == FeatureEdit(11, 2.5, "add")
+    for bad in ("11=2.5:transfer", "11=2.5:clamp:7", "11=2.5:transfer:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="transfer:SOURCE"):
+            parse_clamp(bad)

@@ -11,15 +11,16 @@ from .errors import LmmSteerError
 from .steering import Steering
 
 
-def _clamp(text: str) -> tuple[int, float, str]:
+def _clamp(text: str) -> tuple[int, float, str, int | None]:
     fid, sep, rest = text.partition("=")
     value, _, mode = rest.partition(":")
+    mode, _, source = mode.partition(":")
     try:
-        if not sep:
+        if not sep or bool(source) != (mode == "transfer"):
             raise ValueError
-        return int(fid), float(value), mode or "clamp"
+        return int(fid), float(value), mode or "clamp", int(source) if source else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE]") from None
+        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE] or ID=VALUE:transfer:SOURCE") from None
 
 
 def _concept(text: str) -> tuple[str, float]:
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
         with Client(args.base_url, args.api_key) as client:
             if args.command == "chat":
                 steering = Steering()
-                for fid, value, mode in args.clamp:
-                    getattr(steering, mode)(fid, value)
+                for fid, value, mode, source in args.clamp:
+                    getattr(steering, mode)(fid, value, *([source] if mode == "transfer" else []))
                 for text, strength in args.concept:
                     steering.concept(text, strength)
                 kw = {"prompt": args.question, "images": args.image,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-MODES = ("clamp", "add", "scale")
+MODES = ("clamp", "add", "scale", "transfer")
 SCOPES = ("all", "prompt", "generated", "image")
 SEMANTICS = ("delta", "paper")
 
@@ -19,14 +19,18 @@ class Steering:
         self._semantics: str | None = None
         self._preset: str | None = None
 
-    def _edit(self, feature: int, value: float, mode: str) -> Steering:
-        if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
-            raise ValueError(f"feature id must be a non-negative integer, got {feature!r}")
+    def _edit(self, feature: int, value: float, mode: str, source: int | None = None) -> Steering:
+        for name, fid in (("feature", feature), ("source", source)):
+            if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int) or fid < 0):
+                raise ValueError(f"{name} id must be a non-negative integer, got {fid!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"value for feature {feature} must be a finite number, got {value!r}")
         if any(f["id"] == feature for f in self._features):
             raise ValueError(f"feature {feature} is already set")
-        self._features.append({"id": feature, "value": float(value), "mode": mode})
+        edit = {"id": feature, "value": float(value), "mode": mode}
+        if source is not None:
+            edit["source"] = source
+        self._features.append(edit)
         return self
 
     def clamp(self, feature: int, value: float) -> Steering:
@@ -40,6 +44,18 @@ class Steering:
 
     def ablate(self, feature: int) -> Steering:
         return self._edit(feature, 0.0, "clamp")
+
+    def transfer(self, feature: int, value: float, source: int) -> Steering:
+        """Write ``value`` times ``source``'s activation along ``feature``'s direction, wherever
+        ``source`` fires (and nowhere else)."""
+        if source is None or source == feature:
+            raise ValueError(f"a transfer needs another feature as its source, got {source!r}")
+        return self._edit(feature, value, "transfer", source)
+
+    def swap(self, source: int, feature: int, value: float = 1.0) -> Steering:
+        """Where ``source`` fires, the model reads ``feature`` instead: ``source`` ablated, and
+        ``value`` times its activation transferred to ``feature``."""
+        return self.ablate(source).transfer(feature, value, source)
 
     def concept(self, text: str, strength: float = 1.0, max_features: int = 1) -> Steering:
         """Steer toward a concept named in words (negative strength: away from it); the server

@@ -253,12 +253,12 @@ def _resolve(body: ChatCompletionRequest, service: SteeringService, preset: Pres
         out.spec = SteeringSpec(edits) if edits else None
         return out
     if own is not None:
-        edits += [FeatureEdit(f.id, float(f.value), f.mode) for f in own.features]
+        edits += [FeatureEdit.of(f) for f in own.features]
         out.params += [f"steering.features[{i}]" for i in range(len(own.features))]
     if preset is not None:
         out.preset = preset.name
         base = _Resolved(None)
-        preset_edits = [FeatureEdit(f.id, float(f.value), f.mode) for f in preset.steering.features]
+        preset_edits = [FeatureEdit.of(f) for f in preset.steering.features]
         _add_concepts(base, preset_edits, preset.steering.concepts, service, "steering.preset",
                       lambda i: "steering.preset")
         mine = {e.feature for e in edits}
@@ -355,8 +355,11 @@ def _applied(resolved: _Resolved, service: SteeringService) -> dict | None:
         return None
     features = []
     for e in spec.edits:
-        features.append({"id": e.feature, "value": e.value, "mode": e.mode, "explanation": _explanation(service, e.feature),
-                         "concept": resolved.concept_of.get(e.feature)})
+        feature = {"id": e.feature, "value": e.value, "mode": e.mode, "explanation": _explanation(service, e.feature),
+                   "concept": resolved.concept_of.get(e.feature)}
+        if e.source is not None:  # a transfer's; other edits' echo stays as it was
+            feature["source"] = e.source
+        features.append(feature)
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}
 

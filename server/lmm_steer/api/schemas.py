@@ -76,7 +76,10 @@ class SteeringFeature(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
     id: Annotated[int, Field(strict=True, ge=0, description="SAE feature (latent) index")]
     value: FiniteNumber
-    mode: Literal["clamp", "add", "scale"] = "clamp"
+    mode: Literal["clamp", "add", "scale", "transfer"] = "clamp"
+    source: Annotated[int | None, Field(strict=True, ge=0, description=(
+        "mode 'transfer' only: the feature whose activation, times value, is written along this one's "
+        "direction wherever it fires (clamp the source at 0 beside it to swap one for the other)"))] = None
 
 
 class SteeringConcept(Request):
@@ -229,6 +232,7 @@ class AppliedFeature(BaseModel):
     id: int
     value: float
     mode: str
+    source: int | None = Field(None, description="a transfer's source feature (present for transfers only)")
     explanation: str | None = None
     concept: str | None = Field(None, description="the concept this edit came from, if any")
 

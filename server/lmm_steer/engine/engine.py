@@ -171,6 +171,8 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
             continue
         in_scope = s.decode_in_scope
         for j, e in enumerate(spec.edits):
+            if e.mode == "transfer":  # its slot measures the source, and it aims at no value of its own
+                continue
             before, after = float(effect[0, i, j]), float(effect[1, i, j])
             # the edit adds a z + b along the feature's direction: it aims at z + a z + b
             a, b = delta_coefficients(e) if in_scope else (0.0, 0.0)

@@ -4,6 +4,10 @@ Every edit of feature j becomes two coefficient pairs:
 
 * delta semantics (default, error-preserving): ``h <- h + sum_j (a_j z_j(h) + b_j) W_dec[j]``
   clamp v: a=-1, b=v (target v);  add v: a=0, b=v (target z+v);  scale v: a=v-1, b=0 (target v z).
+  transfer v from feature s: ``h <- h + v z_s(h) W_dec[j]``: feature j is written where s fires, in
+  proportion to it (with s clamped at 0 beside it, the model reads j where it read s; no other
+  position changes). A slot's z is its ``ids`` entry's and its direction its ``dirs`` entry's: the
+  same feature, but for a transfer.
   With a=b=0 the update is exactly zero, so an unsteered row is bit-identical to the plain model.
 * paper semantics (arXiv 2411.14982's code): the latent's pre-activation is rewritten,
   ``p_j <- c_j p_j + d_j`` (clamp: 0, v;  add: 1, v;  scale: v, 0), TopK is re-applied and the
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-MODES = ("clamp", "add", "scale")
+MODES = ("clamp", "add", "scale", "transfer")
 SCOPES = ("all", "prompt", "generated", "image")
 SEMANTICS = ("delta", "paper")
 
@@ -40,6 +44,12 @@ class FeatureEdit:
     feature: int
     value: float
     mode: str = "clamp"
+    source: int | None = None  # mode "transfer": the feature whose activation is written into this one
+
+    @classmethod
+    def of(cls, feature) -> FeatureEdit:
+        """From a request's steering feature (anything with its fields: id, value, mode, source)."""
+        return cls(feature.id, float(feature.value), feature.mode, getattr(feature, "source", None))
 
 
 @dataclass
@@ -94,21 +104,36 @@ class SteeringSpec:
                                     f"{where}.value")
             if e.mode not in MODES:
                 raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
+            if e.mode != "transfer":
+                if e.source is not None:
+                    raise SteeringError(f"source is for mode 'transfer' only (feature {e.feature} is {e.mode!r})",
+                                        f"{where}.source")
+                continue
+            if self.semantics == "paper":
+                raise SteeringError("a transfer edits the block output (delta semantics); paper semantics rewrites "
+                                    "pre-activations and has none", f"{where}.mode")
+            if isinstance(e.source, bool) or not isinstance(e.source, int):
+                raise SteeringError(f"mode 'transfer' needs a source feature id, got {e.source!r}", f"{where}.source")
+            if not 0 <= e.source < num_latents or e.source == e.feature:
+                raise SteeringError(f"source {e.source} must be another feature of the SAE (0..{num_latents - 1})",
+                                    f"{where}.source")
 
 
 def delta_coefficients(edit: FeatureEdit) -> tuple[float, float]:
     v = float(edit.value)
-    return {"clamp": (-1.0, v), "add": (0.0, v), "scale": (v - 1.0, 0.0)}[edit.mode]
+    return {"clamp": (-1.0, v), "add": (0.0, v), "scale": (v - 1.0, 0.0), "transfer": (v, 0.0)}[edit.mode]
 
 
 def paper_coefficients(edit: FeatureEdit) -> tuple[float, float]:
     v = float(edit.value)
-    return {"clamp": (0.0, v), "add": (1.0, v), "scale": (v, 0.0)}[edit.mode]
+    # a transfer is refused under paper semantics (validate); identity keeps a delta row's table whole
+    return {"clamp": (0.0, v), "add": (1.0, v), "scale": (v, 0.0), "transfer": (1.0, 0.0)}[edit.mode]
 
 
 @dataclass
 class SteeringRow:
-    """One request's table row, as Python lists of width ``len(edits)`` (padded when written)."""
+    """One request's table row, as Python lists of width ``len(edits)`` (padded when written);
+    ``dirs``: each slot's decoder direction where it is not its ``ids`` entry (a transfer's)."""
 
     ids: list[int]
     delta_a: list[float]
@@ -116,6 +141,7 @@ class SteeringRow:
     paper_c: list[float]
     paper_d: list[float]
     paper: bool
+    dirs: list[int] | None = None
 
     @classmethod
     def from_spec(cls, spec: SteeringSpec | None) -> SteeringRow:
@@ -123,16 +149,18 @@ class SteeringRow:
             return cls([], [], [], [], [], False)
         edits = spec.edits
         dc = [delta_coefficients(e) for e in edits]
-        pc = [paper_coefficients(e) for e in edits]
         paper = spec.semantics == "paper"
+        pc = [paper_coefficients(e) for e in edits]
         zeros = [0.0] * len(edits)
+        transfers = any(e.mode == "transfer" for e in edits)
         return cls(
-            ids=[e.feature for e in edits],
+            ids=[e.source if e.mode == "transfer" else e.feature for e in edits],
             delta_a=zeros if paper else [a for a, _ in dc],
             delta_b=zeros if paper else [b for _, b in dc],
             paper_c=[c for c, _ in pc],
             paper_d=[d for _, d in pc],
             paper=paper,
+            dirs=[e.feature for e in edits] if transfers else None,
         )
 
     @property
@@ -156,6 +184,7 @@ class SteeringTable:
         self.paper_c = torch.ones(rows, width, dtype=dtype, **kw)
         self.paper_d = torch.zeros(rows, width, dtype=dtype, **kw)
         self.paper = torch.zeros(rows, dtype=torch.bool, **kw)
+        self.dirs = torch.zeros(rows, width, dtype=torch.long, **kw)
 
     def write(self, row: int, r: SteeringRow, in_scope: bool) -> None:
         """Write ``r`` into ``row``; out of scope, delta edits vanish and paper edits become identity
@@ -177,6 +206,7 @@ class SteeringTable:
         self.paper_c[row] = torch.tensor(pc, dtype=self.paper_c.dtype)
         self.paper_d[row] = torch.tensor(pd, dtype=self.paper_d.dtype)
         self.paper[row] = r.paper
+        self.dirs[row] = torch.tensor((r.dirs or r.ids) + [pad_id] * (w - n), dtype=torch.long)
 
     def clear(self, row: int) -> None:
         self.write(row, SteeringRow([], [], [], [], [], False), True)
@@ -254,8 +284,9 @@ def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor, rank_by_count: 
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
-                   effect: torch.Tensor | None = None, rank_by_count: bool | None = None):
-    """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``).
+                   effect: torch.Tensor | None = None, rank_by_count: bool | None = None, dirs=None):
+    """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``); ``dirs``:
+    each slot's decoder direction (default ``ids``; a transfer's differs).
 
     With ``variant.measure``, ``effect [2, N, C]`` receives the SAE's activation of each table
     feature in the block output before the edit and in the edited output (exact: a second encode).
@@ -273,7 +304,7 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
         coef = delta_b
     out = h
     if variant.delta:
-        delta = F.embedding_bag(ids, w_dec, per_sample_weights=coef.to(w_dec.dtype), mode="sum")
+        delta = F.embedding_bag(ids if dirs is None else dirs, w_dec, per_sample_weights=coef.to(w_dec.dtype), mode="sum")
         out = h + delta.to(h.dtype)
     if variant.paper:
         edited = pre.scatter(-1, ids, paper_c * chosen + paper_d)

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from ..engine import FeatureEdit, SteeringSpec
+from ..engine import SteeringSpec
 from ..scenes.evaluate import normalise, questions
 from .fix import ask
 
@@ -27,7 +27,7 @@ OUTCOMES = ("kept right", "fixed", "broken", "kept wrong")
 
 def scaled(spec: SteeringSpec, factor: float) -> SteeringSpec:
     """The spec with every edit's value times ``factor`` (a suppression at 0 stays 0)."""
-    return replace(spec, edits=[FeatureEdit(e.feature, e.value * factor, e.mode) for e in spec.edits])
+    return replace(spec, edits=[replace(e, value=e.value * factor) for e in spec.edits])
 
 
 def outcome(answer: str, plain: str, steered: str) -> str:

@@ -63,7 +63,7 @@ def load_presets(path: str | Path) -> dict[str, Preset]:
 def feature_spec(steering) -> SteeringSpec:
     """A steering's feature edits, scope and semantics as the engine's spec (concepts, which need the
     server's search, are left out)."""
-    return SteeringSpec([FeatureEdit(f.id, float(f.value), f.mode) for f in steering.features],
+    return SteeringSpec([FeatureEdit.of(f) for f in steering.features],
                         scope=steering.scope, semantics=steering.semantics)
 
 
