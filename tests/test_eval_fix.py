@@ -15,6 +15,7 @@ from lmm_steer.eval.fix import (
     search_edits,
     summarise,
     targets,
+    transferred,
 )
 from lmm_steer.eval.tested import VALUE_KEYS, effect_rates, pick
 from lmm_steer.scenes.generate import generate
@@ -65,6 +66,19 @@ def test_random_control_draws_other_features_at_the_same_values():
         drawn = random_edits(like, list(range(10)), random.Random(seed))
         assert [e.value for e in drawn] == [12.0, 0.0] and not {e.feature for e in drawn} & {3, 5}
         assert len({e.feature for e in drawn}) == 2
+
+
+def test_a_transfer_moves_the_wrong_values_feature_to_the_right_ones_and_its_control_keeps_the_pairing():
+    catalog = FeatureCatalog([FeatureEntry(1, "red", extras={"max_activation": 4.0}),
+                              FeatureEntry(2, "brown", extras={"max_activation": 2.0})])
+    swap = transferred([FeatureEdit(1, 12.0), FeatureEdit(2, 0.0)], catalog, strength=1.5)
+    # red written where brown fired, at 1.5 x brown's activation times the ratio of their peaks (4 / 2)
+    assert swap == [FeatureEdit(1, 3.0, "transfer", 2), FeatureEdit(2, 0.0)]
+    assert transferred([FeatureEdit(1, 12.0)], catalog) == []  # nothing to move from: no edit
+    for seed in range(10):
+        drawn = random_edits(swap, list(range(3, 12)), random.Random(seed))
+        assert [(e.value, e.mode) for e in drawn] == [(3.0, "transfer"), (0.0, "clamp")]
+        assert drawn[0].source == drawn[1].feature != drawn[0].feature and not {e.feature for e in drawn} & {1, 2}
 
 
 def test_collateral_pairs_each_case_with_a_right_answer_of_its_type_cycling():
@@ -140,6 +154,56 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
         assert {f for f, _ in case["edits"]["search-tested"]} == chosen
     assert any(case["edits"]["oracle"] for case in result["cases"])
     assert "Collateral" in capsys.readouterr().out
+
+
+class _SwapOnlyModel:
+    """A stand-in engine that calls every object brown (or a square) unsteered and gives the right
+    answer only to a transfer into the right value's feature: ``run`` must count that as fixed,
+    and the random control (transfers between other features) as unchanged."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def generate(self, reqs):
+        from types import SimpleNamespace
+
+        out = []
+        for r in reqs:
+            question = r.messages[0]["content"][1]["text"]
+            truth = self.truth[question, r.images[0].tobytes()]
+            said = ("brown" if truth != "brown" else "red") if "colour" in question else ("square" if truth != "square" else "star")
+            edits = r.steering.edits if r.steering else []
+            if any(e.mode == "transfer" and e.feature == self.ids.get(truth) and e.source == self.ids.get(said) for e in edits):
+                said = truth
+            out.append(SimpleNamespace(text=said))
+        return out
+
+
+def test_a_run_with_transfers_counts_a_swap_that_fixes_and_a_random_one_that_does_not(tmp_path):
+    from lmm_steer.eval.fix import run
+    from lmm_steer.scenes.evaluate import questions
+
+    generate(tmp_path, 3, seed=22)
+    words = ["red", "blue", "green", "yellow", "purple", "brown", "gray", "cyan",
+             "circle", "square", "star", "cross", "triangle", "diamond", "hexagon"]
+    catalog = FeatureCatalog([FeatureEntry(i, f"{w} objects", extras={"max_activation": 2.0 + i})
+                              for i, w in enumerate(words)] + [FeatureEntry(i, "", extras={"max_activation": 1.0})
+                                                               for i in range(len(words), 40)])
+    model = _SwapOnlyModel({w: i for i, w in enumerate(words)})
+    from PIL import Image
+
+    model.truth = {(q["question"], Image.open(tmp_path / q["image"]).convert("RGB").tobytes()): q["answer"]
+                   for q in questions(tmp_path, None, ("colour", "shape"))}
+    result = run(model, catalog, catalog, tmp_path, types=("colour", "shape"), amplify="transfer", strength=2.0)
+    assert set(result["methods"]) == {"search", "random"} and result["amplify"] == "transfer"
+    n = result["misrecognitions"]
+    assert n == len(model.truth) > 0
+    assert result["methods"]["search"]["all"]["fixed"] == n  # each was a swap from the said value to the truth
+    assert result["methods"]["random"]["all"]["unchanged"] == n
+    for case in result["cases"]:
+        (right, value, source), (wrong, zero) = case["edits"]["search"]
+        assert (words[right], words[source], zero) == (case["answer"], case["got"], 0.0) and wrong == source
+        assert value == pytest.approx(2.0 * (2.0 + right) / (2.0 + wrong))
 
 
 def test_the_command_names_bad_input(tmp_path, capsys):

@@ -104,10 +104,13 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                    help="questions of --select per type each tried hit is clamped on")
     p.add_argument("--strength", type=float, default=1.0,
                    help="multiplies each amplifying edit's value (the feature's calibrated value, else 3x its "
-                        "largest activation), or with --amplify scale is the factor; suppression stays 0")
-    p.add_argument("--amplify", default="clamp", choices=("clamp", "scale"),
+                        "largest activation); with --amplify scale it is the factor, with transfer it multiplies "
+                        "the ratio of the two features' largest activations; suppression stays 0")
+    p.add_argument("--amplify", default="clamp", choices=("clamp", "scale", "transfer"),
                    help="clamp: set the feature to its value on every position in scope; scale: multiply its own "
-                        "activation by --strength, so only where it already fires")
+                        "activation by --strength, so only where it already fires; transfer: write it where the "
+                        "wrong value's feature fired, from that feature's activation (a swap: only the positions "
+                        "the model read as the wrong value change; the search-tested row still tests hits by clamp)")
     p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
                    help="positions the edits touch")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
@@ -154,7 +157,8 @@ def fix_command(args) -> int:
         oracle = best_features(engine, Path(args.select), args.select_scenes)
         if args.test_hits:
             tested = tested_choice(engine, searcher, catalog, Path(args.select), candidates=args.test_hits,
-                                   per_type=args.test_questions, strength=args.strength, amplify=args.amplify,
+                                   per_type=args.test_questions, strength=args.strength,
+                                   amplify="clamp" if args.amplify == "transfer" else args.amplify,
                                    scope=args.scope)
     result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
                  per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength, amplify=args.amplify,

@@ -7,8 +7,10 @@ object's colour and shape amplified for a "no" to an object that is there, suppr
 to one that is not; the counted value amplified for an undercount, suppressed for an overcount).
 Each value becomes features as a user of the server would choose them: the catalog's top search
 hits for the word, clamped at the feature's calibrated value (or three times its largest
-activation) to amplify and at 0 to suppress, on the image's positions by default. The question is
-then asked again: fixed, unchanged, or changed into another wrong answer.
+activation) to amplify and at 0 to suppress, on the image's positions by default (``amplify``:
+``scale`` multiplies the feature where it already fires instead; ``transfer`` writes it where the
+wrong value's feature fired, a swap: ``transferred``). The question is then asked again: fixed,
+unchanged, or changed into another wrong answer.
 
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
 top hits, the one whose clamp most often makes the model say the value on a selection split's
@@ -146,11 +148,35 @@ def mapped_edits(chosen: dict[str, int], catalog, tgs: list[Target], strength: f
     return list(edits.values())
 
 
+def transferred(edits: list[FeatureEdit], catalog, strength: float = 1.0) -> list[FeatureEdit]:
+    """``--amplify transfer``: each amplifying edit becomes a transfer from the case's (first)
+    suppressed feature, at ``strength`` times the ratio of the two features' largest activations,
+    so the right value's feature is written where the wrong value's fired, as strongly, relatively;
+    the suppression stays. Without a suppressed feature (a "no" to an object that is there, an
+    undercount) there is nothing to move, and only suppressions are kept."""
+    sources = [e.feature for e in edits if e.mode == "clamp" and e.value == 0.0]
+    if not sources:
+        return [e for e in edits if e.mode == "clamp" and e.value == 0.0]
+
+    def peak(f):
+        return float(catalog.get(f).extras.get("max_activation") or 0.0) if catalog.get(f) else 0.0
+
+    out = []
+    for e in edits:
+        if e.mode == "clamp" and e.value == 0.0:
+            out.append(e)
+        elif peak(sources[0]) > 0:
+            out.append(FeatureEdit(e.feature, strength * peak(e.feature) / peak(sources[0]), "transfer", sources[0]))
+    return out
+
+
 def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random) -> list[FeatureEdit]:
-    """As many features as ``like``, drawn from ``pool`` minus those, at ``like``'s values."""
-    avoid = {e.feature for e in like}
-    choices = rng.sample([f for f in pool if f not in avoid], len(like))
-    return [FeatureEdit(f, e.value, e.mode) for f, e in zip(choices, like, strict=True)]
+    """``like`` with each feature it names (a transfer's source included) replaced by a random one
+    from ``pool`` minus those, at ``like``'s values and modes."""
+    named = list(dict.fromkeys([f for e in like for f in (e.feature, e.source) if f is not None]))
+    choices = dict(zip(named, rng.sample([f for f in pool if f not in set(named)], len(named)), strict=True))
+    return [FeatureEdit(choices[e.feature], e.value, e.mode, None if e.source is None else choices[e.source])
+            for e in like]
 
 
 def pair_collateral(cases: list[Case], right: list[dict]) -> list[tuple[Case, dict]]:
@@ -194,15 +220,22 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
             cases.append(Case(item, got, targets(item, got)))
     rng = random.Random(seed)
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0]
+    # a transfer is built from the clamp-form edits (suppress wrong, amplify right) of each method
+    base = "clamp" if amplify == "transfer" else amplify
+
+    def final(edits):
+        return transferred(edits, catalog, strength) if amplify == "transfer" else edits
+
     for case in cases:
-        case.edits["search"] = search_edits(searcher, catalog, case.targets, per_value, strength, amplify)
+        case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base))
         case.edits["search-paper"] = case.edits["search"]
         case.edits["random"] = random_edits(case.edits["search"], pool, rng)
         if tested is not None:
-            case.edits["search-tested"] = mapped_edits(tested, catalog, case.targets, strength, amplify)
+            case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base))
         if oracle is not None:
-            case.edits["oracle"] = mapped_edits(oracle, catalog, case.targets, strength, amplify)
-    made = {"oracle": oracle is not None, "search-tested": tested is not None}
+            case.edits["oracle"] = final(mapped_edits(oracle, catalog, case.targets, strength, base))
+    # paper semantics rewrites pre-activations and has no transfer
+    made = {"oracle": oracle is not None, "search-tested": tested is not None, "search-paper": amplify != "transfer"}
     methods = [m for m in METHODS if made.get(m, True)]
     jobs = [(case, m) for case in cases for m in methods if case.edits[m]]
     specs = [SteeringSpec(case.edits[m], scope=scope, semantics="paper" if m == "search-paper" else "delta")
@@ -240,7 +273,8 @@ def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tupl
         damage[m] = {"n": len(asked), "turned_wrong": broken, "share": round(broken / len(asked), 4) if asked else 0.0}
     return {"questions": len(items), "misrecognitions": len(cases), "methods": table, "collateral": damage,
             "cases": [{**c.item, "got": c.got, "targets": [[t.key, t.sign] for t in c.targets],
-                       "edits": {m: [[e.feature, e.value] for e in es] for m, es in c.edits.items()},
+                       "edits": {m: [[e.feature, e.value, *([] if e.source is None else [e.source])] for e in es]
+                                 for m, es in c.edits.items()},  # a transfer's third entry: its source
                        "answers": c.answers} for c in cases]}
 
 
