@@ -33,7 +33,7 @@ from lmm_steer.scenes.train import (
     train_scenes_lmm,
 )
 
-RED_FEATURE = 1974  # of the shipped scenes SAE: the README's example and `scenes localise`'s red feature
+RED_FEATURE = 324  # of the shipped scenes SAE: the README's example and `scenes localise`'s red feature
 SHIPPED_SAE = Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-llava-next"
 
 TINY_RUN = dict(clip_steps=2, clip_batch=8, steps=4, batch=1, turns=3, checkpoint_every=2, warmup=1, low_rank_from=1,
@@ -384,7 +384,7 @@ def test_the_served_model_answers_the_openai_client_as_the_model_alone_does(tmp_
             assert page["top_images"], page
             png = httpx.get(server.url + page["top_images"][0]["url"], timeout=30)
             assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-            # inspect's patch grid for the red feature (1974, `scenes localise`'s choice on dev scenes)
+            # inspect's patch grid for the red feature (324, `scenes localise`'s choice on dev scenes)
             # falls on the red objects of the two scenes that have them
             from lmm_steer.scenes.generate import patch_shares
             from lmm_steer.scenes.localise import scene_masks

@@ -201,7 +201,7 @@ SCENES_SAE = Path(__file__).resolve().parent.parent / "sae_weights" / "scenes-ll
 
 @pytest.mark.skipif(not SCENES_SAE.exists(), reason="the scenes model's SAE is not in this checkout")
 def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(browser, tmp_path):
-    """The scenes model with its shipped SAE and catalog: feature 1974 (red objects) opens with its top
+    """The scenes model with its shipped SAE and catalog: feature 324 (red objects) opens with its top
     images' heatmaps; in the playground, with the README's scene uploaded, clamping it on the image
     turns "yellow" into "red" beside the unsteered answer; inspecting the scene draws its heatmaps."""
     generate(tmp_path, 4, seed=11)  # the README's scene: scene 3, a yellow circle
@@ -211,7 +211,7 @@ def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(b
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(f"{server.url}/ui#/feature/1974")
+        page.goto(f"{server.url}/ui#/feature/324")
         page.wait_for_function("document.querySelectorAll('#feature-images canvas').length >= 3")
         page.wait_for_function("document.querySelector('#feature-images img')?.naturalWidth > 0")
         page.screenshot(path=str(_shots() / "scenes-feature.png"), full_page=True)
