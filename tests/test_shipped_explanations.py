@@ -41,13 +41,13 @@ def test_the_shipped_scores_are_what_scoring_gives_on_the_split_they_were_made_o
     by_hash = {hashlib.sha256(p.read_bytes()).hexdigest()[:16]: p for p in (tmp_path / "images").glob("*.png")}
     ann = load_annotations(tmp_path / "annotations.json")
     checked = 0
-    for row in ROWS[::10]:
+    for row in ROWS[::5]:
         images = [{**im, "image": str(by_hash[Path(im["image"]).stem])} for im in row["top_images"]]
         got = feature_ious(ann, row["explanation"], images, {})
         for key in ("iou", "ceiling_iou"):
             assert got[key] == pytest.approx(row["scores"][key], abs=1e-3), (row["feature"], key)
         assert got["names_attribute"] == row["scores"]["names_attribute"]
         checked += 1
-    assert checked >= 25
+    assert checked >= 39
     ious = [r["scores"]["iou"] for r in ROWS]
-    assert len(ROWS) == 286 and round(sum(ious) / len(ious), 3) == 0.205  # docs/explain.md's union table
+    assert len(ROWS) == 199 and round(sum(ious) / len(ious), 3) == 0.302  # docs/explain.md's run-12 table
