@@ -49,7 +49,7 @@ class FeatureEdit:
     @classmethod
     def of(cls, feature) -> FeatureEdit:
         """From a request's steering feature (anything with its fields: id, value, mode, source)."""
-        return cls(feature.id, float(feature.value), feature.mode, getattr(feature, "source", None))
+        return cls(feature.id, float(feature.value), feature.mode, feature.source)
 
 
 @dataclass
@@ -149,8 +149,8 @@ class SteeringRow:
             return cls([], [], [], [], [], False)
         edits = spec.edits
         dc = [delta_coefficients(e) for e in edits]
-        paper = spec.semantics == "paper"
         pc = [paper_coefficients(e) for e in edits]
+        paper = spec.semantics == "paper"
         zeros = [0.0] * len(edits)
         transfers = any(e.mode == "transfer" for e in edits)
         return cls(

@@ -153,21 +153,18 @@ def transferred(edits: list[FeatureEdit], catalog, strength: float = 1.0) -> lis
     suppressed feature, at ``strength`` times the ratio of the two features' largest activations,
     so the right value's feature is written where the wrong value's fired, as strongly, relatively;
     the suppression stays. Without a suppressed feature (a "no" to an object that is there, an
-    undercount) there is nothing to move, and only suppressions are kept."""
-    sources = [e.feature for e in edits if e.mode == "clamp" and e.value == 0.0]
-    if not sources:
-        return [e for e in edits if e.mode == "clamp" and e.value == 0.0]
+    undercount) there is nothing to move from, and the case gets no edit."""
+    suppressed = [e for e in edits if e.mode == "clamp" and e.value == 0.0]
+    if not suppressed:
+        return []
 
     def peak(f):
         return float(catalog.get(f).extras.get("max_activation") or 0.0) if catalog.get(f) else 0.0
 
-    out = []
-    for e in edits:
-        if e.mode == "clamp" and e.value == 0.0:
-            out.append(e)
-        elif peak(sources[0]) > 0:
-            out.append(FeatureEdit(e.feature, strength * peak(e.feature) / peak(sources[0]), "transfer", sources[0]))
-    return out
+    source = suppressed[0].feature
+    source_peak = peak(source)
+    return [e if e in suppressed else FeatureEdit(e.feature, strength * peak(e.feature) / source_peak, "transfer", source)
+            for e in edits if e in suppressed or source_peak > 0]
 
 
 def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random) -> list[FeatureEdit]:
