@@ -34,12 +34,14 @@ def reference_generate(lm, inputs, sae, layer_idx, edits, scope="all", semantics
             z = sae.encode(h)
             new = h
             for e in edits:
+                # a gated edit ("where"): only at positions where its gate feature is active
+                gate = 1.0 if getattr(e, "where", None) is None else (z[..., e.where : e.where + 1] > 0).to(h.dtype)
                 if e.mode == "transfer":  # the source's activation, along this feature's direction
-                    new = new + mask * e.value * z[..., e.source : e.source + 1] * sae.W_dec[e.feature]
+                    new = new + gate * mask * e.value * z[..., e.source : e.source + 1] * sae.W_dec[e.feature]
                     continue
                 zj = z[..., e.feature : e.feature + 1]
                 target = {"clamp": e.value, "add": zj + e.value, "scale": e.value * zj}[e.mode]
-                new = new + mask * (target - zj) * sae.W_dec[e.feature]
+                new = new + gate * mask * (target - zj) * sae.W_dec[e.feature]
         else:
             pre = F.relu(sae.pre_activations(h))
             for e in edits:

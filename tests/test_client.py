@@ -110,8 +110,12 @@ def test_builder_rejects_bad_input_before_sending():
                      {"id": 5, "value": 2.0, "mode": "scale"}]}
     assert Steering().swap(4, 9, 2.0).to_dict() == {
         "features": [{"id": 4, "value": 0.0, "mode": "clamp"}, {"id": 9, "value": 2.0, "mode": "transfer", "source": 4}]}
+    assert Steering().clamp(9, 50, where=4).ablate(7, where=4).to_dict() == {
+        "features": [{"id": 9, "value": 50.0, "mode": "clamp", "where": 4},
+                     {"id": 7, "value": 0.0, "mode": "clamp", "where": 4}]}
     for bad in (lambda: Steering().transfer(3, 1.0, 3), lambda: Steering().transfer(3, 1.0, None),
-                lambda: Steering().transfer(3, 1.0, -2)):
+                lambda: Steering().transfer(3, 1.0, -2), lambda: Steering().clamp(3, 1.0, where=-1),
+                lambda: Steering().clamp(3, 1.0, where="red")):
         with pytest.raises(ValueError):
             bad()
     assert Steering().semantics("paper").preset("fix-red").to_dict() == {
@@ -137,6 +141,11 @@ def test_cli_chat_and_search(server):
 
     r = cli("chat", "--clamp", "11=40", "--clamp", "7=2:add", "--no-stream", "--max-tokens", "6", "Tell me a story")
     assert r.returncode == 0 and r.stdout.strip()
+    gated = cli("chat", "--clamp", "11=40@7", "--no-stream", "--max-tokens", "6", "Tell me a story")
+    assert gated.returncode == 0 and gated.stdout.strip()
+    assert cli("chat", "--clamp", "11=40@", "hi").returncode == 2  # a gate needs its feature id
+    err = cli("chat", "--clamp", "11=40@9999", "--no-stream", "hi")
+    assert err.returncode == 1 and "where must be a feature id" in err.stderr
     bad = cli("chat", "--clamp", "11=oops", "hi")
     assert bad.returncode != 0
     err = cli("chat", "--clamp", "9999=1", "--no-stream", "hi")

@@ -105,6 +105,8 @@ EDITS = {
     "scale": [FeatureEdit(3, 8.0, "scale"), FeatureEdit(90, 0.0, "scale")],
     "mixed": [FeatureEdit(11, 25.0), FeatureEdit(7, -9.0, "add"), FeatureEdit(3, 4.0, "scale")],
     "swap": [FeatureEdit(3, 0.0), FeatureEdit(11, 6.0, "transfer", 3)],  # source 3: replaced by an active one
+    # gate 153 fires on a quarter of the mixed batch's gated prompt (the reference test picks its own gate)
+    "gated": [FeatureEdit(11, 25.0, where=153), FeatureEdit(7, 12.0, "add", where=153), FeatureEdit(40, 0.0)],
 }
 
 
@@ -114,6 +116,17 @@ def _natural_active_feature(lm, sae, req):
     with torch.no_grad():
         hs = lm.model(**inputs, output_hidden_states=True).hidden_states[3][0]
     return int(sae.encode(hs).gt(0).sum(0).argmax())
+
+
+def _partly_active_feature(lm, sae, req):
+    """A feature active on some of the prompt's positions but not most, so a gate on it opens and
+    closes within one prompt."""
+    inputs = build_inputs(lm, req.messages, req.images or None)
+    with torch.no_grad():
+        hs = lm.model(**inputs, output_hidden_states=True).hidden_states[3][0]
+    share = sae.encode(hs).gt(0).float().mean(0)
+    share[share == 0] = 2.0  # never a feature that is silent everywhere
+    return int((share - 0.3).abs().argmin())
 
 
 @pytest.mark.parametrize("scope", ["all", "prompt", "generated", "image"])
@@ -127,15 +140,31 @@ def test_delta_semantics_match_reference(llava, kind, scope):
     if kind == "swap":  # where the active feature fires, the model reads feature 11 instead
         f = _natural_active_feature(lm, sae, _request(lm))
         edits = [FeatureEdit(f, 0.0), FeatureEdit(11, 6.0, "transfer", f)]
+    if kind == "gated":
+        f = _partly_active_feature(lm, sae, _request(lm))
+        edits = [FeatureEdit(11, 25.0, where=f), FeatureEdit(7, 12.0, "add", where=f), FeatureEdit(40, 0.0)]
     req = _request(lm, steering=SteeringSpec(edits, scope=scope))
     res = _engine(lm, sae).generate([req])[0]
     inputs = build_inputs(lm, req.messages, req.images)
     ref_tokens, ref_lp = reference_generate(lm, inputs, sae, 2, edits, scope=scope, max_new_tokens=N_TOKENS)
     assert res.token_ids == ref_tokens
     torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
-    if (kind, scope) not in (("scale", "generated"), ("swap", "generated")):  # silent on generated tokens
+    if (kind, scope) not in (("scale", "generated"), ("swap", "generated"), ("gated", "generated")):  # silent there
         plain = _engine(lm, sae).generate([_request(lm)])[0]
         assert max(abs(a - b) for a, b in zip(res.logprobs, plain.logprobs, strict=True)) > 0.1
+
+
+def test_a_gate_opens_where_its_feature_fires_and_closes_elsewhere(llava):
+    """A gated clamp differs both from no edit (the gate opens somewhere) and from the same clamp
+    ungated (it closes somewhere)."""
+    lm, sae = llava
+    f = _partly_active_feature(lm, sae, _request(lm))
+    runs = {name: _engine(lm, sae).generate([_request(lm, steering=SteeringSpec(edits) if edits else None)])[0]
+            for name, edits in (("plain", []), ("gated", [FeatureEdit(11, 25.0, where=f)]),
+                                ("ungated", [FeatureEdit(11, 25.0)]))}
+    for other in ("plain", "ungated"):
+        gap = max(abs(a - b) for a, b in zip(runs["gated"].logprobs, runs[other].logprobs, strict=True))
+        assert gap > 0.1, other
 
 
 def test_steering_changes_the_output(llava):
@@ -169,6 +198,7 @@ def _mixed_requests(lm):
         _request(lm, "The weather is sunny.", SteeringSpec(EDITS["mixed"], semantics="paper")),
         _request(lm, "Bob likes books.", SteeringSpec(EDITS["scale"], scope="prompt"), max_tokens=3),
         _request(lm, "Alice reads.", SteeringSpec(EDITS["swap"]), max_tokens=4),
+        _request(lm, "Bob and Alice.", SteeringSpec(EDITS["gated"]), max_tokens=6),
     ]
 
 
@@ -180,7 +210,7 @@ def test_rows_are_isolated_in_mixed_batches(llava):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     for a, t in zip(alone, together, strict=True):
         torch.testing.assert_close(torch.tensor(t.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
-    assert engine.stats["prefills"] == 6
+    assert engine.stats["prefills"] == 7
 
 
 def test_join_and_leave_between_steps(llava):
@@ -231,6 +261,8 @@ def test_seeded_sampling_reproduces_alone_and_batched(llava):
     ([FeatureEdit(1, 1.0, "transfer", 1)], "steering.features[0].source", "another feature"),
     ([FeatureEdit(1, 1.0, "transfer", 256)], "steering.features[0].source", "another feature"),
     ([FeatureEdit(1, 1.0, "clamp", 2)], "steering.features[0].source", "for mode 'transfer' only"),
+    ([FeatureEdit(1, 1.0), FeatureEdit(2, 1.0, where=256)], "steering.features[1].where", "where must be a feature id"),
+    ([FeatureEdit(1, 1.0, where=-1)], "steering.features[0].where", "where must be a feature id"),
 ])
 def test_bad_steering_is_rejected_with_field(llava, edits, field, msg):
     lm, sae = llava
@@ -623,6 +655,14 @@ def test_an_unsteered_prefill_is_reused_exactly(llava):
     # the unsteered and the two generated-scope requests share one prefill; scope "all" has its own
     assert (cached.stats["prefills"], cached.stats["prefill_reuses"]) == (2, 2)
     assert (fresh.stats["prefills"], fresh.stats["prefill_reuses"]) == (4, 0)
+
+
+def test_a_gated_edit_needs_delta_semantics(llava):
+    lm, sae = llava
+    spec = SteeringSpec([FeatureEdit(11, 6.0, where=3)], semantics="paper")
+    with pytest.raises(EngineError, match="delta semantics") as info:
+        _engine(lm, sae).submit(_request(lm, steering=spec))
+    assert info.value.field == "steering.features[0].where"
 
 
 def test_a_transfer_needs_delta_semantics(llava):

@@ -99,6 +99,23 @@ def test_a_swap_is_echoed_with_its_source_and_equals_the_sdks(client, server):
     assert again.text == swapped.choices[0].message.content
 
 
+def test_a_gated_clamp_is_echoed_with_its_gate_and_equals_the_sdks(client, server):
+    """A gated edit ("where") travels through the stock client's extra_body, is echoed with its gate,
+    and the SDK's ``clamp(..., where=)`` sends the same."""
+    from lmm_steer_client import Client, Steering
+
+    body = {"steering": {"features": [{"id": 11, "value": 40.0, "where": 7}, {"id": 3, "value": 5.0}]}}
+    gated = _chat(client, extra_body=body)
+    applied = gated.model_extra["steering"]["features"]
+    assert applied[0] == {"id": 11, "value": 40.0, "mode": "clamp", "where": 7, "explanation": HOOK_FEATURES[11],
+                          "concept": None}
+    assert "where" not in applied[1]
+    with Client(server.url) as sdk:
+        again = sdk.chat(prompt="Tell me a story", max_tokens=12, temperature=0,
+                         steering=Steering().clamp(11, 40.0, where=7).clamp(3, 5.0))
+    assert again.text == gated.choices[0].message.content
+
+
 def test_openai_streaming_equals_non_streaming(client):
     body = {"steering": {"features": [{"id": 7, "value": 5.0, "mode": "add"}], "scope": "generated"}}
     whole = _chat(client, extra_body=body).choices[0].message.content
@@ -237,6 +254,13 @@ ERROR_CASES = [
      400, "steering.features[0].source", "needs a source feature"),
     ("source of a clamp", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "source": 2}]}},
      400, "steering.features[0].source", "for mode 'transfer' only"),
+    ("gate out of range", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "where": 9999}]}},
+     400, "steering.features[0].where", "where must be a feature id"),
+    ("gate not an id", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "where": "red"}]}},
+     400, "steering.features[0].where", "integer"),
+    ("gate under paper", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "where": 2}],
+                                                            "semantics": "paper"}},
+     400, "steering.features[0].where", "delta semantics"),
     ("unknown scope", {"messages": _msgs(), "steering": {"features": [], "scope": "everywhere"}}, 400,
      "steering.scope", "all"),
     ("unknown semantics", {"messages": _msgs(), "steering": {"semantics": "sparsify"}}, 400, "steering.semantics",

@@ -111,6 +111,8 @@ def test_clamp_arguments_take_a_transfer_with_its_source():
 
     assert parse_clamp("11=2.5:transfer:7") == FeatureEdit(11, 2.5, "transfer", 7)
     assert parse_clamp("11=2.5:add") == FeatureEdit(11, 2.5, "add")
-    for bad in ("11=2.5:transfer", "11=2.5:clamp:7", "11=2.5:transfer:x"):
+    assert parse_clamp("11=2.5@4") == FeatureEdit(11, 2.5, where=4)
+    assert parse_clamp("11=2.5:transfer:7@4") == FeatureEdit(11, 2.5, "transfer", 7, 4)
+    for bad in ("11=2.5:transfer", "11=2.5:clamp:7", "11=2.5:transfer:x", "11=2.5@", "11=2.5@red"):
         with pytest.raises(argparse.ArgumentTypeError, match="transfer:SOURCE"):
             parse_clamp(bad)

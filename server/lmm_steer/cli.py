@@ -54,19 +54,22 @@ def _sae_bundle(args) -> int:
 
 
 def parse_clamp(text: str):
-    """``ID=VALUE[:MODE]``, or ``ID=VALUE:transfer:SOURCE`` -> FeatureEdit."""
+    """``ID=VALUE[:MODE][@WHERE]``, or ``ID=VALUE:transfer:SOURCE[@WHERE]`` -> FeatureEdit (``@WHERE``:
+    the edit acts only where feature WHERE fires)."""
     from .engine.steering import MODES, FeatureEdit
 
-    fid, sep, rest = text.partition("=")
+    head, at, where = text.partition("@")
+    fid, sep, rest = head.partition("=")
     value, _, mode = rest.partition(":")
     mode, _, source = mode.partition(":")
     try:
-        if not sep or bool(source) != (mode == "transfer"):
+        if not sep or bool(source) != (mode == "transfer") or (at and not where):
             raise ValueError
-        return FeatureEdit(int(fid), float(value), mode or "clamp", int(source) if source else None)
+        return FeatureEdit(int(fid), float(value), mode or "clamp", int(source) if source else None,
+                           int(where) if at else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE] (MODE in {MODES}) or "
-                                         "ID=VALUE:transfer:SOURCE") from None
+        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE][@WHERE] (MODE in {MODES}) "
+                                         "or ID=VALUE:transfer:SOURCE[@WHERE]") from None
 
 
 def _generate(args) -> int:
@@ -125,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_timeout_argument(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], metavar="PATH")
-    gen.add_argument("--clamp", action="append", default=[], type=parse_clamp, metavar="ID=VALUE[:MODE]",
+    gen.add_argument("--clamp", action="append", default=[], type=parse_clamp, metavar="ID=VALUE[:MODE][@WHERE]",
                      help="an edit of one SAE feature (repeatable); ID=VALUE:transfer:SOURCE writes VALUE times "
-                          "feature SOURCE's activation along ID's direction, where SOURCE fires")
+                          "feature SOURCE's activation along ID's direction, where SOURCE fires; @WHERE gates an "
+                          "edit: it acts only where feature WHERE fires")
     gen.add_argument("--scope", choices=["all", "prompt", "generated", "image"])
     gen.add_argument("--semantics", choices=["delta", "paper"], default="delta")
     gen.add_argument("--max-tokens", type=int, default=64)

@@ -11,16 +11,19 @@ from .errors import LmmSteerError
 from .steering import Steering
 
 
-def _clamp(text: str) -> tuple[int, float, str, int | None]:
-    fid, sep, rest = text.partition("=")
+def _clamp(text: str) -> tuple[int, float, str, int | None, int | None]:
+    """``ID=VALUE[:MODE][@WHERE]`` or ``ID=VALUE:transfer:SOURCE[@WHERE]`` -> (id, value, mode, source, where)."""
+    head, at, where = text.partition("@")
+    fid, sep, rest = head.partition("=")
     value, _, mode = rest.partition(":")
     mode, _, source = mode.partition(":")
     try:
-        if not sep or bool(source) != (mode == "transfer"):
+        if not sep or bool(source) != (mode == "transfer") or (at and not where):
             raise ValueError
-        return int(fid), float(value), mode or "clamp", int(source) if source else None
+        return int(fid), float(value), mode or "clamp", int(source) if source else None, int(where) if at else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE] or ID=VALUE:transfer:SOURCE") from None
+        raise argparse.ArgumentTypeError(f"bad clamp {text!r}: expected ID=VALUE[:MODE][@WHERE] or "
+                                         "ID=VALUE:transfer:SOURCE[@WHERE]") from None
 
 
 def _concept(text: str) -> tuple[str, float]:
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
     chat = sub.add_parser("chat")
     chat.add_argument("question")
     chat.add_argument("--image", action="append", default=[])
-    chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE]")
+    chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE][@WHERE]")
     chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
                       help="steer toward a concept named in words (the server picks features and values)")
     chat.add_argument("--preset", help="a steering preset the server loaded (`models` lists them); --clamp and "
@@ -66,8 +69,8 @@ def main(argv=None) -> int:
         with Client(args.base_url, args.api_key) as client:
             if args.command == "chat":
                 steering = Steering()
-                for fid, value, mode, source in args.clamp:
-                    getattr(steering, mode)(fid, value, *([source] if mode == "transfer" else []))
+                for fid, value, mode, source, where in args.clamp:
+                    getattr(steering, mode)(fid, value, *([source] if mode == "transfer" else []), where=where)
                 for text, strength in args.concept:
                     steering.concept(text, strength)
                 kw = {"prompt": args.question, "images": args.image,

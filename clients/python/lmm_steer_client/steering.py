@@ -19,8 +19,9 @@ class Steering:
         self._semantics: str | None = None
         self._preset: str | None = None
 
-    def _edit(self, feature: int, value: float, mode: str, source: int | None = None) -> Steering:
-        for name, fid in (("feature", feature), ("source", source)):
+    def _edit(self, feature: int, value: float, mode: str, source: int | None = None,
+              where: int | None = None) -> Steering:
+        for name, fid in (("feature", feature), ("source", source), ("where", where)):
             if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int) or fid < 0):
                 raise ValueError(f"{name} id must be a non-negative integer, got {fid!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -30,27 +31,30 @@ class Steering:
         edit = {"id": feature, "value": float(value), "mode": mode}
         if source is not None:
             edit["source"] = source
+        if where is not None:
+            edit["where"] = where
         self._features.append(edit)
         return self
 
-    def clamp(self, feature: int, value: float) -> Steering:
-        return self._edit(feature, value, "clamp")
+    # ``where``: a gate feature; the edit then acts only at positions where that feature fires
+    def clamp(self, feature: int, value: float, where: int | None = None) -> Steering:
+        return self._edit(feature, value, "clamp", where=where)
 
-    def add(self, feature: int, value: float) -> Steering:
-        return self._edit(feature, value, "add")
+    def add(self, feature: int, value: float, where: int | None = None) -> Steering:
+        return self._edit(feature, value, "add", where=where)
 
-    def scale(self, feature: int, value: float) -> Steering:
-        return self._edit(feature, value, "scale")
+    def scale(self, feature: int, value: float, where: int | None = None) -> Steering:
+        return self._edit(feature, value, "scale", where=where)
 
-    def ablate(self, feature: int) -> Steering:
-        return self._edit(feature, 0.0, "clamp")
+    def ablate(self, feature: int, where: int | None = None) -> Steering:
+        return self._edit(feature, 0.0, "clamp", where=where)
 
-    def transfer(self, feature: int, value: float, source: int) -> Steering:
+    def transfer(self, feature: int, value: float, source: int, where: int | None = None) -> Steering:
         """Write ``value`` times ``source``'s activation along ``feature``'s direction, wherever
         ``source`` fires (and nowhere else)."""
         if source is None or source == feature:
             raise ValueError(f"a transfer needs another feature as its source, got {source!r}")
-        return self._edit(feature, value, "transfer", source)
+        return self._edit(feature, value, "transfer", source, where)
 
     def swap(self, source: int, feature: int, value: float = 1.0) -> Steering:
         """Where ``source`` fires, the model reads ``feature`` instead: ``source`` ablated, and

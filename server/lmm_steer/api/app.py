@@ -359,6 +359,8 @@ def _applied(resolved: _Resolved, service: SteeringService) -> dict | None:
                    "concept": resolved.concept_of.get(e.feature)}
         if e.source is not None:  # a transfer's; other edits' echo stays as it was
             feature["source"] = e.source
+        if e.where is not None:  # a gated edit's
+            feature["where"] = e.where
         features.append(feature)
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}

@@ -80,6 +80,8 @@ class SteeringFeature(Request):
     source: Annotated[int | None, Field(strict=True, ge=0, description=(
         "mode 'transfer' only: the feature whose activation, times value, is written along this one's "
         "direction wherever it fires (clamp the source at 0 beside it to swap one for the other)"))] = None
+    where: Annotated[int | None, Field(strict=True, ge=0, description=(
+        "a gate: the edit acts only at positions where this feature fires (delta semantics)"))] = None
 
 
 class SteeringConcept(Request):
@@ -233,6 +235,7 @@ class AppliedFeature(BaseModel):
     value: float
     mode: str
     source: int | None = Field(None, description="a transfer's source feature (present for transfers only)")
+    where: int | None = Field(None, description="a gated edit's gate feature (present for gated edits only)")
     explanation: str | None = None
     concept: str | None = Field(None, description="the concept this edit came from, if any")
 

@@ -132,12 +132,13 @@ def block_step(h, cos, sin, mask, rows, pos, keys, values, attend_len: int, blk:
     return _linear_residual(h, blk.act(gate) * up, blk.down_w, blk.down_b)
 
 
-def steer_by_count(h, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant, effect, dirs):
+def steer_by_count(h, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant, effect, dirs,
+                   gates):
     """:func:`apply_steering` ranking clamped features by counting at every batch size. Compiled, the
     comparison fuses into its sum: one pass over the pre-activations and no ``[b, C, M]`` tensor,
     where eager steps from batch 8 on pay for a top-k selection over 131072 latents instead."""
     return apply_steering(h, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant, effect,
-                          rank_by_count=True, dirs=dirs)
+                          rank_by_count=True, dirs=dirs, gates=gates)
 
 
 @functools.cache
@@ -196,7 +197,7 @@ class DecodeStep:
             if i == self.hook_index and not variant.plain:
                 h = self.steer(
                     h, self.sae, t.ids[:b], t.delta_a[:b], t.delta_b[:b], t.paper_c[:b], t.paper_d[:b],
-                    t.paper[:b], variant, self.effect[:, :b], dirs=t.dirs[:b],
+                    t.paper[:b], variant, self.effect[:, :b], dirs=t.dirs[:b], gates=t.gates[:b],
                 )
         logits = self.lm_head(self.decoder.norm(h)).float()
         # Advance the inputs on the device, assuming every row greedy: a batch of greedy rows then

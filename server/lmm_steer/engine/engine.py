@@ -171,7 +171,9 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
             continue
         in_scope = s.decode_in_scope
         for j, e in enumerate(spec.edits):
-            if e.mode == "transfer":  # its slot measures the source, and it aims at no value of its own
+            # a transfer's slot measures the source and aims at no value of its own; a gated edit aims
+            # at its target only where its gate fires, which this measure does not read
+            if e.mode == "transfer" or e.where is not None:
                 continue
             before, after = float(effect[0, i, j]), float(effect[1, i, j])
             # the edit adds a z + b along the feature's direction: it aims at z + a z + b

@@ -104,7 +104,7 @@ def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int):
         h = block_hidden(output)
         steered = apply_steering(
             h[0], sae, table.ids[which], table.delta_a[which], table.delta_b[which], table.paper_c[which],
-            table.paper_d[which], table.paper[which], variant, dirs=table.dirs[which],
+            table.paper_d[which], table.paper[which], variant, dirs=table.dirs[which], gates=table.gates[which],
         )[None]
         assert steered.shape[1] == t_len
         return with_block_hidden(output, steered)

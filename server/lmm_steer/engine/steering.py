@@ -8,6 +8,9 @@ Every edit of feature j becomes two coefficient pairs:
   proportion to it (with s clamped at 0 beside it, the model reads j where it read s; no other
   position changes). A slot's z is its ``ids`` entry's and its direction its ``dirs`` entry's: the
   same feature, but for a transfer.
+  Any delta edit may be gated by another feature g (``where``): its update is multiplied by
+  ``1[z_g(h) > 0]``, so it acts only at positions where g fires (e.g. paint a shape only on the
+  patches of the object whose colour names it), and nowhere else.
   With a=b=0 the update is exactly zero, so an unsteered row is bit-identical to the plain model.
 * paper semantics (arXiv 2411.14982's code): the latent's pre-activation is rewritten,
   ``p_j <- c_j p_j + d_j`` (clamp: 0, v;  add: 1, v;  scale: v, 0), TopK is re-applied and the
@@ -45,11 +48,12 @@ class FeatureEdit:
     value: float
     mode: str = "clamp"
     source: int | None = None  # mode "transfer": the feature whose activation is written into this one
+    where: int | None = None  # the edit acts only at positions where this feature fires
 
     @classmethod
     def of(cls, feature) -> FeatureEdit:
-        """From a request's steering feature (anything with its fields: id, value, mode, source)."""
-        return cls(feature.id, float(feature.value), feature.mode, feature.source)
+        """From a request's steering feature (anything with its fields: id, value, mode, source, where)."""
+        return cls(feature.id, float(feature.value), feature.mode, feature.source, feature.where)
 
 
 @dataclass
@@ -104,6 +108,13 @@ class SteeringSpec:
                                     f"{where}.value")
             if e.mode not in MODES:
                 raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
+            if e.where is not None:
+                if isinstance(e.where, bool) or not isinstance(e.where, int) or not 0 <= e.where < num_latents:
+                    raise SteeringError(f"where must be a feature id of the SAE (0..{num_latents - 1}), got "
+                                        f"{e.where!r}", f"{where}.where")
+                if self.semantics == "paper":
+                    raise SteeringError("a gated edit ('where') edits the block output (delta semantics); paper "
+                                        "semantics rewrites every position's pre-activations", f"{where}.where")
             if e.mode != "transfer":
                 if e.source is not None:
                     raise SteeringError(f"source is for mode 'transfer' only (feature {e.feature} is {e.mode!r})",
@@ -133,7 +144,8 @@ def paper_coefficients(edit: FeatureEdit) -> tuple[float, float]:
 @dataclass
 class SteeringRow:
     """One request's table row, as Python lists of width ``len(edits)`` (padded when written);
-    ``dirs``: each slot's decoder direction where it is not its ``ids`` entry (a transfer's)."""
+    ``dirs``: each slot's decoder direction where it is not its ``ids`` entry (a transfer's);
+    ``gates``: each slot's ``where`` feature, -1 for an ungated slot (None: no slot is gated)."""
 
     ids: list[int]
     delta_a: list[float]
@@ -142,6 +154,7 @@ class SteeringRow:
     paper_d: list[float]
     paper: bool
     dirs: list[int] | None = None
+    gates: list[int] | None = None
 
     @classmethod
     def from_spec(cls, spec: SteeringSpec | None) -> SteeringRow:
@@ -161,11 +174,17 @@ class SteeringRow:
             paper_d=[d for _, d in pc],
             paper=paper,
             dirs=[e.feature for e in edits] if transfers else None,
+            gates=[-1 if e.where is None else e.where for e in edits] if any(e.where is not None for e in edits)
+            else None,
         )
 
     @property
+    def gated(self) -> bool:
+        return self.gates is not None and self.has_delta
+
+    @property
     def needs_z(self) -> bool:
-        return any(a != 0.0 for a in self.delta_a)
+        return any(a != 0.0 for a in self.delta_a) or self.gated
 
     @property
     def has_delta(self) -> bool:
@@ -185,6 +204,7 @@ class SteeringTable:
         self.paper_d = torch.zeros(rows, width, dtype=dtype, **kw)
         self.paper = torch.zeros(rows, dtype=torch.bool, **kw)
         self.dirs = torch.zeros(rows, width, dtype=torch.long, **kw)
+        self.gates = torch.full((rows, width), -1, dtype=torch.long, **kw)
 
     def write(self, row: int, r: SteeringRow, in_scope: bool) -> None:
         """Write ``r`` into ``row``; out of scope, delta edits vanish and paper edits become identity
@@ -207,6 +227,7 @@ class SteeringTable:
         self.paper_d[row] = torch.tensor(pd, dtype=self.paper_d.dtype)
         self.paper[row] = r.paper
         self.dirs[row] = torch.tensor((r.dirs or r.ids) + [pad_id] * (w - n), dtype=torch.long)
+        self.gates[row] = torch.tensor((r.gates or [-1] * n) + [-1] * (w - n), dtype=torch.long)
 
     def clear(self, row: int) -> None:
         self.write(row, SteeringRow([], [], [], [], [], False), True)
@@ -220,6 +241,7 @@ class StepVariant:
     delta: bool  # some row adds decoder directions
     paper: bool  # some row replaces h by the reconstruction
     measure: bool = False  # also report each edited feature's activation before and after the edit
+    gate: bool = False  # some row's edits act only where another feature fires (``where``)
 
     @property
     def plain(self) -> bool:
@@ -235,9 +257,10 @@ def variant_for(rows: list[tuple[SteeringRow, bool]], measure: bool = False) -> 
     paper = any(r.paper for r, _ in rows)
     delta = any(r.has_delta and s for r, s in rows)
     encode = paper or any(r.needs_z and s for r, s in rows)
+    gate = any(r.gated and s for r, s in rows)
     if measure and any(r.ids for r, _ in rows):
-        return StepVariant(True, delta, paper, True)
-    return StepVariant(encode, delta, paper)
+        return StepVariant(True, delta, paper, True, gate)
+    return StepVariant(encode, delta, paper, gate=gate)
 
 
 # Above this many [rows x edits x latents] comparisons, rank by a top-k threshold instead. Measured
@@ -271,6 +294,12 @@ def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor, rank_by_count: 
     SAE's activations of ``ids`` (TopK: the pre-activation where it is among the top k, else 0;
     ``rank_by_count`` as in :func:`topk_member`)."""
     pre = F.relu(sae.pre_activations(x))
+    chosen, z = activations_of(sae, pre, ids, rank_by_count)
+    return pre, chosen, z
+
+
+def activations_of(sae, pre: torch.Tensor, ids: torch.Tensor, rank_by_count: bool | None = None):
+    """``(chosen, z)`` of ``ids`` from the ReLU'd pre-activations ``pre``, as in :func:`feature_activations`."""
     chosen = pre.gather(-1, ids)
     act = sae.cfg.activation
     if act == "topk":
@@ -280,13 +309,14 @@ def feature_activations(sae, x: torch.Tensor, ids: torch.Tensor, rank_by_count: 
         z = chosen * (chosen > sae.threshold[ids])
     else:
         z = chosen
-    return pre, chosen, z
+    return chosen, z
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
-                   effect: torch.Tensor | None = None, rank_by_count: bool | None = None, dirs=None):
+                   effect: torch.Tensor | None = None, rank_by_count: bool | None = None, dirs=None, gates=None):
     """Steer hidden states ``h [N, D]`` with per-row tables ``[N, C]`` (``paper [N]``); ``dirs``:
-    each slot's decoder direction (default ``ids``; a transfer's differs).
+    each slot's decoder direction (default ``ids``; a transfer's differs); ``gates``: each slot's
+    ``where`` feature or -1 (read only by a ``variant.gate`` step).
 
     With ``variant.measure``, ``effect [2, N, C]`` receives the SAE's activation of each table
     feature in the block output before the edit and in the edited output (exact: a second encode).
@@ -300,6 +330,9 @@ def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d
     if variant.encode:
         pre, chosen, z = feature_activations(sae, x, ids, rank_by_count)
         coef = delta_a * z + delta_b
+        if variant.gate:  # a gated slot acts only where its gate feature is active
+            open_ = (gates < 0) | (activations_of(sae, pre, gates.clamp(min=0), rank_by_count)[1] > 0)
+            coef = coef * open_.to(coef.dtype)
     else:
         coef = delta_b
     out = h
