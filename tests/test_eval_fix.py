@@ -9,6 +9,7 @@ from lmm_steer.engine import FeatureEdit
 from lmm_steer.eval.fix import (
     Case,
     Target,
+    asked_gates,
     outcome,
     pair_collateral,
     random_edits,
@@ -147,11 +148,11 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
         assert cell["n"] == result["misrecognitions"]
         assert cell["fixed"] + cell["unchanged"] + cell["other_wrong"] + cell["no_edit"] == cell["n"]
     for case in result["cases"]:
-        search = {f for f, _ in case["edits"]["search"]}
-        assert search <= set(range(len(words))) and not search & {f for f, _ in case["edits"]["random"]}
-        assert all(0 <= f < 64 for f, _ in case["edits"]["oracle"])
+        search = {e["id"] for e in case["edits"]["search"]}
+        assert search <= set(range(len(words))) and not search & {e["id"] for e in case["edits"]["random"]}
+        assert all(0 <= e["id"] < 64 for e in case["edits"]["oracle"])
         chosen = {result["tested"][key]["feature"] for key, sign in case["targets"]}
-        assert {f for f, _ in case["edits"]["search-tested"]} == chosen
+        assert {e["id"] for e in case["edits"]["search-tested"]} == chosen
     assert any(case["edits"]["oracle"] for case in result["cases"])
     assert "Collateral" in capsys.readouterr().out
 
@@ -201,9 +202,85 @@ def test_a_run_with_transfers_counts_a_swap_that_fixes_and_a_random_one_that_doe
     assert result["methods"]["search"]["all"]["fixed"] == n  # each was a swap from the said value to the truth
     assert result["methods"]["random"]["all"]["unchanged"] == n
     for case in result["cases"]:
-        (right, value, source), (wrong, zero) = case["edits"]["search"]
+        swap, ablate = case["edits"]["search"]
+        right, value, source, wrong, zero = swap["id"], swap["value"], swap["source"], ablate["id"], ablate["value"]
+        assert swap["mode"] == "transfer" and "mode" not in ablate
         assert (words[right], words[source], zero) == (case["answer"], case["got"], 0.0) and wrong == source
         assert value == pytest.approx(2.0 * (2.0 + right) / (2.0 + wrong))
+
+
+@pytest.mark.parametrize(("item", "got", "want"), [
+    # the asked object is picked out by the question's value of the other attribute
+    (_q("colour", "What colour is the star?", "red"), "brown", {"colour:red": "shape:star", "colour:brown": "shape:star"}),
+    (_q("shape", "What shape is the red object?", "star"), "cross", {"shape:star": "colour:red", "shape:cross": "colour:red"}),
+    (_q("exist", "Is there a red hexagon?", "yes"), "no", {"colour:red": "shape:hexagon", "shape:hexagon": "colour:red"}),
+    (_q("count", "How many red crosses are there?", "three"), "two", {"shape:cross": "colour:red", "colour:red": "shape:cross"}),
+    (_q("count", "How many crosses are there?", "three"), "two", {}),  # nothing else named: ungated
+])
+def test_a_gate_is_the_feature_of_the_questions_other_named_value(item, got, want):
+    features = {key: i for i, key in enumerate(VALUE_KEYS)}
+    gates = asked_gates(item, targets(item, got), features.get)
+    assert gates == {k: features[v] for k, v in want.items()}
+    assert asked_gates(item, targets(item, got), lambda key: None) == {}  # no feature for the word: ungated
+
+
+class _GatedOnlyModel:
+    """A stand-in engine that gets every colour question about a star wrong (says brown) and the rest
+    right, and answers a star's colour right only to a clamp of the right colour's feature gated by
+    the star feature; an ungated colour clamp makes it say that colour about any object (so gating
+    keeps right answers right)."""
+
+    def __init__(self, ids, truth):
+        self.ids, self.truth = ids, truth
+
+    def generate(self, reqs):
+        from types import SimpleNamespace
+
+        out = []
+        for r in reqs:
+            question = r.messages[0]["content"][1]["text"]
+            truth = self.truth[question, r.images[0].tobytes()]
+            said = "brown" if "star" in question and truth != "brown" else truth
+            for e in r.steering.edits if r.steering else []:
+                colour = next((w for w, i in self.ids.items() if i == e.feature and e.value > 0), None)
+                if colour is None:
+                    continue
+                if e.where is None:
+                    said = colour
+                elif e.where == self.ids["star"] and "star" in question:
+                    said = colour
+            out.append(SimpleNamespace(text=said))
+        return out
+
+
+def test_a_gated_run_fixes_on_the_asked_object_and_leaves_right_answers_alone(tmp_path):
+    from PIL import Image
+
+    from lmm_steer.eval.fix import run
+    from lmm_steer.scenes.evaluate import questions
+
+    generate(tmp_path, 40, seed=23)
+    words = ["red", "blue", "green", "yellow", "purple", "brown", "gray", "cyan",
+             "circle", "square", "star", "cross", "triangle", "diamond", "hexagon"]
+    catalog = FeatureCatalog([FeatureEntry(i, f"{w} objects", extras={"max_activation": 2.0 + i})
+                              for i, w in enumerate(words)] + [FeatureEntry(i, "", extras={"max_activation": 1.0})
+                                                               for i in range(len(words), 40)])
+    truth = {(q["question"], Image.open(tmp_path / q["image"]).convert("RGB").tobytes()): q["answer"]
+             for q in questions(tmp_path, None, ("colour",))}
+    model = _GatedOnlyModel({w: i for i, w in enumerate(words)}, truth)
+    results = {gate: run(model, catalog, catalog, tmp_path, types=("colour",), gate=gate) for gate in ("none", "asked")}
+    gated, plain = results["asked"], results["none"]
+    n = gated["misrecognitions"]
+    assert n > 0 and gated["gate"] == "asked"
+    assert "search-paper" not in gated["methods"] and "search-paper" in plain["methods"]
+    for result in (gated, plain):
+        assert result["methods"]["search"]["all"]["fixed"] == n  # the right colour, on the star
+        assert result["methods"]["random"]["all"]["fixed"] == 0
+    assert gated["collateral"]["search"]["turned_wrong"] == 0  # gated: only the star's patches
+    assert plain["collateral"]["search"]["turned_wrong"] > 0  # ungated: the colour painted on every object
+    for case in gated["cases"]:
+        assert {e.get("where") for e in case["edits"]["search"]} == {words.index("star")}
+        assert all(e["where"] != words.index("star") for e in case["edits"]["random"])
 
 
 def test_the_command_names_bad_input(tmp_path, capsys):

@@ -113,6 +113,10 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                         "the model read as the wrong value change; the search-tested row still tests hits by clamp)")
     p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
                    help="positions the edits touch")
+    p.add_argument("--gate", default="none", choices=("none", "asked"),
+                   help="asked: gate each edit (where) by the feature of the question's other named value, the "
+                        "one that picks out the asked object, so it acts only where that feature fires (search and "
+                        "search-tested: the search's top hit; oracle: its own choice; no paper row)")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
     p.add_argument("--json", metavar="PATH", help="write the result, every case included, here")
     p.add_argument("--markdown", metavar="PATH")
@@ -162,6 +166,7 @@ def fix_command(args) -> int:
                                    scope=args.scope)
     result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
                  per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength, amplify=args.amplify,
+                 gate=args.gate,
                  tested={k: v["feature"] for k, v in tested.items()} if tested is not None else None)
     result["search"] = "meaning" if searcher is not catalog else "words"
     if tested is not None:

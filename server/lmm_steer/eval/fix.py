@@ -9,8 +9,12 @@ Each value becomes features as a user of the server would choose them: the catal
 hits for the word, clamped at the feature's calibrated value (or three times its largest
 activation) to amplify and at 0 to suppress, on the image's positions by default (``amplify``:
 ``scale`` multiplies the feature where it already fires instead; ``transfer`` writes it where the
-wrong value's feature fired, a swap: ``transferred``). The question is then asked again: fixed,
-unchanged, or changed into another wrong answer.
+wrong value's feature fired, a swap: ``transferred``). With ``gate="asked"`` each edit is gated
+(``where``) by the feature of the question's other named value, the one that picks out the asked
+object ("the circle" for a colour, "the purple object" for a shape, the shape of "a yellow hexagon"
+for its colour and back): the edit then acts only on the patches where that feature fires
+(``asked_gates``). The question is then asked again: fixed, unchanged, or changed into another
+wrong answer.
 
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
 top hits, the one whose clamp most often makes the model say the value on a selection split's
@@ -106,8 +110,9 @@ def outcome(item: dict, got: str, again: str) -> str:
 
 
 def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength: float = 1.0,
-                 amplify: str = "clamp") -> list[FeatureEdit]:
-    """The top ``per_value`` search hits of each value's word, as ``feature_edit`` makes them."""
+                 amplify: str = "clamp", gates: dict[str, int] | None = None) -> list[FeatureEdit]:
+    """The top ``per_value`` search hits of each value's word, as ``feature_edit`` makes them; a
+    value's edits are gated by ``gates[key]`` where given."""
     edits: dict[int, FeatureEdit] = {}
     for t in tgs:
         word = t.key.split(":", 1)[1]
@@ -115,9 +120,30 @@ def search_edits(searcher, catalog, tgs: list[Target], per_value: int, strength:
         for entry, _ in searcher.search(word, per_value + len(edits)):
             if entry.feature in edits or taken == per_value:
                 continue
-            edits[entry.feature] = feature_edit(catalog, entry.feature, t.sign, strength, amplify)
+            edits[entry.feature] = feature_edit(catalog, entry.feature, t.sign, strength, amplify,
+                                                (gates or {}).get(t.key))
             taken += 1
     return list(edits.values())
+
+
+def top_hit(searcher, key: str) -> int | None:
+    """The search's first feature for a value's word."""
+    hits = searcher.search(key.split(":", 1)[1], 1)
+    return hits[0][0].feature if hits else None
+
+
+def asked_gates(item: dict, tgs: list[Target], choose) -> dict[str, int]:
+    """Per target, the feature (``choose(key)``) of the first value the question names of the other
+    attribute, the one that picks out the asked object; a target without one stays ungated."""
+    named = _words(item["question"])
+    gates = {}
+    for t in tgs:
+        kind = t.key.split(":", 1)[0]
+        for key in named:
+            if key.split(":", 1)[0] != kind and (g := choose(key)) is not None:
+                gates[t.key] = g
+                break
+    return gates
 
 
 def steering_value(catalog, feature: int) -> float:
@@ -127,24 +153,30 @@ def steering_value(catalog, feature: int) -> float:
     return float(value) if value is not None else 0.0
 
 
-def feature_edit(catalog, feature: int, sign: int, strength: float = 1.0, amplify: str = "clamp") -> FeatureEdit:
+def feature_edit(catalog, feature: int, sign: int, strength: float = 1.0, amplify: str = "clamp",
+                 where: int | None = None) -> FeatureEdit:
     """Suppress: clamp at 0. Amplify with ``"clamp"``: clamp at the steering value times ``strength``,
     wherever the scope reaches; with ``"scale"``: multiply the feature's own activation by
-    ``strength``, so only where it already fires (it cannot paint a colour onto another object)."""
+    ``strength``, so only where it already fires (it cannot paint a colour onto another object).
+    ``where``: the edit's gate, if any."""
+    if where == feature:  # a gate on the edited feature itself would only ever touch where it fires
+        where = None
     if sign < 0:
-        return FeatureEdit(feature, 0.0)
+        return FeatureEdit(feature, 0.0, where=where)
     if amplify == "scale":
-        return FeatureEdit(feature, strength, "scale")
-    return FeatureEdit(feature, strength * steering_value(catalog, feature))
+        return FeatureEdit(feature, strength, "scale", where=where)
+    return FeatureEdit(feature, strength * steering_value(catalog, feature), where=where)
 
 
 def mapped_edits(chosen: dict[str, int], catalog, tgs: list[Target], strength: float = 1.0,
-                 amplify: str = "clamp") -> list[FeatureEdit]:
-    """Each value's one feature from a ``"colour:red" -> feature`` choice (the oracle's, or the tested search's)."""
+                 amplify: str = "clamp", gates: dict[str, int] | None = None) -> list[FeatureEdit]:
+    """Each value's one feature from a ``"colour:red" -> feature`` choice (the oracle's, or the tested
+    search's), gated by ``gates[key]`` where given."""
     edits = {}
     for t in tgs:
         if t.key in chosen and chosen[t.key] not in edits:
-            edits[chosen[t.key]] = feature_edit(catalog, chosen[t.key], t.sign, strength, amplify)
+            edits[chosen[t.key]] = feature_edit(catalog, chosen[t.key], t.sign, strength, amplify,
+                                                (gates or {}).get(t.key))
     return list(edits.values())
 
 
@@ -163,17 +195,18 @@ def transferred(edits: list[FeatureEdit], catalog, strength: float = 1.0) -> lis
 
     source = suppressed[0].feature
     source_peak = peak(source)
-    return [e if e in suppressed else FeatureEdit(e.feature, strength * peak(e.feature) / source_peak, "transfer", source)
+    return [e if e in suppressed else FeatureEdit(e.feature, strength * peak(e.feature) / source_peak, "transfer", source,
+                                                  e.where)
             for e in edits if e in suppressed or source_peak > 0]
 
 
 def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random) -> list[FeatureEdit]:
-    """``like`` with each feature it names (a transfer's source included) replaced by a random one
-    from ``pool`` minus those, at ``like``'s values and modes."""
-    named = list(dict.fromkeys([f for e in like for f in (e.feature, e.source) if f is not None]))
+    """``like`` with each feature it names (a transfer's source and a gate included) replaced by a
+    random one from ``pool`` minus those, at ``like``'s values and modes."""
+    named = list(dict.fromkeys([f for e in like for f in (e.feature, e.source, e.where) if f is not None]))
     choices = dict(zip(named, rng.sample([f for f in pool if f not in set(named)], len(named)), strict=True))
-    return [FeatureEdit(choices[e.feature], e.value, e.mode, None if e.source is None else choices[e.source])
-            for e in like]
+    return [FeatureEdit(choices[e.feature], e.value, e.mode, None if e.source is None else choices[e.source],
+                        None if e.where is None else choices[e.where]) for e in like]
 
 
 def pair_collateral(cases: list[Case], right: list[dict]) -> list[tuple[Case, dict]]:
@@ -206,7 +239,7 @@ def ask(engine, data: Path, items: list[dict], steerings: list[SteeringSpec | No
 def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None,
         tested: dict[str, int] | None = None, limit: int | None = None,
         types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0,
-        amplify: str = "clamp") -> dict:
+        amplify: str = "clamp", gate: str = "none") -> dict:
     items = questions(data, limit, types)
     first = ask(engine, data, items, [None] * len(items))
     cases, right = [], []
@@ -223,16 +256,27 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     def final(edits):
         return transferred(edits, catalog, strength) if amplify == "transfer" else edits
 
+    def gates(case, choose):
+        return asked_gates(case.item, case.targets, choose) if gate == "asked" else None
+
+    def search_gate(key):
+        return top_hit(searcher, key)
+
     for case in cases:
-        case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base))
+        # a gate marks where the asked object is: the search's top hit (explanations say where a
+        # feature fires; the tested choice is picked for what it causes), the oracle's own choice
+        found = gates(case, search_gate)
+        case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base, found))
         case.edits["search-paper"] = case.edits["search"]
         case.edits["random"] = random_edits(case.edits["search"], pool, rng)
         if tested is not None:
-            case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base))
+            case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base, found))
         if oracle is not None:
-            case.edits["oracle"] = final(mapped_edits(oracle, catalog, case.targets, strength, base))
-    # paper semantics rewrites pre-activations and has no transfer
-    made = {"oracle": oracle is not None, "search-tested": tested is not None, "search-paper": amplify != "transfer"}
+            case.edits["oracle"] = final(mapped_edits(oracle, catalog, case.targets, strength, base,
+                                                      gates(case, oracle.get)))
+    # paper semantics rewrites pre-activations and has neither transfers nor gates
+    made = {"oracle": oracle is not None, "search-tested": tested is not None,
+            "search-paper": amplify != "transfer" and gate == "none"}
     methods = [m for m in METHODS if made.get(m, True)]
     jobs = [(case, m) for case in cases for m in methods if case.edits[m]]
     specs = [SteeringSpec(case.edits[m], scope=scope, semantics="paper" if m == "search-paper" else "delta")
@@ -247,7 +291,8 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     for (m, _, item), again in zip(paired, answers, strict=True):
         collateral[m].append((item, again))
     return summarise(items, cases, methods, collateral) | {"scope": scope, "per_value": per_value, "strength": strength,
-                                                           "amplify": amplify, "seed": seed, "data": str(data)}
+                                                           "amplify": amplify, "gate": gate, "seed": seed,
+                                                           "data": str(data)}
 
 
 def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tuple[dict, str]]]) -> dict:
@@ -270,9 +315,20 @@ def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tupl
         damage[m] = {"n": len(asked), "turned_wrong": broken, "share": round(broken / len(asked), 4) if asked else 0.0}
     return {"questions": len(items), "misrecognitions": len(cases), "methods": table, "collateral": damage,
             "cases": [{**c.item, "got": c.got, "targets": [[t.key, t.sign] for t in c.targets],
-                       "edits": {m: [[e.feature, e.value, *([] if e.source is None else [e.source])] for e in es]
-                                 for m, es in c.edits.items()},  # a transfer's third entry: its source
+                       "edits": {m: [edit_json(e) for e in es] for m, es in c.edits.items()},
                        "answers": c.answers} for c in cases]}
+
+
+def edit_json(e: FeatureEdit) -> dict:
+    """An edit as the API's steering feature, ready to send or to put in a preset."""
+    out = {"id": e.feature, "value": e.value}
+    if e.mode != "clamp":
+        out["mode"] = e.mode
+    if e.source is not None:
+        out["source"] = e.source
+    if e.where is not None:
+        out["where"] = e.where
+    return out
 
 
 def markdown(result: dict) -> str:
