@@ -115,8 +115,8 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                    help="positions the edits touch")
     p.add_argument("--gate", default="none", choices=("none", "asked"),
                    help="asked: gate each edit (where) by the feature of the question's other named value, the "
-                        "one that picks out the asked object, so it acts only where that feature fires (search and "
-                        "search-tested: the search's top hit; oracle: its own choice; no paper row)")
+                        "one that picks out the asked object, so it acts only where that feature fires (each row "
+                        "chooses the gate as it chooses its features; no paper row)")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
     p.add_argument("--json", metavar="PATH", help="write the result, every case included, here")
     p.add_argument("--markdown", metavar="PATH")

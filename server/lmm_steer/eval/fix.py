@@ -263,14 +263,16 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
         return top_hit(searcher, key)
 
     for case in cases:
-        # a gate marks where the asked object is: the search's top hit (explanations say where a
-        # feature fires; the tested choice is picked for what it causes), the oracle's own choice
-        found = gates(case, search_gate)
-        case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base, found))
+        # a gate marks where the asked object is, chosen as each row chooses its features: search's
+        # top hit, the tested choice (a feature that makes the model say "purple" fires on purple
+        # things), the oracle's choice from ground truth
+        case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base,
+                                                  gates(case, search_gate)))
         case.edits["search-paper"] = case.edits["search"]
         case.edits["random"] = random_edits(case.edits["search"], pool, rng)
         if tested is not None:
-            case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base, found))
+            case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base,
+                                                             gates(case, tested.get)))
         if oracle is not None:
             case.edits["oracle"] = final(mapped_edits(oracle, catalog, case.targets, strength, base,
                                                       gates(case, oracle.get)))
