@@ -57,8 +57,9 @@ def test_outcomes_and_the_table_count_each_case_once_per_key():
     assert search["all"] == {"n": 2, "fixed": 1, "unchanged": 0, "other_wrong": 1, "no_edit": 0, "fixed_share": 0.5}
     assert search["tag:near_colours"]["fixed"] == 1 and search["tag:none"]["other_wrong"] == 1
     assert rand["all"]["unchanged"] == 2 and oracle["all"]["no_edit"] == 2  # no oracle answer: no edit made
-    assert result["collateral"] == {"search": {"n": 1, "turned_wrong": 1, "share": 1.0},
-                                    "oracle": {"n": 2, "turned_wrong": 0, "share": 0.0}}
+    assert result["collateral"] == {
+        "search": {"n": 1, "turned_wrong": 1, "share": 1.0, "by_type": {"colour": {"n": 1, "turned_wrong": 1}}},
+        "oracle": {"n": 2, "turned_wrong": 0, "share": 0.0, "by_type": {"colour": {"n": 2, "turned_wrong": 0}}}}
 
 
 def test_random_control_draws_other_features_at_the_same_values():

@@ -313,8 +313,12 @@ def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tupl
         table[m] = {k: {**v, "fixed_share": round(v["fixed"] / v["n"], 4)} for k, v in sorted(cells.items())}
     damage = {}
     for m, asked in collateral.items():
-        broken = sum(normalise(again) != normalise(item["answer"]) for item, again in asked)
-        damage[m] = {"n": len(asked), "turned_wrong": broken, "share": round(broken / len(asked), 4) if asked else 0.0}
+        wrong = [(item["type"], normalise(again) != normalise(item["answer"])) for item, again in asked]
+        broken = sum(w for _, w in wrong)
+        by_type = {t: {"n": sum(k == t for k, _ in wrong), "turned_wrong": sum(w for k, w in wrong if k == t)}
+                   for t in sorted({k for k, _ in wrong})}
+        damage[m] = {"n": len(asked), "turned_wrong": broken, "share": round(broken / len(asked), 4) if asked else 0.0,
+                     "by_type": by_type}
     return {"questions": len(items), "misrecognitions": len(cases), "methods": table, "collateral": damage,
             "cases": [{**c.item, "got": c.got, "targets": [[t.key, t.sign] for t in c.targets],
                        "edits": {m: [edit_json(e) for e in es] for m, es in c.edits.items()},
