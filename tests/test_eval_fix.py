@@ -181,21 +181,33 @@ class _SwapOnlyModel:
         return out
 
 
-def test_a_run_with_transfers_counts_a_swap_that_fixes_and_a_random_one_that_does_not(tmp_path):
-    from lmm_steer.eval.fix import run
-    from lmm_steer.scenes.evaluate import questions
-
-    generate(tmp_path, 3, seed=22)
+def _value_catalog():
+    """Every colour and shape word with a feature of its own (explained as "<word> objects"), and
+    25 unexplained ones for the random control."""
     words = ["red", "blue", "green", "yellow", "purple", "brown", "gray", "cyan",
              "circle", "square", "star", "cross", "triangle", "diamond", "hexagon"]
-    catalog = FeatureCatalog([FeatureEntry(i, f"{w} objects", extras={"max_activation": 2.0 + i})
-                              for i, w in enumerate(words)] + [FeatureEntry(i, "", extras={"max_activation": 1.0})
-                                                               for i in range(len(words), 40)])
-    model = _SwapOnlyModel({w: i for i, w in enumerate(words)})
+    return words, FeatureCatalog([FeatureEntry(i, f"{w} objects", extras={"max_activation": 2.0 + i})
+                                  for i, w in enumerate(words)] + [FeatureEntry(i, "", extras={"max_activation": 1.0})
+                                                                   for i in range(len(words), 40)])
+
+
+def _truth(data, types):
+    """(question, image bytes) -> the right answer, for a stand-in model to look up."""
     from PIL import Image
 
-    model.truth = {(q["question"], Image.open(tmp_path / q["image"]).convert("RGB").tobytes()): q["answer"]
-                   for q in questions(tmp_path, None, ("colour", "shape"))}
+    from lmm_steer.scenes.evaluate import questions
+
+    return {(q["question"], Image.open(data / q["image"]).convert("RGB").tobytes()): q["answer"]
+            for q in questions(data, None, types)}
+
+
+def test_a_run_with_transfers_counts_a_swap_that_fixes_and_a_random_one_that_does_not(tmp_path):
+    from lmm_steer.eval.fix import run
+
+    generate(tmp_path, 3, seed=22)
+    words, catalog = _value_catalog()
+    model = _SwapOnlyModel({w: i for i, w in enumerate(words)})
+    model.truth = _truth(tmp_path, ("colour", "shape"))
     result = run(model, catalog, catalog, tmp_path, types=("colour", "shape"), amplify="transfer", strength=2.0)
     assert set(result["methods"]) == {"search", "random"} and result["amplify"] == "transfer"
     n = result["misrecognitions"]
@@ -255,20 +267,11 @@ class _GatedOnlyModel:
 
 
 def test_a_gated_run_fixes_on_the_asked_object_and_leaves_right_answers_alone(tmp_path):
-    from PIL import Image
-
     from lmm_steer.eval.fix import run
-    from lmm_steer.scenes.evaluate import questions
 
     generate(tmp_path, 40, seed=23)
-    words = ["red", "blue", "green", "yellow", "purple", "brown", "gray", "cyan",
-             "circle", "square", "star", "cross", "triangle", "diamond", "hexagon"]
-    catalog = FeatureCatalog([FeatureEntry(i, f"{w} objects", extras={"max_activation": 2.0 + i})
-                              for i, w in enumerate(words)] + [FeatureEntry(i, "", extras={"max_activation": 1.0})
-                                                               for i in range(len(words), 40)])
-    truth = {(q["question"], Image.open(tmp_path / q["image"]).convert("RGB").tobytes()): q["answer"]
-             for q in questions(tmp_path, None, ("colour",))}
-    model = _GatedOnlyModel({w: i for i, w in enumerate(words)}, truth)
+    words, catalog = _value_catalog()
+    model = _GatedOnlyModel({w: i for i, w in enumerate(words)}, _truth(tmp_path, ("colour",)))
     results = {gate: run(model, catalog, catalog, tmp_path, types=("colour",), gate=gate) for gate in ("none", "asked")}
     gated, plain = results["asked"], results["none"]
     n = gated["misrecognitions"]
