@@ -83,37 +83,28 @@ def test_openai_client_with_clamps(client):
     assert plain.model_extra["steering"] is None
 
 
-def test_a_swap_is_echoed_with_its_source_and_equals_the_sdks(client, server):
-    """A transfer edit (the source's activation written along another feature) travels through the
-    stock client's extra_body, is echoed with its source, and the SDK's ``swap`` sends the same."""
+@pytest.mark.parametrize(("features", "sdk", "edited", "field"), [
+    # a transfer (the source's activation written along another feature): the SDK's swap
+    ([{"id": 7, "value": 0.0}, {"id": 11, "value": 4.0, "mode": "transfer", "source": 7}],
+     lambda s: s.swap(7, 11, 4.0), {"id": 11, "value": 4.0, "mode": "transfer", "source": 7}, "source"),
+    # a gated clamp ("where"): the SDK's clamp(..., where=)
+    ([{"id": 11, "value": 40.0, "where": 7}, {"id": 3, "value": 5.0}],
+     lambda s: s.clamp(11, 40.0, where=7).clamp(3, 5.0), {"id": 11, "value": 40.0, "mode": "clamp", "where": 7},
+     "where"),
+])
+def test_an_edits_extra_field_is_echoed_on_it_alone_and_equals_the_sdks(client, server, features, sdk, edited, field):
+    """A transfer's source and a gate travel through the stock client's extra_body, are echoed on
+    their edit alone, and the SDK's builder sends the same steering."""
     from lmm_steer_client import Client, Steering
 
-    body = {"steering": {"features": [{"id": 7, "value": 0.0}, {"id": 11, "value": 4.0, "mode": "transfer", "source": 7}]}}
-    swapped = _chat(client, extra_body=body)
-    applied = swapped.model_extra["steering"]["features"]
-    assert applied[1] == {"id": 11, "value": 4.0, "mode": "transfer", "source": 7, "explanation": HOOK_FEATURES[11],
-                          "concept": None}
-    assert "source" not in applied[0]
-    with Client(server.url) as sdk:
-        again = sdk.chat(prompt="Tell me a story", max_tokens=12, temperature=0, steering=Steering().swap(7, 11, 4.0))
-    assert again.text == swapped.choices[0].message.content
-
-
-def test_a_gated_clamp_is_echoed_with_its_gate_and_equals_the_sdks(client, server):
-    """A gated edit ("where") travels through the stock client's extra_body, is echoed with its gate,
-    and the SDK's ``clamp(..., where=)`` sends the same."""
-    from lmm_steer_client import Client, Steering
-
-    body = {"steering": {"features": [{"id": 11, "value": 40.0, "where": 7}, {"id": 3, "value": 5.0}]}}
-    gated = _chat(client, extra_body=body)
-    applied = gated.model_extra["steering"]["features"]
-    assert applied[0] == {"id": 11, "value": 40.0, "mode": "clamp", "where": 7, "explanation": HOOK_FEATURES[11],
-                          "concept": None}
-    assert "where" not in applied[1]
-    with Client(server.url) as sdk:
-        again = sdk.chat(prompt="Tell me a story", max_tokens=12, temperature=0,
-                         steering=Steering().clamp(11, 40.0, where=7).clamp(3, 5.0))
-    assert again.text == gated.choices[0].message.content
+    steered = _chat(client, extra_body={"steering": {"features": features}})
+    applied = steered.model_extra["steering"]["features"]
+    echoed = next(f for f in applied if f["id"] == 11)
+    assert echoed == {**edited, "explanation": HOOK_FEATURES[11], "concept": None}
+    assert all(field not in f for f in applied if f["id"] != 11)
+    with Client(server.url) as sdk_client:
+        again = sdk_client.chat(prompt="Tell me a story", max_tokens=12, temperature=0, steering=sdk(Steering()))
+    assert again.text == steered.choices[0].message.content
 
 
 def test_openai_streaming_equals_non_streaming(client):

@@ -29,6 +29,7 @@ same type the model got right.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -259,8 +260,7 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     def gates(case, choose):
         return asked_gates(case.item, case.targets, choose) if gate == "asked" else None
 
-    def search_gate(key):
-        return top_hit(searcher, key)
+    search_gate = functools.cache(functools.partial(top_hit, searcher))  # one search per value word, not per case
 
     for case in cases:
         # a gate marks where the asked object is, chosen as each row chooses its features: search's
