@@ -52,6 +52,26 @@ def test_grounding_and_iou_on_a_constructed_image(tmp_path):
     assert nothing["iou"] == 0.0 and nothing["named"] == []
 
 
+def test_the_best_explanation_can_be_a_group_no_single_region_matches(tmp_path):
+    """Two red objects both active: "red" grounds to both (IoU 1), while the best single object
+    covers half; the best phrase is the exact upper bound of every explanation's IoU."""
+    ann, image = _coco(tmp_path)
+    second = np.zeros((8, 8), bool)
+    second[4:8, 0:4] = True
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle_encode(~second & (np.arange(8)[None, :] < 4)),
+                             "attributes": {"colour": "red", "size": "small"}},
+                            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": rle_encode(second),
+                             "attributes": {"colour": "red", "size": "large"}}]}
+    ann = Annotations(coco, tmp_path)
+    grid = [[1.0, 0.0], [1.0, 0.0]]  # the left half: both red objects
+    got = feature_ious(ann, "a small red circle", [{"image": image, "grid": grid}], {})
+    assert got["best_phrase"] == [["colour", "red"]] and got["best_iou"] == pytest.approx(1.0, abs=0.07)
+    assert got["ceiling_iou"] == pytest.approx(0.5, abs=0.07) and got["iou"] == pytest.approx(0.5, abs=0.07)
+    for text in ("red", "circle", "squares", "the background", "large red square", "blue"):
+        assert feature_ious(ann, text, [{"image": image, "grid": grid}], {})["iou"] <= got["best_iou"] + 1e-9
+
+
 class _FixedClip:
     """Embeddings chosen by hand: text i and every image of feature i point the same way."""
 
@@ -110,6 +130,8 @@ def test_the_score_command_on_grids_drawn_from_the_masks(tmp_path, capsys):
     per = {p["feature"]: p for p in result["per_feature"]}
     assert all(per[f]["iou"] > 0.4 for f in (0, 2, 4))  # two yellow stars in one image: their union and all(per[f]["iou"] == 0.0 for f in (1, 3, 5))
     assert result["mean"]["ceiling_iou"] >= result["mean"]["iou"] > result["mean"]["random_iou"]
+    assert all(p["best_iou"] >= p["iou"] - 1e-9 for p in result["per_feature"])
+    assert all(per[f]["best_iou"] > 0.4 for f in per)  # "curved edges" names nothing; the best phrase still grounds
     written = [json.loads(line) for line in catalog.read_text().splitlines()]
     assert all("scores" in r for r in written) and "| IoU" in capsys.readouterr().out
     assert main(["sae", "score", "--catalog", str(tmp_path / "missing.jsonl"), "--data", str(tmp_path)]) == 2

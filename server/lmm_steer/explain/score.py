@@ -6,7 +6,10 @@ the explanation's words that are a category name or an attribute value ("small",
 select the annotated objects that have all of them; an explanation naming none grounds to nothing.
 Beside it, in the same run: random features (each explanation grounded on another feature's
 images against that feature's masks), and a ceiling (on each image, the best IoU any single
-annotated region reaches: one object, or the background, which is what no object covers). A
+annotated region reaches: one object, or the background, which is what no object covers), and the
+best explanation (the phrase of annotated values, "red", "large circle", "the background", whose
+grounding scores highest on the feature's images: an exact upper bound on any explanation's IoU under
+this grounder, since every explanation grounds to such a phrase or to nothing). A
 feature's ground-truth attribute is the annotated value (or the background) whose pixels overlap
 its activations best over its top images; the explanation names it or not.
 
@@ -108,15 +111,41 @@ def _image_shape(file: str, cache: dict) -> tuple[int, int]:
     return cache[file]
 
 
+def phrases(ann: Annotations, files: list[str]) -> list[frozenset]:
+    """Every phrase the annotations can ground on these images: each non-empty subset of an object's
+    values ("red", "circle", "small red circle"), and the background."""
+    from itertools import combinations
+
+    out = {frozenset({BACKGROUND})}
+    for file in files:
+        for obj in ann.objects(file):
+            words = sorted(obj["words"])
+            out |= {frozenset(c) for n in range(1, len(words) + 1) for c in combinations(words, n)}
+    return sorted(out, key=lambda c: (len(c), sorted(c)))
+
+
+def best_phrase(ann: Annotations, images: list[dict], masks: list[np.ndarray], shapes: dict) -> tuple[float, list]:
+    """The phrase whose grounding has the highest mean IoU with ``masks`` (one per top image), and
+    that IoU: the best any explanation grounded by the annotations could score."""
+    best, chosen = 0.0, []
+    for named in phrases(ann, [e["image"] for e in images]):
+        score = float(np.mean([iou(act, ann.grounded(set(named), e["image"], _image_shape(e["image"], shapes)))
+                               for e, act in zip(images, masks, strict=True)]))
+        if score > best:
+            best, chosen = score, sorted(map(list, named))
+    return best, chosen
+
+
 def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], shapes: dict, grounder=None) -> dict:
     """IoU of one explanation on some top images; with annotations, the best single-region ceiling
     and the ground-truth attribute (the value whose objects overlap the activations best).
     ``grounder``: what grounds the explanation (default: the annotations)."""
     grounder = grounder or AnnotationGrounder(ann)
-    scores, ceiling, by_value = [], [], {}
+    scores, ceiling, by_value, masks = [], [], {}, []
     for entry in images:
         shape = _image_shape(entry["image"], shapes)
         act = activation_mask(entry["grid"], shape)
+        masks.append(act)
         scores.append(iou(act, grounder.ground(explanation, entry["image"], shape)))
         if ann is None:
             continue
@@ -134,7 +163,9 @@ def feature_ious(ann: Annotations | None, explanation: str, images: list[dict], 
     best = max(means.values(), default=0.0)
     # values that always go together on these images (the red one is the circle) tie; naming any counts
     attribute = {v for v, m in means.items() if best > 0 and m >= best - 1e-9}
+    best_iou, phrase = best_phrase(ann, images, masks, shapes)
     return {**out, "ceiling_iou": float(np.mean(ceiling)) if ceiling else 0.0,
+            "best_iou": best_iou, "best_phrase": phrase,
             "attribute": sorted(map(list, attribute)), "named": sorted(map(list, named)),
             "names_attribute": bool(attribute & named)}
 
@@ -225,7 +256,7 @@ def score(rows: list[dict], ann: Annotations | None, clip: ClipScorer | None = N
             result["shuffled_clip"] = float(100 * (embeds @ text[shuffled[i]]).mean())
     for row, result in zip(rows, per, strict=True):
         row["scores"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
-    keys = ["iou", "random_iou"] + (["ceiling_iou", "names_attribute"] if ann is not None else [])
+    keys = ["iou", "random_iou"] + (["ceiling_iou", "best_iou", "names_attribute"] if ann is not None else [])
     keys += ["clip", "shuffled_clip"] if clip else []
     mean = {k: round(float(np.mean([float(p[k]) for p in per])), 4) if per else 0.0 for k in keys}
     mean["iou_over_random"] = round(mean["iou"] / mean["random_iou"], 2) if mean.get("random_iou") else None
@@ -240,6 +271,7 @@ def markdown(result: dict) -> str:
 ]
     if "ceiling_iou" in m:
         lines += [f"| IoU ceiling (best single region: an object or the background) | {m['ceiling_iou']:.3f} | |",
+                  f"| IoU of the best explanation (the phrase of annotated values that scores highest) | {m['best_iou']:.3f} | |",
                   f"| names the ground-truth attribute | {m['names_attribute']:.1%} | |"]
     if "clip" in m:
         lines.append(f"| CLIP score | {m['clip']:.1f} | shuffled {m['shuffled_clip']:.1f} |")
