@@ -243,8 +243,9 @@ class _GatedOnlyModel:
     the star feature; an ungated colour clamp makes it say that colour about any object (so gating
     keeps right answers right)."""
 
-    def __init__(self, ids, truth):
+    def __init__(self, ids, truth, star_gate=None):
         self.ids, self.truth = ids, truth
+        self.star_gate = ids["star"] if star_gate is None else star_gate  # the feature that finds stars
 
     def generate(self, reqs):
         from types import SimpleNamespace
@@ -260,7 +261,7 @@ class _GatedOnlyModel:
                     continue
                 if e.where is None:
                     said = colour
-                elif e.where == self.ids["star"] and "star" in question:
+                elif e.where == self.star_gate and "star" in question:
                     said = colour
             out.append(SimpleNamespace(text=said))
         return out
@@ -287,6 +288,30 @@ def test_a_gated_run_fixes_on_the_asked_object_and_leaves_right_answers_alone(tm
         assert all(e["where"] != words.index("star") for e in case["edits"]["random"])
 
 
+def test_localised_gates_are_the_oracles_features_on_every_row(tmp_path):
+    """Stars are found by another feature than search's "star" (here the one search calls "cross");
+    the oracle's choice names it, and with gate "localised" every row is gated by it, so search's
+    colour clamps fix the stars they missed when gated by search's own star feature."""
+    from lmm_steer.eval.fix import run
+
+    generate(tmp_path, 40, seed=23)
+    words, catalog = _value_catalog()
+    ids = {w: i for i, w in enumerate(words)}
+    model = _GatedOnlyModel(ids, _truth(tmp_path, ("colour",)), star_gate=ids["cross"])
+    oracle = {key: ids[key.split(":")[1]] for key in VALUE_KEYS} | {"shape:star": ids["cross"]}
+    asked = run(model, catalog, catalog, tmp_path, types=("colour",), gate="asked", oracle=oracle)
+    localised = run(model, catalog, catalog, tmp_path, types=("colour",), gate="localised", oracle=oracle)
+    n = localised["misrecognitions"]
+    assert n > 0 and localised["gate"] == "localised"
+    assert asked["methods"]["search"]["all"]["fixed"] == 0  # gated by search's star feature: never opens here
+    assert localised["methods"]["search"]["all"]["fixed"] == localised["methods"]["oracle"]["all"]["fixed"] == n
+    assert localised["collateral"]["search"]["turned_wrong"] == 0
+    for case in localised["cases"]:
+        assert {e.get("where") for e in case["edits"]["search"]} == {ids["cross"]}
+    with pytest.raises(ValueError, match="oracle"):
+        run(model, catalog, catalog, tmp_path, types=("colour",), gate="localised")
+
+
 def test_the_command_names_bad_input(tmp_path, capsys):
     from lmm_steer.cli import main
 
@@ -295,3 +320,5 @@ def test_the_command_names_bad_input(tmp_path, capsys):
     generate(tmp_path / "t", 1, seed=3)
     assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--types", "colour,size"]) == 2
     assert "--types" in capsys.readouterr().err
+    assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--gate", "localised"]) == 2
+    assert "--gate localised" in capsys.readouterr().err

@@ -113,10 +113,12 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                         "the model read as the wrong value change; the search-tested row still tests hits by clamp)")
     p.add_argument("--scope", default="image", choices=("image", "all", "prompt", "generated"),
                    help="positions the edits touch")
-    p.add_argument("--gate", default="none", choices=("none", "asked"),
+    p.add_argument("--gate", default="none", choices=("none", "asked", "localised"),
                    help="asked: gate each edit (where) by the feature of the question's other named value, the "
                         "one that picks out the asked object, so it acts only where that feature fires (each row "
-                        "chooses the gate as it chooses its features; no paper row)")
+                        "chooses the gate as it chooses its features; no paper row); localised: every row's gate "
+                        "is the oracle's feature for that value, the one whose firing patches best cover its "
+                        "objects on --select (ground truth of that split; needs --select)")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
     p.add_argument("--json", metavar="PATH", help="write the result, every case included, here")
     p.add_argument("--markdown", metavar="PATH")
@@ -141,6 +143,8 @@ def fix_command(args) -> int:
                         ("--test-questions", args.test_questions)):
         if value is not None and value < 1:
             return fail(f"{flag} must be at least 1, got {value}")
+    if args.gate == "localised" and not args.select:
+        return fail("--gate localised: the gates are chosen on --select's ground truth; give --select")
     if args.test_hits < 0:
         return fail(f"--test-hits must be at least 0, got {args.test_hits}")
     if not args.strength > 0:

@@ -13,7 +13,9 @@ wrong value's feature fired, a swap: ``transferred``). With ``gate="asked"`` eac
 (``where``) by the feature of the question's other named value, the one that picks out the asked
 object ("the circle" for a colour, "the purple object" for a shape, the shape of "a yellow hexagon"
 for its colour and back): the edit then acts only on the patches where that feature fires
-(``asked_gates``). The question is then asked again: fixed, unchanged, or changed into another
+(``asked_gates``); with ``gate="localised"`` every row's gates are the oracle's features (chosen from
+ground truth on the selection split for how well their firing patches cover a value's objects), so
+each row's edits act on the asked object wherever such a feature finds it. The question is then asked again: fixed, unchanged, or changed into another
 wrong answer.
 
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
@@ -241,6 +243,8 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
         tested: dict[str, int] | None = None, limit: int | None = None,
         types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0,
         amplify: str = "clamp", gate: str = "none") -> dict:
+    if gate == "localised" and oracle is None:
+        raise ValueError("gate 'localised' takes its gates from the oracle's choice: give oracle")
     items = questions(data, limit, types)
     first = ask(engine, data, items, [None] * len(items))
     cases, right = [], []
@@ -258,7 +262,9 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
         return transferred(edits, catalog, strength) if amplify == "transfer" else edits
 
     def gates(case, choose):
-        return asked_gates(case.item, case.targets, choose) if gate == "asked" else None
+        if gate == "none":
+            return None
+        return asked_gates(case.item, case.targets, oracle.get if gate == "localised" else choose)
 
     search_gate = functools.cache(functools.partial(top_hit, searcher))  # one search per value word, not per case
 
