@@ -308,6 +308,10 @@ def test_localised_gates_are_the_oracles_features_on_every_row(tmp_path):
     assert localised["collateral"]["search"]["turned_wrong"] == 0
     for case in localised["cases"]:
         assert {e.get("where") for e in case["edits"]["search"]} == {ids["cross"]}
+        # the control draws other features for the same patches
+        assert {e.get("where") for e in case["edits"]["random"]} == {ids["cross"]}
+        assert not {e["id"] for e in case["edits"]["random"]} & ({e["id"] for e in case["edits"]["search"]} | {ids["cross"]})
+    assert localised["methods"]["random"]["all"]["fixed"] == 0
     with pytest.raises(ValueError, match="oracle"):
         run(model, catalog, catalog, tmp_path, types=("colour",), gate="localised")
 

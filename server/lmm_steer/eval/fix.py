@@ -21,8 +21,8 @@ wrong answer.
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
 top hits, the one whose clamp most often makes the model say the value on a selection split's
 questions, reading only the model's answers there: ``eval.tested``), ``search-paper`` (the same
-edits as ``search``, paper semantics), ``random`` (as many random features at the same values: should fix about
-nothing), ``oracle`` (for each value, the feature whose firing patches best overlap the value's
+edits as ``search``, paper semantics), ``random`` (as many random features at the same values: should
+fix about nothing; with localised gates, on the same patches), ``oracle`` (for each value, the feature whose firing patches best overlap the value's
 objects on a separate selection split: ``scenes localise``'s choice from ground truth, which
 separates "search found the wrong feature" from "the feature is not causal"), and collateral: each
 misrecognition's edits of ``search``, ``search-tested`` and ``oracle`` applied to a question of the
@@ -203,13 +203,17 @@ def transferred(edits: list[FeatureEdit], catalog, strength: float = 1.0) -> lis
             for e in edits if e in suppressed or source_peak > 0]
 
 
-def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random) -> list[FeatureEdit]:
-    """``like`` with each feature it names (a transfer's source and a gate included) replaced by a
-    random one from ``pool`` minus those, at ``like``'s values and modes."""
-    named = list(dict.fromkeys([f for e in like for f in (e.feature, e.source, e.where) if f is not None]))
-    choices = dict(zip(named, rng.sample([f for f in pool if f not in set(named)], len(named)), strict=True))
+def random_edits(like: list[FeatureEdit], pool: list[int], rng: random.Random,
+                 keep_gates: bool = False) -> list[FeatureEdit]:
+    """``like`` with each feature it names (a transfer's source and a gate included, unless
+    ``keep_gates``: then the edits stay on the same patches) replaced by a random one from ``pool``
+    minus those, at ``like``'s values and modes."""
+    named = list(dict.fromkeys([f for e in like for f in (e.feature, e.source, None if keep_gates else e.where)
+                                if f is not None]))
+    taken = set(named) | {e.where for e in like}
+    choices = dict(zip(named, rng.sample([f for f in pool if f not in taken], len(named)), strict=True))
     return [FeatureEdit(choices[e.feature], e.value, e.mode, None if e.source is None else choices[e.source],
-                        None if e.where is None else choices[e.where]) for e in like]
+                        e.where if keep_gates or e.where is None else choices[e.where]) for e in like]
 
 
 def pair_collateral(cases: list[Case], right: list[dict]) -> list[tuple[Case, dict]]:
@@ -275,7 +279,8 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
         case.edits["search"] = final(search_edits(searcher, catalog, case.targets, per_value, strength, base,
                                                   gates(case, search_gate)))
         case.edits["search-paper"] = case.edits["search"]
-        case.edits["random"] = random_edits(case.edits["search"], pool, rng)
+        # localised gates are given, not chosen by the row: the control keeps them and draws the edits
+        case.edits["random"] = random_edits(case.edits["search"], pool, rng, keep_gates=gate == "localised")
         if tested is not None:
             case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base,
                                                              gates(case, tested.get)))
