@@ -1,6 +1,7 @@
 """The best explanation's IoU (`sae score`'s `best_iou`: the exact bound under the annotation
 grounder) over every feature an explain run asked about, declined ones included, beside the run's
-own IoU (a declined feature scores 0) and the single-region ceiling.
+own IoU (a declined feature scores 0) and the single-region ceiling; then the bound over every
+feature with top images in the output (all that fire on the split's images), best N first.
 
     python docs/probes/explanation_bound.py SPLIT EXPLAIN_OUT [PER_FEATURE_JSON]
 """
@@ -26,5 +27,9 @@ for name, sel in (("all asked", per), ("explained", [p for p in per if p["explai
         print(f"{name}: {len(sel)} features; IoU {np.mean([p['iou'] for p in sel]):.3f}, best explanation {np.mean([p['best_iou'] for p in sel]):.3f}, "
               f"single-region ceiling {np.mean([p['ceiling_iou'] for p in sel]):.3f}; best >= 0.40: {sum(p['best_iou'] >= 0.4 for p in sel)}")
 print(Counter(" ".join(v for _, v in p["best_phrase"]) for p in per).most_common(10))
+bounds = np.sort([feature_ious(ann, "", r["top_images"], shapes)["best_iou"]
+                  for r in map(json.loads, run.read_text().splitlines()) if r.get("top_images")])[::-1]
+print(f"every feature with top images: {len(bounds)}, bound {bounds.mean():.3f}; at least 0.40: {(bounds >= 0.4).sum()}; "
+      + ", ".join(f"best {n}: {bounds[:n].mean():.3f}" for n in (100, 200, 300, 400, 500, 1000)))
 if len(sys.argv) > 3:
     Path(sys.argv[3]).write_text(json.dumps(per) + "\n")

@@ -15,16 +15,17 @@ object ("the circle" for a colour, "the purple object" for a shape, the shape of
 for its colour and back): the edit then acts only on the patches where that feature fires
 (``asked_gates``); with ``gate="localised"`` every row's gates are the oracle's features (chosen from
 ground truth on the selection split for how well their firing patches cover a value's objects), so
-each row's edits act on the asked object wherever such a feature finds it. The question is then asked again: fixed, unchanged, or changed into another
-wrong answer.
+each row's edits act on the asked object wherever such a feature finds it. The question is then
+asked again: fixed, unchanged, or changed into another wrong answer.
 
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
 top hits, the one whose clamp most often makes the model say the value on a selection split's
 questions, reading only the model's answers there: ``eval.tested``), ``search-paper`` (the same
 edits as ``search``, paper semantics), ``random`` (as many random features at the same values: should
-fix about nothing; with localised gates, on the same patches), ``oracle`` (for each value, the feature whose firing patches best overlap the value's
-objects on a separate selection split: ``scenes localise``'s choice from ground truth, which
-separates "search found the wrong feature" from "the feature is not causal"), and collateral: each
+fix about nothing; with localised gates, on the same patches), ``oracle`` (for each value, the
+feature whose firing patches best overlap the value's objects on a separate selection split:
+``scenes localise``'s choice from ground truth, which separates "search found the wrong feature"
+from "the feature is not causal"), and collateral: each
 misrecognition's edits of ``search``, ``search-tested`` and ``oracle`` applied to a question of the
 same type the model got right.
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,6 @@ def _image_shape(file: str, cache: dict) -> tuple[int, int]:
 def phrases(ann: Annotations, files: list[str]) -> list[frozenset]:
     """Every phrase the annotations can ground on these images: each non-empty subset of an object's
     values ("red", "circle", "small red circle"), and the background."""
-    from itertools import combinations
-
     out = {frozenset({BACKGROUND})}
     for file in files:
         for obj in ann.objects(file):
