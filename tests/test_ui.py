@@ -34,7 +34,7 @@ def ui_server(tmp_path_factory, scene):
         {"feature": 3, "explanation": "red circles", "max_activation": 4.0, "density": 0.01,
          "top_contexts": [{"text": "a bright «red» ball", "activation": 3.5}],
          "top_images": [{"image": str(scene), "activation": 2.0, "grid": [[0.0, 1.5], [0.0, 0.2]]}],
-         "scores": {"iou": 0.42, "clip": 24.1}},
+         "scores": {"iou": 0.42, "clip": 24.1, "best_iou": 0.61, "best_phrase": [["colour", "red"], ["category", "circle"]]}},
         {"feature": 7, "explanation": "ocean waves and the sea", "max_activation": 9.0,
          "steer": {"onset": 5.0, "limit": 20.0, "value": 15.0}, "top_contexts": [{"text": "the «sea» was calm"}]},
         {"feature": 11, "explanation": "written text on street signs", "max_activation": 6.0},
@@ -121,6 +121,8 @@ def test_search_open_steer_and_inspect_in_a_real_browser(ui_server, browser, sce
     assert page.text_content("#feature-explanation") == "red circles"
     assert page.text_content("#feature-contexts mark") == "red"
     assert "0.42" in page.text_content("#feature-stats")
+    assert "best possible explanation" in page.text_content("#feature-stats")
+    assert "red circle" in page.text_content("#feature-stats")
     page.screenshot(path=str(_shots() / "feature.png"))
 
     page.click("#feature-to-playground")

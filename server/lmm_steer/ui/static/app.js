@@ -113,6 +113,9 @@ async function showFeature(id) {
   if (s.steer && s.steer.value !== undefined) stat(dl, "calibrated value", s.steer.value);
   stat(dl, "decoder norm", info.decoder_norm);
   for (const [k, v] of Object.entries(info.scores || {})) if (typeof v === "number" || typeof v === "boolean") stat(dl, k, String(v));
+  // sae score's best_phrase: [[field, value], ...], the explanation that would have scored best_iou
+  const best = (info.scores || {}).best_phrase;
+  if (Array.isArray(best) && best.length) stat(dl, "best possible explanation", best.map((pair) => pair[1]).join(" "));
   $("feature-to-playground").onclick = () => { addEdit(info); location.hash = "#/playground"; };
   const images = $("feature-images");
   images.replaceChildren();
