@@ -141,9 +141,10 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
     # every colour and shape value was tested, its choice one of the hits it tried, at the rate it scored
     assert set(result["tested"]) == set(VALUE_KEYS)
     for choice in result["tested"].values():
-        tried = dict(choice["tried"])
+        tried = {f: r for f, s, r in choice["tried"]}
         assert choice["feature"] in tried and tried[choice["feature"]] == choice["rate"]
         assert set(tried) <= set(range(len(words))) and all(0 <= r <= 1 for r in tried.values())
+        assert choice["strength"] == 1.0 and {s for _, s, _ in choice["tried"]} == {1.0}  # --strength alone
     for table in result["methods"].values():
         cell = table["all"]
         assert cell["n"] == result["misrecognitions"]
@@ -156,6 +157,24 @@ def test_the_command_runs_every_row_on_a_real_engine(tmp_path, capsys):
         assert {e["id"] for e in case["edits"]["search-tested"]} == chosen
     assert any(case["edits"]["oracle"] for case in result["cases"])
     assert "Collateral" in capsys.readouterr().out
+    # hits tried under the localised gates at a grid of strengths: each value's edit takes its pair
+    assert main(["eval", "fix", "--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8",
+                 "--hookpoint", "model.layers.1", "--catalog", str(catalog), "--data", str(tmp_path / "test"),
+                 "--select", str(tmp_path / "select"), "--test-hits", "2", "--test-questions", "2",
+                 "--gate", "localised", "--test-gated", "--test-strengths", "1,4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for choice in result["tested"].values():
+        assert {(f, s) for f, s, _ in choice["tried"]} >= {(choice["feature"], 1.0), (choice["feature"], 4.0)}
+    for case in result["cases"]:
+        seen = set()  # two values with one chosen feature make one edit, the first value's
+        for key, sign in case["targets"]:
+            choice = result["tested"][key]
+            if choice["feature"] in seen:
+                continue
+            seen.add(choice["feature"])
+            edit = next(e for e in case["edits"]["search-tested"] if e["id"] == choice["feature"])
+            want = 0.0 if sign < 0 else choice["strength"] * rows[choice["feature"]]["max_activation"] * 3
+            assert edit["value"] == pytest.approx(want)
 
 
 class _SwapOnlyModel:
@@ -316,6 +335,58 @@ def test_localised_gates_are_the_oracles_features_on_every_row(tmp_path):
         run(model, catalog, catalog, tmp_path, types=("colour",), gate="localised")
 
 
+class _ObjectClampModel:
+    """A stand-in engine that answers every colour question right, and says "red" only to a clamp of
+    feature 40 at at least ``threshold`` gated by the asked shape's feature: the "red" feature that
+    search ranks first (0) moves nothing, and neither does any clamp on every token."""
+
+    def __init__(self, truth, shape_ids, threshold):
+        self.truth, self.shape_ids, self.threshold = truth, shape_ids, threshold
+
+    def generate(self, reqs):
+        from types import SimpleNamespace
+
+        out = []
+        for r in reqs:
+            question = r.messages[0]["content"][1]["text"]
+            said = self.truth[question, r.images[0].tobytes()]
+            shape = next(s for s in self.shape_ids if s in question)
+            for e in r.steering.edits if r.steering else []:
+                if e.feature == 40 and e.value >= self.threshold and e.where == self.shape_ids[shape]:
+                    said = "red"
+            out.append(SimpleNamespace(text=said))
+        return out
+
+
+def test_hits_tried_gated_at_each_strength_keep_the_pair_that_works_on_the_object(tmp_path):
+    from lmm_steer.eval.fix import Target, asked_gates
+    from lmm_steer.eval.tested import tested_choice
+
+    generate(tmp_path, 20, seed=24)
+    words, catalog = _value_catalog()
+    catalog = FeatureCatalog([*(catalog.get(f) for f in catalog.ids()),
+                              FeatureEntry(40, "red paint", extras={"max_activation": 1.0})])
+    shape_ids = {w: i for i, w in enumerate(words) if i >= 8}
+    value = catalog.get(40).extras["max_activation"] * 3  # its steering value: three times its peak
+    model = _ObjectClampModel(_truth(tmp_path, ("colour",)), shape_ids, threshold=2.5 * value)
+    oracle = {f"shape:{w}": i for w, i in shape_ids.items()}
+
+    def gate_for(item, key):
+        return asked_gates(item, [Target(key, +1)], oracle.get).get(key)
+
+    keys = ("colour:red",)
+    gated = tested_choice(model, catalog, catalog, tmp_path, candidates=3, per_type=8, keys=keys,
+                          strengths=(1.0, 3.0, 10.0), gate_for=gate_for)["colour:red"]
+    assert (gated["feature"], gated["strength"]) == (40, 3.0)  # the smaller factor that works
+    tried = {(f, s): r for f, s, r in gated["tried"]}
+    assert tried[40, 10.0] == tried[40, 3.0] == gated["rate"] > 0 and tried[40, 1.0] == 0
+    assert all(r == 0 for (f, _), r in tried.items() if f != 40)
+    plain = tested_choice(model, catalog, catalog, tmp_path, candidates=3, per_type=8, keys=keys,
+                          strengths=(1.0, 3.0, 10.0))["colour:red"]
+    # ungated, nothing moves the answer: the top hit at the first strength, rate 0
+    assert plain["rate"] == 0 and plain["strength"] == 1.0 and plain["feature"] == catalog.search("red", 1)[0][0].feature
+
+
 def test_the_command_names_bad_input(tmp_path, capsys):
     from lmm_steer.cli import main
 
@@ -326,3 +397,8 @@ def test_the_command_names_bad_input(tmp_path, capsys):
     assert "--types" in capsys.readouterr().err
     assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--gate", "localised"]) == 2
     assert "--gate localised" in capsys.readouterr().err
+    assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--test-gated"]) == 2
+    assert "--test-gated" in capsys.readouterr().err
+    for bad in ("1,x", "0,3"):
+        assert main(["eval", "fix", "--data", str(tmp_path / "t"), "--test-strengths", bad]) == 2
+        assert "--test-strengths" in capsys.readouterr().err

@@ -26,6 +26,13 @@ def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the recorded runs)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (the next get +1, +2)")
+    p.add_argument("--test-strengths", metavar="F,F,...",
+                   help="strengths each tried hit is clamped at, comma-separated; the search-tested row keeps the "
+                        "best (hit, strength) pair per value, so its strength is chosen on --select "
+                        "(default: --strength alone)")
+    p.add_argument("--test-gated", action="store_true",
+                   help="try the hits as the run uses them: gated by the asked object's localised feature on each "
+                        "--select question (needs --gate localised)")
     p.add_argument("--strength", type=float, default=1.0, help="concept steering strength")
     p.add_argument("--max-features", type=int, default=1, help="features per concept")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint (…/v1) of an LLM judge")
@@ -102,6 +109,13 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                    help="search hits per value the search-tested row tries on --select (0: no such row)")
     p.add_argument("--test-questions", type=int, default=6,
                    help="questions of --select per type each tried hit is clamped on")
+    p.add_argument("--test-strengths", metavar="F,F,...",
+                   help="strengths each tried hit is clamped at, comma-separated; the search-tested row keeps the "
+                        "best (hit, strength) pair per value, so its strength is chosen on --select "
+                        "(default: --strength alone)")
+    p.add_argument("--test-gated", action="store_true",
+                   help="try the hits as the run uses them: gated by the asked object's localised feature on each "
+                        "--select question (needs --gate localised)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="multiplies each amplifying edit's value (the feature's calibrated value, else 3x its "
                         "largest activation); with --amplify scale it is the factor, with transfer it multiplies "
@@ -149,6 +163,14 @@ def fix_command(args) -> int:
         return fail(f"--test-hits must be at least 0, got {args.test_hits}")
     if not args.strength > 0:
         return fail(f"--strength must be positive, got {args.strength}")
+    try:
+        test_strengths = tuple(float(f) for f in args.test_strengths.split(",") if f) if args.test_strengths else None
+    except ValueError:
+        return fail(f"--test-strengths: {args.test_strengths!r}: comma-separated numbers")
+    if test_strengths is not None and (not test_strengths or min(test_strengths) <= 0):
+        return fail(f"--test-strengths: {args.test_strengths!r}: every strength must be positive")
+    if args.test_gated and args.gate != "localised":
+        return fail("--test-gated: the hits are tried under the localised gates; give --gate localised")
     sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
     if not sources.catalogs:
         return fail("--catalog: the SAE has no shipped catalog; name one")
@@ -164,14 +186,21 @@ def fix_command(args) -> int:
 
         oracle = best_features(engine, Path(args.select), args.select_scenes)
         if args.test_hits:
+            gate_for = None
+            if args.test_gated:
+                from .fix import Target, asked_gates
+
+                def gate_for(item, key):
+                    return asked_gates(item, [Target(key, +1)], oracle.get).get(key)
             tested = tested_choice(engine, searcher, catalog, Path(args.select), candidates=args.test_hits,
                                    per_type=args.test_questions, strength=args.strength,
                                    amplify="clamp" if args.amplify == "transfer" else args.amplify,
-                                   scope=args.scope)
+                                   scope=args.scope, strengths=test_strengths, gate_for=gate_for)
     result = run(engine, catalog, searcher, Path(args.data), oracle=oracle, limit=args.limit, types=types,
                  per_value=args.features, scope=args.scope, seed=args.seed, strength=args.strength, amplify=args.amplify,
                  gate=args.gate,
-                 tested={k: v["feature"] for k, v in tested.items()} if tested is not None else None)
+                 tested={k: v["feature"] for k, v in tested.items()} if tested is not None else None,
+                 tested_strengths={k: v["strength"] for k, v in tested.items()} if tested is not None else None)
     result["search"] = "meaning" if searcher is not catalog else "words"
     if tested is not None:
         result["tested"] = tested

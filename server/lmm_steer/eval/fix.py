@@ -173,14 +173,16 @@ def feature_edit(catalog, feature: int, sign: int, strength: float = 1.0, amplif
 
 
 def mapped_edits(chosen: dict[str, int], catalog, tgs: list[Target], strength: float = 1.0,
-                 amplify: str = "clamp", gates: dict[str, int] | None = None) -> list[FeatureEdit]:
+                 amplify: str = "clamp", gates: dict[str, int] | None = None,
+                 strengths: dict[str, float] | None = None) -> list[FeatureEdit]:
     """Each value's one feature from a ``"colour:red" -> feature`` choice (the oracle's, or the tested
-    search's), gated by ``gates[key]`` where given."""
+    search's), gated by ``gates[key]`` where given, at ``strengths[key]`` where given (a strength
+    chosen with the feature), else ``strength``."""
     edits = {}
     for t in tgs:
         if t.key in chosen and chosen[t.key] not in edits:
-            edits[chosen[t.key]] = feature_edit(catalog, chosen[t.key], t.sign, strength, amplify,
-                                                (gates or {}).get(t.key))
+            edits[chosen[t.key]] = feature_edit(catalog, chosen[t.key], t.sign, (strengths or {}).get(t.key, strength),
+                                                amplify, (gates or {}).get(t.key))
     return list(edits.values())
 
 
@@ -245,7 +247,8 @@ def ask(engine, data: Path, items: list[dict], steerings: list[SteeringSpec | No
 
 
 def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None = None,
-        tested: dict[str, int] | None = None, limit: int | None = None,
+        tested: dict[str, int] | None = None, tested_strengths: dict[str, float] | None = None,
+        limit: int | None = None,
         types=FIX_TYPES, per_value: int = 1, scope: str = "image", seed: int = 0, strength: float = 1.0,
         amplify: str = "clamp", gate: str = "none") -> dict:
     if gate == "localised" and oracle is None:
@@ -284,7 +287,7 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
         case.edits["random"] = random_edits(case.edits["search"], pool, rng, keep_gates=gate == "localised")
         if tested is not None:
             case.edits["search-tested"] = final(mapped_edits(tested, catalog, case.targets, strength, base,
-                                                             gates(case, tested.get)))
+                                                             gates(case, tested.get), tested_strengths))
         if oracle is not None:
             case.edits["oracle"] = final(mapped_edits(oracle, catalog, case.targets, strength, base,
                                                       gates(case, oracle.get)))
