@@ -256,15 +256,6 @@ def test_a_gate_is_the_feature_of_the_questions_other_named_value(item, got, wan
     assert asked_gates(item, targets(item, got), lambda key: None) == {}  # no feature for the word: ungated
 
 
-def test_a_localised_gate_for_a_count_of_one_value_is_that_values_own_feature():
-    features = {key: i for i, key in enumerate(VALUE_KEYS)}
-    count = _q("count", "How many crosses are there?", "three")
-    assert asked_gates(count, targets(count, "two"), features.get, own=True) == {"shape:cross": features["shape:cross"]}
-    colour = _q("colour", "What colour is the star?", "red")  # another value named: that one, as before
-    assert asked_gates(colour, targets(colour, "brown"), features.get, own=True) == {
-        "colour:red": features["shape:star"], "colour:brown": features["shape:star"]}
-
-
 class _GatedOnlyModel:
     """A stand-in engine that gets every colour question about a star wrong (says brown) and the rest
     right, and answers a star's colour right only to a clamp of the right colour's feature gated by

@@ -132,8 +132,7 @@ def add_fix_arguments(p: argparse.ArgumentParser) -> None:
                         "one that picks out the asked object, so it acts only where that feature fires (each row "
                         "chooses the gate as it chooses its features; no paper row); localised: every row's gate "
                         "is the oracle's feature for that value, the one whose firing patches best cover its "
-                        "objects on --select (ground truth of that split; needs --select); a count of one named "
-                        "value is gated by that value's own, on the objects counted")
+                        "objects on --select (ground truth of that split; needs --select)")
     p.add_argument("--seed", type=int, default=0, help="draws the random-feature control")
     p.add_argument("--json", metavar="PATH", help="write the result, every case included, here")
     p.add_argument("--markdown", metavar="PATH")

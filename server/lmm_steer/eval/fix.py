@@ -15,8 +15,7 @@ object ("the circle" for a colour, "the purple object" for a shape, the shape of
 for its colour and back): the edit then acts only on the patches where that feature fires
 (``asked_gates``); with ``gate="localised"`` every row's gates are the oracle's features (chosen from
 ground truth on the selection split for how well their firing patches cover a value's objects), so
-each row's edits act on the asked object wherever such a feature finds it (for a count of one named
-value, "How many squares?", on the objects counted). The question is then
+each row's edits act on the asked object wherever such a feature finds it. The question is then
 asked again: fixed, unchanged, or changed into another wrong answer.
 
 Rows of the same run: ``search`` (those edits, delta semantics), ``search-tested`` (of each value's
@@ -137,10 +136,9 @@ def top_hit(searcher, key: str) -> int | None:
     return hits[0][0].feature if hits else None
 
 
-def asked_gates(item: dict, tgs: list[Target], choose, own: bool = False) -> dict[str, int]:
+def asked_gates(item: dict, tgs: list[Target], choose) -> dict[str, int]:
     """Per target, the feature (``choose(key)``) of the first value the question names of the other
-    attribute, the one that picks out the asked object; a target without one ("How many squares?")
-    stays ungated, or with ``own`` is gated by its own value's feature: the objects counted."""
+    attribute, the one that picks out the asked object; a target without one stays ungated."""
     named = _words(item["question"])
     gates = {}
     for t in tgs:
@@ -149,9 +147,6 @@ def asked_gates(item: dict, tgs: list[Target], choose, own: bool = False) -> dic
             if key.split(":", 1)[0] != kind and (g := choose(key)) is not None:
                 gates[t.key] = g
                 break
-        else:
-            if own and t.key in named and (g := choose(t.key)) is not None:
-                gates[t.key] = g
     return gates
 
 
@@ -277,9 +272,7 @@ def run(engine, catalog, searcher, data: Path, *, oracle: dict[str, int] | None 
     def gates(case, choose):
         if gate == "none":
             return None
-        # a localiser finds the counted objects as it finds an asked one; search's own hit would gate itself
-        return asked_gates(case.item, case.targets, oracle.get if gate == "localised" else choose,
-                           own=gate == "localised")
+        return asked_gates(case.item, case.targets, oracle.get if gate == "localised" else choose)
 
     search_gate = functools.cache(functools.partial(top_hit, searcher))  # one search per value word, not per case
 
