@@ -26,13 +26,6 @@ def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the recorded runs)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (the next get +1, +2)")
-    p.add_argument("--test-strengths", metavar="F,F,...",
-                   help="strengths each tried hit is clamped at, comma-separated; the search-tested row keeps the "
-                        "best (hit, strength) pair per value, so its strength is chosen on --select "
-                        "(default: --strength alone)")
-    p.add_argument("--test-gated", action="store_true",
-                   help="try the hits as the run uses them: gated by the asked object's localised feature on each "
-                        "--select question (needs --gate localised)")
     p.add_argument("--strength", type=float, default=1.0, help="concept steering strength")
     p.add_argument("--max-features", type=int, default=1, help="features per concept")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint (…/v1) of an LLM judge")
