@@ -19,7 +19,8 @@ from lmm_steer.service import SteeringService
 def plain_app():
     """A server with no SAE."""
     lm = load_model("builtin:tiny-llama")
-    service = SteeringService(Engine(lm, None, None, EngineConfig(max_batch=2, max_seq_len=256)))
+    # no prefill cache: a repeated prompt must reach run_prefill (the failure test patches it)
+    service = SteeringService(Engine(lm, None, None, EngineConfig(max_batch=2, max_seq_len=256, prefill_cache_tokens=0)))
     service.metrics = Metrics(service.model_name, service)
     service.start()
     with TestClient(create_app(service, ServerSettings(), service.metrics)) as client:
@@ -32,17 +33,23 @@ def test_one_failing_request_gives_500_and_the_server_keeps_serving(plain_app, m
 
     client, service = plain_app
     real = engine_mod.run_prefill
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    before = client.post("/v1/chat/completions", json=body)
+    assert before.status_code == 200
 
     def broken(*a, **k):
         raise RuntimeError("simulated CUDA error")
 
     monkeypatch.setattr(engine_mod, "run_prefill", broken)
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "simulated CUDA error" in r.json()["error"]["message"]
     monkeypatch.setattr(engine_mod, "run_prefill", real)
-    ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    ok = client.post("/v1/chat/completions", json=body)
+    # served as before the failure: the same greedy answer (a random tiny model may end before max_tokens)
+    assert ok.status_code == 200 and 1 <= ok.json()["usage"]["completion_tokens"] <= 3
+    assert ok.json()["choices"][0]["message"] == before.json()["choices"][0]["message"]
+    assert ok.json()["usage"] == before.json()["usage"]
 
 
 def test_steering_without_sae_is_refused(plain_app):
