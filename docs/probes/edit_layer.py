@@ -6,7 +6,9 @@ tokens, from another split) times ALPHA at block L, on the asked object's tokens
 tokens after the image only, or on every image token, and counts how often the model then names
 that colour (a colour other than the object's, drawn per question with a fixed seed).
 
-    python docs/probes/edit_layer.py MEANS_SPLIT N_MEAN_SCENES TEST_SPLIT N_TEST_SCENES [ALPHA]
+    python docs/probes/edit_layer.py MEANS_SPLIT N_MEAN_SCENES TEST_SPLIT N_TEST_SCENES [ALPHA [BLOCKS [PLACES]]]
+
+BLOCKS (comma-separated) default to 4,10,15,20; PLACES to object,text,image.
 """
 import json
 import random
@@ -25,10 +27,10 @@ from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.evaluate import normalise
 from lmm_steer.scenes.generate import COLOURS, patch_shares, rle_decode
 
-LAYERS = (4, 10, 15, 20)
-PLACES = ("object", "text", "image")
 means_split, n_means, test_split, n_test = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 alpha = float(sys.argv[5]) if len(sys.argv) > 5 else 4.0
+LAYERS = tuple(int(b) for b in sys.argv[6].split(",")) if len(sys.argv) > 6 else (4, 10, 15, 20)
+PLACES = tuple(sys.argv[7].split(",")) if len(sys.argv) > 7 else ("object", "text", "image")
 engine = scene_engine("builtin:scenes-llava-next", None, None, None)
 model, tokenizer, image_token = engine.model, engine.loaded.tokenizer, image_token_id(engine.model)
 blocks = language_model(model).layers
