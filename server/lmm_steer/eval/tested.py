@@ -56,7 +56,8 @@ def tested_choice(engine, searcher, catalog, select: Path, *, candidates: int = 
     (default: ``strength`` alone), the one whose amplifying edit (``fix.feature_edit``, gated by
     ``gate_for(question, key)`` where given) most often makes the model give that value on
     ``per_type`` questions of the value's type from ``select``."""
-    strengths = tuple(strengths) if strengths else (strength,)
+    # ascending, so a tie (and the no-effect fallback) goes to the smaller strength, as documented
+    strengths = tuple(sorted(set(strengths))) if strengths else (strength,)
     kinds = sorted({k.split(":", 1)[0] for k in keys})
     asked = {kind: questions(select, None, (kind,))[:per_type] for kind in kinds}
     unsteered = {kind: ask(engine, select, items, [None] * len(items), max_tokens=4) for kind, items in asked.items()}
