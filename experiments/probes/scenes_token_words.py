@@ -7,7 +7,7 @@ input embeddings of the 8 colour words and the 7 shape words; the nearest of eac
 Twice: on the base view's 8 x 8 patches, and on the 16 x 16 patches of the 2x upscaled scene cut
 into four 128 px tiles, each through the same tower and projector.
 
-    python docs/probes/scenes_token_words.py RUN_DIR/grounding.safetensors DATA_DIR
+    python experiments/probes/scenes_token_words.py RUN_DIR/grounding.safetensors DATA_DIR
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 on how many of the image's tokens each edited feature and each gate fires at the SAE's block
 (a gate that never fires leaves its edit without effect).
 
-    python docs/probes/gate_openings.py FIX_JSON [ROW]      # ROW: search (default), search-tested, oracle
+    python experiments/probes/gate_openings.py FIX_JSON [ROW]      # ROW: search (default), search-tested, oracle
 """
 
 import json

@@ -5,7 +5,7 @@ or 1) on the asked object's tokens (patch share >= 0.25), and how much of what i
 objects of that value. Two gate choices per value: `scenes localise`'s (ground truth of the
 selection split) and `eval fix`'s search-tested one (the model's answers there).
 
-    python docs/probes/gate_recall.py SPLIT N_SCENES LOCALISE_JSON FIX_JSON
+    python experiments/probes/gate_recall.py SPLIT N_SCENES LOCALISE_JSON FIX_JSON
 """
 import json
 import sys

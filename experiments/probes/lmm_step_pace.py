@@ -2,7 +2,7 @@
 the end of runs 10 and 11)? Times the same batches under the run's start state (the delta at zero)
 and its end state (the trained delta), with and without flushing denormal floats to zero.
 
-    python docs/probes/lmm_step_pace.py RUN_DIR DATA_DIR [STEPS]
+    python experiments/probes/lmm_step_pace.py RUN_DIR DATA_DIR [STEPS]
 
 RUN_DIR holds a finished run's scenes-llava-next.safetensors; DATA_DIR is its training split. The
 same steps' batches (the run's own draw for steps 1000, 1001, ...) go through forward, backward and

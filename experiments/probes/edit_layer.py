@@ -6,7 +6,7 @@ tokens, from another split) times ALPHA at block L, on the asked object's tokens
 tokens after the image only, or on every image token, and counts how often the model then names
 that colour (a colour other than the object's, drawn per question with a fixed seed).
 
-    python docs/probes/edit_layer.py MEANS_SPLIT N_MEAN_SCENES TEST_SPLIT N_TEST_SCENES [ALPHA [BLOCKS [PLACES]]]
+    python experiments/probes/edit_layer.py MEANS_SPLIT N_MEAN_SCENES TEST_SPLIT N_TEST_SCENES [ALPHA [BLOCKS [PLACES]]]
 
 BLOCKS (comma-separated) default to 4,10,15,20; PLACES to object,text,image.
 """

@@ -9,9 +9,9 @@ Judged by ``lmm_steer.eval.measures`` exactly as ``lmm-steer eval steer`` judges
 The source prompts are none of the evaluation prompts. Not a product path: the engine steers with
 SAE features only; this bounds what a better choice of features could reach.
 
-    python docs/probes/diffmean_ceiling.py --concepts server/lmm_steer/eval/concepts_dev.json \
+    python experiments/probes/diffmean_ceiling.py --concepts server/lmm_steer/eval/concepts_dev.json \
         --layers 3,6,9,10,12,13,15,20 --scales 2,3,4,5,6,8          # tuning: dev concepts only
-    python docs/probes/diffmean_ceiling.py --layers 12 --scales 0,5 --json out.json   # held-out, once
+    python experiments/probes/diffmean_ceiling.py --layers 12 --scales 0,5 --json out.json   # held-out, once
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ conversations by kind of position: image placeholders (base view and tiles) and 
 `sae train` holds out the first --eval-examples rows of --data (32 by default), so the first 32
 rows are never trained on.
 
-    python docs/probes/sae_fvu_by_token_kind.py MODEL SAE_DIR DATA.jsonl [N]
+    python experiments/probes/sae_fvu_by_token_kind.py MODEL SAE_DIR DATA.jsonl [N]
 """
 
 from __future__ import annotations

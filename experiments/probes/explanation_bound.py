@@ -3,7 +3,7 @@ grounder) over every feature an explain run asked about, declined ones included,
 own IoU (a declined feature scores 0) and the single-region ceiling; then the bound over every
 feature with top images in the output (all that fire on the split's images), best N first.
 
-    python docs/probes/explanation_bound.py SPLIT EXPLAIN_OUT [PER_FEATURE_JSON]
+    python experiments/probes/explanation_bound.py SPLIT EXPLAIN_OUT [PER_FEATURE_JSON]
 """
 import json
 import sys

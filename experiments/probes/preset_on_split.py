@@ -2,7 +2,7 @@
 preset's feature edits (greedy, through the steering engine, as `eval fix` asks), counted as kept
 right, fixed, broken or kept wrong.
 
-    python docs/probes/preset_on_split.py PRESETS NAME SPLIT [LIMIT] [TYPES]
+    python experiments/probes/preset_on_split.py PRESETS NAME SPLIT [LIMIT] [TYPES]
 """
 
 import json

@@ -7,7 +7,7 @@ one, and "Is there a <colour> <shape>?" for each counted object. If it answers t
 error is in the question that combines them (binding or counting), not in what it sees on the
 image's tokens, which is all an edit at the SAE's block can touch there.
 
-    python docs/probes/miss_perception.py SPLIT FIX_JSON
+    python experiments/probes/miss_perception.py SPLIT FIX_JSON
 """
 import json
 import sys

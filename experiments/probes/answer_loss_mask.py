@@ -4,7 +4,7 @@
 forward and backward pass of the first 3 batches of `scenes train` (seed 0) both ways, twice each,
 on a trained file with a random non-zero delta, and prints each step's loss, which must agree.
 
-    python docs/probes/answer_loss_mask.py WEIGHTS.safetensors SCENES_TRAIN_DIR
+    python experiments/probes/answer_loss_mask.py WEIGHTS.safetensors SCENES_TRAIN_DIR
 """
 
 import random

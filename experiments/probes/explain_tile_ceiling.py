@@ -6,7 +6,7 @@ sees the scene at 2x in four tiles, a 16 x 16 grid of 8 px patches. For each sco
 explained catalog, on its top images, this compares the ceiling (the best IoU any single annotated
 object reaches with the activation mask) from the base grid and from the tile grid.
 
-    python docs/probes/explain_tile_ceiling.py SCORED_CATALOG.jsonl DATA_DIR
+    python experiments/probes/explain_tile_ceiling.py SCORED_CATALOG.jsonl DATA_DIR
 """
 
 from __future__ import annotations

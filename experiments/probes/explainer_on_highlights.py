@@ -1,7 +1,7 @@
 """How an explainer endpoint answers `sae highlights` examples of a split it was not trained on:
 accuracy by kind (an object, a group, the background, unable), and how often it declines.
 
-    python docs/probes/explainer_on_highlights.py SPLIT URL MODEL [LIMIT]
+    python experiments/probes/explainer_on_highlights.py SPLIT URL MODEL [LIMIT]
 """
 
 import json

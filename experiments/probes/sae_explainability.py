@@ -3,7 +3,7 @@ runs? Ranks every feature's top images on a split as `sae explain` does (base-gr
 image alone), then takes each feature's best explanation (`best_iou`: the exact bound under the
 annotation grounder) and prints the bound's mean over all features and over the best N.
 
-    python docs/probes/sae_explainability.py MODEL SAE_DIR SPLIT [HOOKPOINT]
+    python experiments/probes/sae_explainability.py MODEL SAE_DIR SPLIT [HOOKPOINT]
 """
 
 import sys
