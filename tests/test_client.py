@@ -1,6 +1,7 @@
 """The Python client SDK and its CLI, against a real server and an HTTP-level test double."""
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -76,11 +77,58 @@ def test_async_client(server):
 
 def test_sweep_one_completion_per_value(client):
     values = [0, 10, 25, 50]
-    results = client.sweep("Tell me a story", feature=11, values=values, max_tokens=8, temperature=0)
+    results = client.sweep("Tell me a story", feature=11, values=values, max_tokens=8)  # greedy by default
     assert [r.steering["features"][0]["value"] for r in results] == values
     alone = client.chat(prompt="Tell me a story", max_tokens=8, temperature=0, steering=Steering().clamp(11, 25))
     assert results[2].text == alone.text
     assert len({r.text for r in results}) > 1
+
+
+def _recording_chat_handler(sent: list):
+    """A chat endpoint double that keeps each request body and answers with one fixed completion."""
+    def handler(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"id": "c", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]})
+
+    return handler
+
+
+def test_sweep_is_greedy_unless_told_otherwise():
+    sent = []
+    with Client("http://test", transport=httpx.MockTransport(_recording_chat_handler(sent))) as c:
+        c.sweep("Tell me a story", feature=11, values=[0, 10], max_tokens=8)
+        assert sorted(b["steering"]["features"][0]["value"] for b in sent) == [0, 10]
+        assert [b["temperature"] for b in sent] == [0.0, 0.0]
+        sent.clear()
+        c.sweep("Tell me a story", feature=11, values=[5], temperature=0.7, seed=1)
+        assert sent[0]["temperature"] == 0.7 and sent[0]["seed"] == 1
+        sent.clear()
+        c.chat(prompt="hi")  # a plain chat sends none: the server's default (1.0, sampled) applies
+        assert "temperature" not in sent[0]
+
+
+def test_async_sweep_is_greedy_unless_told_otherwise():
+    sent = []
+
+    async def run():
+        async with AsyncClient("http://test", transport=httpx.MockTransport(_recording_chat_handler(sent))) as c:
+            results = await c.sweep("Tell me a story", feature=11, values=[0, 10, 25], concurrency=2)
+            sampled = await c.sweep("Tell me a story", feature=11, values=[5], temperature=0.7)
+            return results, sampled
+
+    results, sampled = asyncio.run(run())
+    assert len(results) == 3 and all(r.text == "ok" for r in results) and len(sampled) == 1
+    assert sorted(b["steering"]["features"][0]["value"] for b in sent[:3]) == [0, 10, 25]
+    assert [b["temperature"] for b in sent] == [0.0, 0.0, 0.0, 0.7]
+
+
+def test_async_sweep_matches_the_sync_one(client, server):
+    async def run():
+        async with AsyncClient(server.url) as c:
+            return await c.sweep("Tell me a story", feature=11, values=[0, 25], max_tokens=8)
+
+    assert [r.text for r in asyncio.run(run())] == [
+        r.text for r in client.sweep("Tell me a story", feature=11, values=[0, 25], max_tokens=8)]
 
 
 def test_features(client):

@@ -38,33 +38,58 @@ def _concept(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lmm-steer-client")
-    p.add_argument("--base-url")
-    p.add_argument("--api-key")
-    sub = p.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat")
-    chat.add_argument("question")
-    chat.add_argument("--image", action="append", default=[])
-    chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE][@WHERE]")
+NEVER_FIRED_EXIT = 3  # inspect: the feature never fired on the image; 1 is an error, 2 a usage error (argparse)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmm-steer-client",
+        description="Talk to an lmm-steer server from a shell: steered chat, the served model and presets, "
+                    "feature search, and inspect heatmaps.")
+    p.add_argument("--base-url", help="the server's URL (default: $LMM_STEER_BASE_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="bearer token for a server started with API keys (default: $LMM_STEER_API_KEY)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    def command(parent, name: str, summary: str) -> argparse.ArgumentParser:
+        # help= is the line in the parent's command list, description= heads the command's own --help
+        return parent.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+    chat = command(sub, "chat", "ask the model a question, steered by clamps, concepts or a preset")
+    chat.add_argument("question", help="the user message")
+    chat.add_argument("--image", action="append", default=[], help="an image file to send with the question "
+                      "(repeat for several; a multimodal server)")
+    chat.add_argument("--clamp", action="append", default=[], type=_clamp, metavar="ID=VALUE[:MODE][@WHERE]",
+                      help="edit one feature: MODE is clamp (default), add or scale, or transfer:SOURCE; "
+                      "@WHERE gates the edit on feature WHERE firing (repeat for several)")
     chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
                       help="steer toward a concept named in words (the server picks features and values)")
     chat.add_argument("--preset", help="a steering preset the server loaded (`models` lists them); --clamp and "
                       "--concept apply on top")
-    chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    chat.add_argument("--max-tokens", type=int, default=128)
-    chat.add_argument("--temperature", type=float, default=0.0)
-    sub.add_parser("models", help="the served model and its steering presets, one JSON line each")
-    features = sub.add_parser("features").add_subparsers(dest="features_command", required=True)
-    search = features.add_parser("search")
-    search.add_argument("text")
-    search.add_argument("--limit", type=int, default=10)
-    inspect = sub.add_parser("inspect")
-    inspect.add_argument("--image", required=True)
-    inspect.add_argument("--feature", type=int, required=True)
-    inspect.add_argument("--prompt", default="Describe the image.")
-    inspect.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                      help="print the answer as it is generated (default) or all at once")
+    chat.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    chat.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature (default: 0, greedy, so a steered answer is reproducible)")
+    command(sub, "models", "the served model and its steering presets, one JSON line each")
+    features = command(sub, "features", "look up the SAE's features").add_subparsers(
+        dest="features_command", required=True, metavar="SUBCOMMAND", help="the lookup to make")
+    search = command(features, "search", "features whose explanation or contexts match a text, one JSON line each")
+    search.add_argument("text", help="words or a concept to search for, e.g. 'music'")
+    search.add_argument("--limit", type=int, default=10, help="most features to list (default: 10)")
+    inspect = command(sub, "inspect", "draw one feature's activations over an image as a heatmap PNG")
+    inspect.add_argument("--image", required=True, help="the image file to inspect")
+    inspect.add_argument("--feature", type=int, required=True, help="the SAE feature id to draw")
+    inspect.add_argument("--prompt", default="Describe the image.",
+                         help="the text sent with the image (default: 'Describe the image.')")
+    inspect.add_argument("--out", required=True,
+                         help="where to write the heatmap PNG; if the feature never fired on the image, the "
+                         f"plain image is written there, a note goes to stderr and the exit code is "
+                         f"{NEVER_FIRED_EXIT}")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         with Client(args.base_url, args.api_key) as client:
             if args.command == "chat":
@@ -96,8 +121,17 @@ def main(argv=None) -> int:
                 if not result["images"]:
                     print("lmm-steer-client: the server returned no image grid", file=sys.stderr)
                     return 1
-                render_heatmap(args.image, result["images"][0]["features"][str(args.feature)]).save(args.out)
+                grid = result["images"][0]["features"][str(args.feature)]
+                # The heatmap of a silent feature is the plain image, which looks like a rendering
+                # failure; the file is still written (a loop over features gets one file each), and
+                # the note and exit code say why it is plain.
+                render_heatmap(args.image, grid).save(args.out)
                 print(args.out)
+                peak = max((v for row in grid for v in row), default=0.0)
+                if peak <= 0:
+                    print(f"lmm-steer-client: feature {args.feature} never fired on this image (max activation "
+                          f"{peak:g}); wrote the plain image to {args.out}", file=sys.stderr)
+                    return NEVER_FIRED_EXIT
     except (LmmSteerError, ValueError) as e:
         print(f"lmm-steer-client: error: {e}", file=sys.stderr)
         return 1

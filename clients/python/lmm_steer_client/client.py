@@ -19,6 +19,7 @@ from .errors import APIConnectionError, raise_for_error
 from .steering import Steering
 
 RETRY_STATUSES = (429, 503)
+SWEEP_TEMPERATURE = 0.0  # greedy: a sweep compares values of one feature, and sampling would add differences of its own
 
 
 class Usage(BaseModel):
@@ -156,6 +157,11 @@ class Client(_Base):
 
     def chat(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None, stream=False,
              return_unsteered=False, seed=None, max_tokens=None, temperature=None, **params):
+        """One completion; ``stream=True`` returns a ChatStream of text deltas instead of a ChatResult.
+
+        ``temperature=None`` (the default, streaming or not) sends no temperature, so the server's
+        default applies: 1.0, sampled, as in OpenAI's API. Pass ``temperature=0`` for greedy,
+        reproducible output (or a ``seed`` to make sampling reproducible)."""
         body = build_body(messages, prompt, images, clamps, steering, seed=seed, max_tokens=max_tokens,
                           temperature=temperature, return_unsteered=return_unsteered or None, **params)
         if stream:
@@ -181,12 +187,17 @@ class Client(_Base):
         return self._request("POST", "/v1/inspect", json=body, idempotent=True).json()
 
     def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", concurrency: int = 4,
-              **chat_kw) -> list[ChatResult]:
-        """One completion per value of one feature, issued concurrently (at most ``concurrency``)."""
+              temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
+        """One completion per value of one feature, issued concurrently (at most ``concurrency``),
+        in the order of ``values``.
+
+        Greedy by default (``temperature=0``, unlike ``chat``), so the completions differ only by
+        the feature's value; pass ``temperature`` (and a ``seed``) to sample instead."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(value):
-            return self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value), **chat_kw)
+            return self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value),
+                             temperature=temperature, **chat_kw)
 
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
             return list(pool.map(one, values))
@@ -259,6 +270,8 @@ class AsyncClient(_Base):
 
     async def chat(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None,
                    return_unsteered=False, seed=None, max_tokens=None, temperature=None, **params) -> ChatResult:
+        """One completion. ``temperature=None`` (the default) sends no temperature, so the server's
+        default applies: 1.0, sampled, as in OpenAI's API; pass ``temperature=0`` for greedy output."""
         body = build_body(messages, prompt, images, clamps, steering, seed=seed, max_tokens=max_tokens,
                           temperature=temperature, return_unsteered=return_unsteered or None, **params)
         r = await self._request("POST", "/v1/chat/completions", json=body, idempotent=False)
@@ -266,8 +279,24 @@ class AsyncClient(_Base):
 
     def chat_stream(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None,
                     **params) -> AsyncChatStream:
-        """``async for delta in client.chat_stream(...)``; ``.result`` holds the ChatResult afterwards."""
+        """``async for delta in client.chat_stream(...)``; ``.result`` holds the ChatResult afterwards.
+
+        With no ``temperature`` the server's default applies: 1.0, sampled, as in OpenAI's API;
+        pass ``temperature=0`` for greedy output."""
         return AsyncChatStream(self, build_body(messages, prompt, images, clamps, steering, **params))
+
+    async def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", concurrency: int = 4,
+                    temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
+        """As ``Client.sweep``: one completion per value, at most ``concurrency`` in flight, in the
+        order of ``values``; greedy by default (``temperature=0``), pass ``temperature`` to sample."""
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(value):
+            async with slots:
+                return await self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value),
+                                       temperature=temperature, **chat_kw)
+
+        return list(await asyncio.gather(*(one(value) for value in values)))
 
 
 def _stream_state():
