@@ -148,15 +148,22 @@ def test_calibration_decides_which_feature_a_concept_gets(concept_server):
 
 def test_suggest_lists_candidates_without_generating(concept_server):
     before = concept_server.metric("lmm_steer:generation_tokens_total")
-    r = concept_server.post("/v1/steering/suggest", {"concept": "apples and fruit", "limit": 3})
+    r = concept_server.post("/v1/steering/suggest", {"text": "apples and fruit", "limit": 3})
     assert r.status_code == 200, r.text
     body = r.json()
+    assert body["text"] == body["concept"] == "apples and fruit"
     assert body["edits"][0]["id"] == 20 and body["edits"][0]["value"] == 4.0
     by_id = {c["id"]: c for c in body["candidates"]}
     assert by_id[3]["value"] is None and by_id[3]["calibrated"] is True and len(body["candidates"]) == 3
     assert concept_server.metric("lmm_steer:generation_tokens_total") == before
-    bad = concept_server.post("/v1/steering/suggest", {"concept": "", "limit": 3})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "concept"
+    bad = concept_server.post("/v1/steering/suggest", {"text": "", "limit": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "text"
+    missing = concept_server.post("/v1/steering/suggest", {"limit": 3})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "text"
+    # the field's earlier name still works (deprecated), with the same answer
+    old = concept_server.post("/v1/steering/suggest", {"concept": "apples and fruit", "limit": 3})
+    assert old.status_code == 200 and old.json()["edits"] == body["edits"]
+    assert old.json()["candidates"] == body["candidates"]
 
 
 def test_concept_steering_through_the_openai_client(concept_server):
@@ -262,7 +269,7 @@ def test_without_the_embedding_model_concepts_are_a_clear_400_and_search_uses_wo
                                                           "steering": {"concepts": [{"text": "dogs"}]}})
             assert r.status_code == 400 and r.json()["error"]["code"] == "concepts_unavailable"
             assert r.json()["error"]["param"] == "steering.concepts"
-            assert client.post("/v1/steering/suggest", json={"concept": "dogs"}).status_code == 400
+            assert client.post("/v1/steering/suggest", json={"text": "dogs"}).status_code == 400
             hits = client.get("/v1/features", params={"q": "dogs"}).json()["data"]
             assert [h["id"] for h in hits] == [7]  # words only: the tax feature scores 0 and is left out
     finally:

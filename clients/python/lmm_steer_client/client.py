@@ -174,10 +174,10 @@ class Client(_Base):
         holds name, description and steering)."""
         return self._request("GET", "/v1/models", idempotent=True).json()["data"]
 
-    def suggest(self, concept: str, *, strength: float = 1.0, max_features: int = 1, limit: int = 10) -> dict:
-        """The edits ``Steering().concept(...)`` would apply, and the nearest features, without generating."""
+    def suggest(self, text: str, *, strength: float = 1.0, max_features: int = 1, limit: int = 10) -> dict:
+        """The edits ``Steering().concept(text)`` would apply, and the nearest features, without generating."""
         return self._request("POST", "/v1/steering/suggest", idempotent=True, json={
-            "concept": concept, "strength": strength, "max_features": max_features, "limit": limit}).json()
+            "text": text, "strength": strength, "max_features": max_features, "limit": limit}).json()
 
     def inspect(self, messages=None, *, prompt=None, images=(), features=None, top_k=5, positions=True) -> dict:
         body = build_body(messages, prompt, images)

@@ -18,13 +18,14 @@ from .deps import count_error
 from .errors import APIError, error_response, loc_to_param, most_specific
 from .middleware import GuardMiddleware
 from .openapi import openapi_without_422
-from .routes import chat, features, health, inspect, models, steering, ui
+from .routes import chat, features, health, inspect, models, scenes, steering, ui
 from .routes.chat import ClientGone
 from .settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
 
-ROUTERS = (chat.router, models.router, features.router, steering.router, inspect.router, ui.router, health.router)
+ROUTERS = (chat.router, models.router, features.router, steering.router, inspect.router, scenes.router,
+           ui.router, health.router)
 
 
 def _add_error_handlers(app: FastAPI, metrics) -> None:

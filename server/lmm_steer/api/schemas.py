@@ -9,7 +9,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -206,7 +214,11 @@ def unsupported_field(body: ChatCompletionRequest) -> str | None:
 
 class SuggestRequest(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
-    concept: Annotated[Text, Field(min_length=1, max_length=200)]
+    # ``text``, as in ``steering.concepts[].text``; ``concept``, the field's earlier name, is still
+    # taken (deprecated) so existing callers keep working
+    text: Annotated[Text, Field(min_length=1, max_length=200, validation_alias=AliasChoices("text", "concept"),
+                                description="the concept, in words (the deprecated name concept is also "
+                                            "accepted)")]
     strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False)] = 1.0
     max_features: Annotated[int, Field(ge=1, le=8)] = 1
     limit: Annotated[int, Field(ge=1, le=50, description="nearest features listed as candidates")] = 10
@@ -370,7 +382,45 @@ class ConceptCandidate(BaseModel):
 
 class Suggestion(BaseModel):
     object: Literal["steering.suggestion"] = "steering.suggestion"
-    concept: str
+    text: str
+    concept: str = Field(description="the same as text (deprecated: kept for callers of the earlier name)")
     strength: float
     edits: list[AppliedFeature] = Field(description="what steering.concepts would apply")
     candidates: list[ConceptCandidate]
+
+
+# -- scenes (the generator the scenes model was trained on, one scene at a time) -------------------
+
+class SceneRequest(Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="generator seed (default: a random one)")] | None = None
+    index: Annotated[int, Field(ge=0, le=10**6, description="scene number within the seed")] = 0
+
+
+class SceneObjectInfo(BaseModel):
+    shape: str
+    colour: str
+    size: str
+    bbox: list[int] = Field(description="COCO [x, y, w, h] of the visible part, in pixels")
+    occlusion: float
+
+
+class SceneQuestion(BaseModel):
+    type: str = Field(description="colour, shape, count, exist, left or right")
+    question: str
+    prompt: str = Field(description="the question with the answer-format hint the scenes model was trained on")
+    answer: str
+    difficulty: list[str]
+
+
+class SceneInfo(BaseModel):
+    object: Literal["scene"] = "scene"
+    seed: int
+    index: int
+    width: int
+    height: int
+    image: str = Field(description="the scene as a data:image/png;base64 URL, ready for an image_url part")
+    caption: str
+    background: str
+    objects: list[SceneObjectInfo]
+    questions: list[SceneQuestion]

@@ -20,19 +20,19 @@ async def suggest(body: SuggestRequest, service: ServiceDep):
     """What ``steering.concepts`` would apply for a concept, and the nearest features it chose
     among, without generating."""
     if service.concepts is None:
-        raise concepts_unavailable("concept")
+        raise concepts_unavailable("text")
 
     def run():
-        near = candidates(service.concepts, body.concept, max(body.limit, CANDIDATES))  # embeds the concept once
+        near = candidates(service.concepts, body.text, max(body.limit, CANDIDATES))  # embeds the concept once
         try:
-            chosen = choose(near, body.concept, body.strength, body.max_features)
+            chosen = choose(near, body.text, body.strength, body.max_features)
         except ConceptNotFound:
             chosen = []
         return near[: body.limit], chosen
 
     near, chosen = await asyncio.get_running_loop().run_in_executor(None, run)
-    return {"object": "steering.suggestion", "concept": body.concept, "strength": body.strength,
-            "edits": [{"id": c.feature, "value": c.value, "mode": "clamp", "concept": body.concept,
+    return {"object": "steering.suggestion", "text": body.text, "concept": body.text, "strength": body.strength,
+            "edits": [{"id": c.feature, "value": c.value, "mode": "clamp", "concept": body.text,
                        "explanation": explanation(service, c.feature)} for c in chosen],
             "candidates": [{"id": c.feature, "similarity": c.similarity, "value": c.value,
                             "calibrated": c.calibrated, "text": c.text} for c in near]}
