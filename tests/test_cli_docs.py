@@ -1,4 +1,4 @@
-"""docs/cli.md holds every command's --help verbatim; this keeps the two equal.
+"""docs/reference/cli.md holds every command's --help verbatim; this keeps the two equal.
 
 Regenerate after changing a command's options: ``python tests/test_cli_docs.py --write``.
 """
@@ -9,8 +9,11 @@ import re
 import sys
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
-README = DOC.parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "reference" / "cli.md"
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+EXPERIMENTS = ROOT / "experiments"  # docs/experiments links here, so the site includes the records
 WIDTH = "100"  # argparse wraps at the terminal width; the reference is written at this one
 
 HEADER = """# Command reference
@@ -42,7 +45,14 @@ def reference() -> str:
 
 def test_docs_cli_equals_help(monkeypatch):
     monkeypatch.setenv("COLUMNS", WIDTH)
-    assert DOC.read_text() == reference(), "docs/cli.md is stale: run python tests/test_cli_docs.py --write"
+    assert DOC.read_text() == reference(), "docs/reference/cli.md is stale: run python tests/test_cli_docs.py --write"
+
+
+def _pages():
+    """Every markdown page of the user guide (docs/, its subfolders included) and of the experiment
+    records, each once: the docs/experiments link is walked as experiments/."""
+    docs = [p for p in DOCS.rglob("*.md") if p.relative_to(DOCS).parts[0] != "experiments"]
+    return sorted(docs) + sorted(EXPERIMENTS.rglob("*.md"))
 
 
 def _logical_lines(text: str):
@@ -51,7 +61,7 @@ def _logical_lines(text: str):
 
 
 def test_options_named_beside_a_command_exist():
-    """Wherever README.md or docs/*.md shows `lmm-steer <command> ... --option`, the command has
+    """Wherever README.md, a docs page or an experiment record shows `lmm-steer <command> ... --option`, the command has
     that option: a renamed or removed flag cannot linger in an example or a synopsis."""
     os.environ["COLUMNS"] = WIDTH
     from lmm_steer.cli import build_parser
@@ -59,7 +69,9 @@ def test_options_named_beside_a_command_exist():
     commands = dict(_commands(build_parser()))
     names = sorted(commands, key=len, reverse=True)  # "lmm-steer sae train" before "lmm-steer sae"
     checked = 0
-    for doc in [README, *sorted(DOC.parent.glob("*.md"))]:
+    pages = _pages()
+    assert DOC in pages and EXPERIMENTS / "README.md" in pages
+    for doc in [README, *pages]:
         for line in _logical_lines(doc.read_text()):
             for name in names:
                 at = line.find(name + " ")
@@ -68,7 +80,7 @@ def test_options_named_beside_a_command_exist():
                 rest = re.split(r"[`|;#]|&&", line[at + len(name):])[0]
                 known = {s for a in commands[name]._actions for s in a.option_strings}
                 named = set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", rest))
-                assert named <= known, f"{doc.name}: {name} has no {sorted(named - known)}: {line.strip()}"
+                assert named <= known, f"{doc.relative_to(ROOT)}: {name} has no {sorted(named - known)}: {line.strip()}"
                 checked += 1
                 break
     assert checked >= 10
