@@ -4,7 +4,7 @@ measured on others.
 An edit that fixed one misrecognition (``eval fix``) was found at a value that turned that answer;
 served as a preset it meets every request that names it. On the scenes model the
 ``cross-not-square`` preset (run 9's), as found, fixed 3 of 221 shape answers of a held-out split and broke
-173 (docs/fix.md). So the preset's non-zero values are scaled by each factor of a fixed grid, the
+173 (experiments/fixes.md). So the preset's non-zero values are scaled by each factor of a fixed grid, the
 selection split's questions are asked with each, and the factor with the most fixed minus broken
 answers is kept (the smallest on a tie; none when no factor fixes more than it breaks). The test
 split, another seed, is then asked unsteered, with the preset as found, and with the chosen

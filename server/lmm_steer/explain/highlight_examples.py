@@ -9,7 +9,7 @@ rest darkened), and the answer is what its ground truth says the highlight shows
 - one or two patches, whatever they show -> "Unable." (the paper's answer to minimal highlights)
 
 Most features that fire on the scenes SAE's image tokens light one or two patches of background
-(docs/explain.md); an explainer trained only on exact single-object masks described those as its
+(experiments/explanations.md); an explainer trained only on exact single-object masks described those as its
 most common object instead of declining. The first explainer was trained with one- and two-patch
 highlights named when an object filled them; it then named one-object phrases for 45 two-patch
 features with an IoU of 0.007, mostly objects that were not there, so now every such highlight

@@ -9,7 +9,7 @@ training needs no package beyond torch. Defazio et al., "The Road Less Scheduled
 schedulefree evaluates and saves x, recovered from y and z (x = (y - (1 - b) z) / b). We keep y:
 the decoder's unit-norm constraint holds at y, while x averages rows that rotate during training
 and they shrink (mean norm 0.69 after the shipped SAE's recipe). On those activations y
-reconstructs with FVU 0.114, x with 0.198 (docs/benchmarks.md), so x is never formed. A test
+reconstructs with FVU 0.114, x with 0.198 (experiments/sae-training.md), so x is never formed. A test
 checks the iterates against schedulefree itself (equal up to rounding: the update is fused).
 """
 

@@ -5,7 +5,7 @@ cosine decay on request), optional data parallelism over torch.distributed.
 
 Why signum: on a known sparse dictionary (``sae bench-quality``), Adam at sparsify's Adam rate
 with warm-up and cosine decay recovered almost none of the true atoms in a short run, where
-signum at sparsify's rate recovers them as sparsify does (docs/benchmarks.md).
+signum at sparsify's rate recovers them as sparsify does (experiments/sae-training.md).
 
 Checkpoints are the sparsify layout (``serve`` loads them directly) plus the trainer's state in
 safetensors and JSON, never pickle; a resumed seeded run continues exactly where it stopped.
