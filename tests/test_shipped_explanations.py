@@ -54,3 +54,33 @@ def test_the_shipped_scores_are_what_scoring_gives_on_the_split_they_were_made_o
     assert len(ROWS) == 199 and round(sum(ious) / len(ious), 3) == 0.302  # docs/explain.md's run-12 table
     bounds = [r["scores"]["best_iou"] for r in ROWS]
     assert round(sum(bounds) / len(bounds), 3) == 0.435  # the bound in docs/explain.md
+
+
+def test_the_default_serves_the_scenes_model_with_its_presets_and_a_shipped_search_index(monkeypatch, tmp_path):
+    """With no arguments, serve loads the scenes model, its SAE, both catalogs and its presets; the
+    search-by-meaning index over the merged catalog ships beside it, so a first start embeds nothing."""
+    from lmm_steer.concepts.embedder import DEFAULT_EMBEDDER
+    from lmm_steer.concepts.semantic import SemanticIndex
+    from sae_weights.default import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == "builtin:scenes-llava-next"
+    sources = sources_for(DEFAULT_MODEL)
+    assert sources.presets == str(SHIPPED_SCENES.presets)
+    assert sorted(p.stem for p in SHIPPED_SCENES.presets.glob("*.json")) == ["circle-not-hexagon",
+                                                                             "circle-not-hexagon-gated"]
+    assert sources_for(DEFAULT_MODEL, presets="none").presets == "none"
+    assert sources_for(DEFAULT_MODEL, sae="builtin:random-topk").presets is None  # presets belong to their SAE
+    assert sources_for("builtin:smollm2-135m-instruct").presets is None
+
+    class NoEmbedding:  # the embedding model's name, and no way to embed: only a shipped index will do
+        name, dim = DEFAULT_EMBEDDER, 384
+
+        def encode(self, texts):
+            raise AssertionError(f"embedded {len(texts)} texts at start")
+
+    monkeypatch.setenv("LMM_STEER_CACHE", str(tmp_path))  # no cached index to fall back on
+    merged = FeatureCatalog()
+    for path in sources.catalogs:
+        merged.merge(FeatureCatalog.load(path))
+    index = SemanticIndex(merged, NoEmbedding(), list(sources.catalogs))
+    assert index.vectors.shape == (4096, 384)

