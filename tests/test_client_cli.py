@@ -23,7 +23,7 @@ def test_every_command_and_option_has_help(capsys):
     parsers = list(_parsers(cli.build_parser()))
     assert {" ".join(words) for words, _ in parsers} == {
         "lmm-steer-client", "lmm-steer-client chat", "lmm-steer-client models", "lmm-steer-client features",
-        "lmm-steer-client features search", "lmm-steer-client inspect"}
+        "lmm-steer-client features search", "lmm-steer-client inspect", "lmm-steer-client scene"}
     for words, parser in parsers:
         assert parser.description, f"{' '.join(words)} has no description"
         for action in parser._actions:
@@ -82,3 +82,48 @@ def test_inspect_on_a_firing_feature_exits_zero_quietly(inspect_cli, capsys):
     code, stdout, stderr, out, image, _ = inspect_cli(capsys, 7, [[0.0, 2.5, 0.0], [0.0, 0.0, 1.0]])
     assert code == 0 and stderr == "" and stdout.strip() == str(out)
     assert Image.open(out).convert("RGB").tobytes() != Image.open(image).convert("RGB").tobytes()
+
+
+def _answering(monkeypatch, answer: dict) -> list:
+    """The CLI's client talks to a handler that records each request and answers ``answer``."""
+    sent = []
+
+    def handler(request):
+        sent.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(200, json=answer)
+
+    monkeypatch.setattr(cli, "Client", lambda *a, **kw: Client(*a, transport=httpx.MockTransport(handler), **kw))
+    return sent
+
+
+def test_scene_writes_the_png_and_prints_the_caption(monkeypatch, tmp_path, capsys):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (230, 210, 40)).save(buf, format="PNG")
+    scene = {"object": "scene", "seed": 11, "index": 3, "width": 8, "height": 8, "caption": "A yellow square.",
+             "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "background": "white",
+             "objects": [{"shape": "square", "colour": "yellow"}],
+             "questions": [{"question": "What colour is the square?", "answer": "yellow"}]}
+    sent = _answering(monkeypatch, scene)
+    out = tmp_path / "scene.png"
+    assert cli.main(["--base-url", "http://test", "scene", "--seed", "11", "--index", "3", "--out", str(out)]) == 0
+    assert sent == [("/v1/scenes", {"seed": 11, "index": 3})]
+    assert capsys.readouterr().out.strip() == "A yellow square."
+    assert out.read_bytes() == buf.getvalue()
+    assert cli.main(["--base-url", "http://test", "scene", "--out", str(out), "--json"]) == 0
+    assert sent[-1] == ("/v1/scenes", {"index": 0})  # no seed: the server draws one, and --json says which
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seed"] == 11 and printed["questions"][0]["answer"] == "yellow" and "image" not in printed
+
+
+def test_chat_scope_goes_with_the_clamps(monkeypatch, capsys):
+    sent = _answering(monkeypatch, {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "red"},
+                                                 "finish_reason": "stop"}]})
+    assert cli.main(["--base-url", "http://test", "chat", "--no-stream", "--clamp", "324=150", "--scope", "image",
+                     "What colour?"]) == 0
+    assert capsys.readouterr().out.strip() == "red"
+    steering = sent[0][1]["steering"]
+    assert steering["scope"] == "image" and steering["features"] == [{"id": 324, "value": 150.0, "mode": "clamp"}]

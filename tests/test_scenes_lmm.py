@@ -427,16 +427,16 @@ def test_the_shipped_sae_and_its_catalog_belong_to_the_scenes_model():
 
 
 @pytest.mark.skipif(not (WEIGHTS.exists() and SHIPPED_SAE.exists()), reason="the scenes model or its SAE is not in this checkout")
-def test_the_readme_shows_the_scenes_model_steered_and_unsteered(tmp_path, monkeypatch, capsys):
-    """The README's scenes example runs as written: each `lmm-steer` command in its block prints the
-    answer shown under it, unsteered and steered."""
+def test_the_serve_page_shows_the_scenes_model_steered_and_unsteered(tmp_path, monkeypatch, capsys):
+    """The one-shot scenes example (docs/serve.md) runs as written: each `lmm-steer` command in its
+    block prints the answer shown under it, unsteered and steered."""
     import re
     import shlex
 
     from lmm_steer.cli import main
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"<!-- scenes-steering-example -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text()
+    block = re.search(r"<!-- scenes-steering-example -->\n```bash\n(.*?)```", doc, re.S).group(1)
     lines = re.sub(r"\\\n\s*", " ", block).splitlines()
     monkeypatch.chdir(tmp_path)
     checked = []

@@ -1,6 +1,6 @@
 """Client SDK for lmm-steer: chat with SAE feature steering, feature search, inspect, sweeps."""
 
-from .client import AsyncChatStream, AsyncClient, ChatResult, ChatStream, Client, Feature, FeatureHit
+from .client import AsyncChatStream, AsyncClient, ChatResult, ChatStream, Client, Feature, FeatureHit, Scene
 from .errors import (
     APIConnectionError,
     APIError,
@@ -15,6 +15,6 @@ from .steering import Steering
 
 __all__ = [
     "APIConnectionError", "APIError", "AsyncChatStream", "AsyncClient", "AuthenticationError", "BadRequestError", "ChatResult",
-    "ChatStream", "Client", "Feature", "FeatureHit", "NotFoundError", "RateLimitError", "ServerError",
+    "ChatStream", "Client", "Feature", "FeatureHit", "NotFoundError", "RateLimitError", "Scene", "ServerError",
     "Steering", "render_heatmap",
 ]

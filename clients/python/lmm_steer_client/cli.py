@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmm-steer-client",
         description="Talk to an lmm-steer server from a shell: steered chat, the served model and presets, "
-                    "feature search, and inspect heatmaps.")
+                    "generated scenes, feature search, and inspect heatmaps.")
     p.add_argument("--base-url", help="the server's URL (default: $LMM_STEER_BASE_URL, else http://127.0.0.1:8000)")
     p.add_argument("--api-key", help="bearer token for a server started with API keys (default: $LMM_STEER_API_KEY)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "@WHERE gates the edit on feature WHERE firing (repeat for several)")
     chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
                       help="steer toward a concept named in words (the server picks features and values)")
+    chat.add_argument("--scope", choices=("all", "prompt", "generated", "image"),
+                      help="where the edits act (default: the server's: all positions, or generated for concepts); "
+                      "image: the image's tokens only")
     chat.add_argument("--preset", help="a steering preset the server loaded (`models` lists them); --clamp and "
                       "--concept apply on top")
     chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -71,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0,
                       help="sampling temperature (default: 0, greedy, so a steered answer is reproducible)")
     command(sub, "models", "the served model and its steering presets, one JSON line each")
+    scene = command(sub, "scene", "get a synthetic scene from the server's generator: write its PNG, print its "
+                                  "caption (--json: caption, objects, and questions with their answers)")
+    scene.add_argument("--seed", type=int, help="generator seed (default: a random one, printed with --json)")
+    scene.add_argument("--index", type=int, default=0, help="scene number within the seed (default: 0)")
+    scene.add_argument("--out", required=True, help="where to write the scene's PNG")
+    scene.add_argument("--json", action="store_true", help="print the whole scene as JSON instead of its caption")
     features = command(sub, "features", "look up the SAE's features").add_subparsers(
         dest="features_command", required=True, metavar="SUBCOMMAND", help="the lookup to make")
     search = command(features, "search", "features whose explanation or contexts match a text, one JSON line each")
@@ -98,6 +107,8 @@ def main(argv=None) -> int:
                     getattr(steering, mode)(fid, value, *([source] if mode == "transfer" else []), where=where)
                 for text, strength in args.concept:
                     steering.concept(text, strength)
+                if args.scope:
+                    steering.scope(args.scope)
                 kw = {"prompt": args.question, "images": args.image,
                       "steering": steering if args.clamp or args.concept else None, "preset": args.preset,
                       "max_tokens": args.max_tokens, "temperature": args.temperature}
@@ -110,6 +121,10 @@ def main(argv=None) -> int:
             elif args.command == "models":
                 for card in client.models():
                     print(json.dumps(card))
+            elif args.command == "scene":
+                got = client.scene(args.seed, args.index)
+                got.save(args.out)
+                print(got.model_dump_json(exclude={"image"}) if args.json else got.caption)
             elif args.command == "features":
                 for hit in client.features.search(args.text, args.limit):
                     print(json.dumps(hit.model_dump()))

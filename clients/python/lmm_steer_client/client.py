@@ -54,6 +54,26 @@ class Feature(BaseModel):
     stats: dict = Field(default_factory=dict)
 
 
+class Scene(BaseModel):
+    """A synthetic scene from ``POST /v1/scenes``, with its ground truth (the generator the scenes
+    model was trained on). ``image`` is a data URL: pass ``scene.png`` (bytes) wherever an image goes."""
+
+    seed: int
+    index: int
+    image: str = Field(repr=False)
+    caption: str
+    objects: list[dict] = Field(default_factory=list)
+    questions: list[dict] = Field(default_factory=list)
+
+    @property
+    def png(self) -> bytes:
+        return base64.b64decode(self.image.split(",", 1)[1])
+
+    def save(self, path: str | Path) -> Path:
+        Path(path).write_bytes(self.png)
+        return Path(path)
+
+
 class FeatureHit(BaseModel):
     id: int
     explanation: str | None = None
@@ -174,6 +194,12 @@ class Client(_Base):
         holds name, description and steering)."""
         return self._request("GET", "/v1/models", idempotent=True).json()["data"]
 
+    def scene(self, seed: int | None = None, index: int = 0) -> Scene:
+        """Scene ``index`` of ``seed`` (a random seed when None) with its caption, objects and
+        questions with their answers; the same scene ``lmm-steer scenes generate --seed`` writes."""
+        body = {"index": index, **({"seed": seed} if seed is not None else {})}
+        return Scene.model_validate(self._request("POST", "/v1/scenes", idempotent=True, json=body).json())
+
     def suggest(self, text: str, *, strength: float = 1.0, max_features: int = 1, limit: int = 10) -> dict:
         """The edits ``Steering().concept(text)`` would apply, and the nearest features, without generating."""
         return self._request("POST", "/v1/steering/suggest", idempotent=True, json={
@@ -186,18 +212,18 @@ class Client(_Base):
             body["features"] = list(features)
         return self._request("POST", "/v1/inspect", json=body, idempotent=True).json()
 
-    def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", concurrency: int = 4,
-              temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
+    def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", scope: str | None = None,
+              concurrency: int = 4, temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
         """One completion per value of one feature, issued concurrently (at most ``concurrency``),
-        in the order of ``values``.
+        in the order of ``values``; ``scope`` ("image", "generated", ...) limits where the edit acts.
 
         Greedy by default (``temperature=0``, unlike ``chat``), so the completions differ only by
         the feature's value; pass ``temperature`` (and a ``seed``) to sample instead."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(value):
-            return self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value),
-                             temperature=temperature, **chat_kw)
+            return self.chat(prompt=prompt, steering=_one_edit(feature, value, mode, scope), temperature=temperature,
+                             **chat_kw)
 
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
             return list(pool.map(one, values))
@@ -277,6 +303,11 @@ class AsyncClient(_Base):
         r = await self._request("POST", "/v1/chat/completions", json=body, idempotent=False)
         return ChatResult.from_response(r.json())
 
+    async def scene(self, seed: int | None = None, index: int = 0) -> Scene:
+        """As ``Client.scene``."""
+        body = {"index": index, **({"seed": seed} if seed is not None else {})}
+        return Scene.model_validate((await self._request("POST", "/v1/scenes", idempotent=True, json=body)).json())
+
     def chat_stream(self, messages=None, *, prompt=None, images=(), clamps=None, steering=None,
                     **params) -> AsyncChatStream:
         """``async for delta in client.chat_stream(...)``; ``.result`` holds the ChatResult afterwards.
@@ -285,18 +316,24 @@ class AsyncClient(_Base):
         pass ``temperature=0`` for greedy output."""
         return AsyncChatStream(self, build_body(messages, prompt, images, clamps, steering, **params))
 
-    async def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", concurrency: int = 4,
-                    temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
+    async def sweep(self, prompt: str, *, feature: int, values, mode: str = "clamp", scope: str | None = None,
+                    concurrency: int = 4, temperature: float = SWEEP_TEMPERATURE, **chat_kw) -> list[ChatResult]:
         """As ``Client.sweep``: one completion per value, at most ``concurrency`` in flight, in the
         order of ``values``; greedy by default (``temperature=0``), pass ``temperature`` to sample."""
         slots = asyncio.Semaphore(max(1, concurrency))
 
         async def one(value):
             async with slots:
-                return await self.chat(prompt=prompt, steering=getattr(Steering(), mode)(feature, value),
+                return await self.chat(prompt=prompt, steering=_one_edit(feature, value, mode, scope),
                                        temperature=temperature, **chat_kw)
 
         return list(await asyncio.gather(*(one(value) for value in values)))
+
+
+def _one_edit(feature: int, value: float, mode: str, scope: str | None) -> Steering:
+    """A sweep's steering at one value: that feature alone (the sweep holds every other feature off)."""
+    steering = getattr(Steering(), mode)(feature, value)
+    return steering.scope(scope) if scope else steering
 
 
 def _stream_state():
