@@ -95,3 +95,40 @@ def test_requests_left_at_the_deadline_end_with_errors(serve):
     assert json.loads(stream_events[-2])["error"]["code"] == "server_shutting_down"
     # the queued stream had not started: a plain 503 in the error shape
     assert queued_events[0] == 503
+
+
+def test_a_second_signal_ends_every_request_at_once_with_the_drain_errors(serve):
+    # The drain would wait 60 s; the second SIGTERM ends it at once, and every request left gets what
+    # the drain deadline gives: a running plain request a 503, a running stream an error event and
+    # [DONE], a queued stream a 503 (never a 500, a cut stream or a plain-text body).
+    s = serve("--drain-timeout", "60", "--max-batch", "2")
+    replies = {}
+
+    def plain():
+        replies["plain"] = s.post("/v1/chat/completions", LONG)
+
+    stream_events, stream_started = [], threading.Event()
+    queued_events, queued_started = [], threading.Event()
+    threads = [threading.Thread(target=plain),
+               threading.Thread(target=_stream_events, args=(s, LONG, stream_events, stream_started))]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: s.metric("lmm_steer:num_requests_running") == 2)
+    queued = threading.Thread(target=_stream_events, args=(s, LONG, queued_events, queued_started))
+    queued.start()
+    assert wait_for(lambda: s.metric("lmm_steer:num_requests_waiting") == 1)
+    s.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: s.get("/ready").status_code == 503, 5)
+    t0 = time.time()
+    s.proc.send_signal(signal.SIGTERM)
+    for t in (*threads, queued):
+        t.join(30)
+    assert s.proc.wait(timeout=20) == 0
+    assert time.time() - t0 < 10  # not the 60 s drain
+    plain = replies["plain"]
+    assert plain.status_code == 503 and plain.headers["content-type"] == "application/json"
+    assert plain.json()["error"]["code"] == "server_shutting_down" and int(plain.headers["Retry-After"]) > 0
+    assert stream_events[0] == 200 and stream_events[-1] == "[DONE]"
+    assert json.loads(stream_events[-2])["error"]["code"] == "server_shutting_down"
+    assert all("error" not in json.loads(e) for e in stream_events[1:-2])
+    assert queued_events[0] == 503

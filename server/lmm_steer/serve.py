@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the edit for lmm_steer:clamp_effect_activation (one more SAE encode that step); 0: never")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, how long running requests may take to finish before each "
-                        "remaining one is ended with an error (default 30); a second signal stops at once")
+                        "remaining one is ended with a 503 (default 30); a second signal does that at once")
     p.add_argument("--log-level", default="info")
 
 
@@ -138,10 +138,13 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain in front of its shutdown.
 
     The first SIGTERM or SIGINT stops admitting work (generation and inspect answer 503 with
-    Retry-After, ``/ready`` 503) while running requests finish; once none is left, or after
-    ``drain_timeout`` seconds, each remaining request is ended with an OpenAI-shaped error (a
-    stream gets an error event, then ``[DONE]``) and uvicorn shuts down. A second signal stops at
-    once. The process exits 0 after a drain: the signal was handled, not fatal.
+    Retry-After, ``/ready`` 503 from that moment) while running requests finish; once none is left,
+    or after ``drain_timeout`` seconds, each remaining request is ended with an OpenAI-shaped 503
+    (``server_shutting_down``; a stream gets an error event, then ``[DONE]``) and uvicorn shuts
+    down. A second signal ends the drain at once, the same way: every request left gets that 503 or
+    error event (on the next tick, within 0.1 s), then the server exits. A third signal exits
+    without waiting for those errors to be written. The process exits 0: the signal was handled,
+    not fatal.
     """
 
     ERROR_FLUSH_S = 2.0  # after failing what was left, time for those errors to reach their callers
@@ -150,14 +153,18 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service, self.drain_timeout = service, drain_timeout
         self.drain_started: float | None = None
+        self.stop_now = False  # a second signal: end the drain at the next tick
         self.failed_at: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown (exit -15).
+        # Only flags are set here (a signal handler); the requests are failed on the event loop.
         if self.drain_started is None:
             self.drain_started = time.monotonic()
             self.service.draining = True
             log.info("draining: %d request(s) in flight, up to %g s", self.service.in_flight, self.drain_timeout)
+        elif not self.stop_now:
+            self.stop_now = True
         else:
             self.should_exit = self.force_exit = True
 
@@ -166,6 +173,10 @@ class DrainingServer(uvicorn.Server):
             now = time.monotonic()
             if self.service.in_flight == 0:
                 self.should_exit = True
+            elif self.failed_at is None and self.stop_now:
+                n = self.service.fail_all("the server is shutting down; a second signal ended its drain")
+                log.warning("second signal: ended %d request(s) with an error", n)
+                self.failed_at = now
             elif self.failed_at is None and now - self.drain_started >= self.drain_timeout:
                 n = self.service.fail_all("the server is shutting down; the request did not finish within "
                                           f"the drain timeout of {self.drain_timeout:g} s")

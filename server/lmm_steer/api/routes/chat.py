@@ -51,6 +51,12 @@ async def _unless_disconnected(request: Request, work):
     watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # the handler itself is cancelled (a server stopping without a drain): stop the work too,
+        # so the caller's ``stream.aclose()`` does not meet a generator that is still running
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
     finally:
         watch.cancel()
     if task.done():
