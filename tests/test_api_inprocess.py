@@ -152,3 +152,38 @@ def test_a_feature_pages_image_links_serve_the_images_they_name(tmp_path):
             assert client.get("/v1/features/4/images/1.png").status_code == 404
     finally:
         service.stop()
+
+
+def test_the_queue_bound_counts_admitted_requests_not_their_timing():
+    # --max-batch 1 --max-queue 2: three requests are admitted, the fourth is refused, whether or not
+    # the first has reached its batch row yet. The engine thread is not started here, so none has:
+    # the bound used to count only requests still waiting in a queue, so a burst that arrived before
+    # the first one ran (typical of streams) was cut at two.
+    from lmm_steer.engine import GenerationRequest, SamplingParams
+    from lmm_steer.service import QueueFull
+
+    lm = load_model("builtin:tiny-llama")
+    service = SteeringService(Engine(lm, None, None, EngineConfig(max_batch=1, max_seq_len=64)), max_queue=2)
+    assert service.capacity == 3
+
+    def request():
+        return GenerationRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 sampling=SamplingParams(max_tokens=2))
+
+    async def burst():
+        # five callers, then the unsteered twin of an admitted request (admitted past the bound)
+        streams = [service.generate(request()) for _ in range(5)] + [service.generate(request(), bounded=False)]
+        starts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+        await asyncio.sleep(0.5)  # prepared and queued: nothing runs without the engine thread
+        outcomes = ["refused" if t.done() and isinstance(t.exception(), QueueFull) else "admitted" for t in starts]
+        waiting = service.waiting
+        for t in starts:
+            t.cancel()
+        await asyncio.gather(*starts, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        return outcomes, waiting
+
+    outcomes, waiting = asyncio.run(burst())
+    assert outcomes == ["admitted"] * 3 + ["refused"] * 2 + ["admitted"] and waiting == 4
+    assert service.in_flight == 0 and service.waiting == 0  # every admitted one was released

@@ -363,6 +363,43 @@ def test_disconnect_frees_the_slot(text_server):
     assert time.time() - t0 < 5
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_burst_admits_max_batch_plus_max_queue_streamed_or_not(text_server, stream):
+    # --max-batch 1 --max-queue 1: two admitted (one running, one waiting), whatever the timing and
+    # whether the answers stream (streams used to be counted differently and admitted one fewer)
+    import asyncio
+
+    body = {"messages": _msgs("Tell me a long story"), "max_tokens": 4000, "ignore_eos": True, "temperature": 0,
+            "stream": stream}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=text_server.url, headers=text_server.headers, timeout=60) as http:
+            async def one():
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        return r.status_code, r.json()["error"]["code"]
+                    await asyncio.sleep(3600)  # admitted: hold it until cancelled
+
+            tasks = [asyncio.create_task(one()) for _ in range(6)]
+            done, pending = set(), set(tasks)
+            while len(done) < 4 and pending:  # the refused ones answer at once; the admitted ones decode
+                finished, pending = await asyncio.wait(pending, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                assert finished, "no answer within 30 s"
+                done |= finished
+            refused = [t.result() for t in done]
+            running, waiting = (text_server.metric(f"lmm_steer:num_requests_{k}") for k in ("running", "waiting"))
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return refused, len(pending), running, waiting
+
+    refused, admitted, running, waiting = asyncio.run(burst())
+    assert refused == [(429, "queue_full")] * 4 and admitted == 2
+    assert (running, waiting) == (1, 1)
+    assert wait_for(lambda: text_server.metric("lmm_steer:num_requests_running") == 0, 20)
+
+
 def test_queue_full_gives_429_with_retry_after(text_server):
     client, ctx, lines = _open_stream(text_server, 4000)  # holds the only row
     results = {}

@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clamps", type=int, default=32)
     p.add_argument("--max-steer-value", type=float, default=1e4,
                    help="largest |value| a steering edit may carry; larger ones are refused with 400 (default 1e4)")
-    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests admitted beyond the --max-batch running ones, streamed or not; more get 429 "
+                        "with Retry-After (default 256)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--default-max-tokens", type=int, default=256)

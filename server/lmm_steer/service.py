@@ -64,6 +64,7 @@ class SteeringService:
         self._jobs: list[tuple[Callable, Future]] = []
         self._aborts: set[str] = set()
         self._preparing = 0
+        self._generating = 0  # generation requests admitted and not yet answered, in any state
         self._calls = 0  # model work from handlers (inspect) not yet answered
         self._last_token: dict[str, float] = {}  # for inter-token latency
         self._lock = threading.Lock()
@@ -117,7 +118,13 @@ class SteeringService:
 
     @property
     def waiting(self) -> int:
-        return len(self.engine.waiting) + self._preparing
+        """Generation requests admitted that hold no batch row yet: preparing, queued or in prefill."""
+        return max(0, self._generating - len(self.engine.active))
+
+    @property
+    def capacity(self) -> int:
+        """Generation requests admitted at most at once: ``max_batch`` running plus ``max_queue`` waiting."""
+        return self.engine.config.max_batch + self.max_queue
 
     def search(self, query: str, limit: int):
         """Catalog entries for ``query``: by meaning and words where the index exists, else by words."""
@@ -131,47 +138,58 @@ class SteeringService:
 
     # -- generation -------------------------------------------------------------------------
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | GenerationResult]:
+    async def generate(self, req: GenerationRequest, *, bounded: bool = True) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Validate and queue ``req`` (raising EngineError or QueueFull before anything is
         yielded), then yield its token events and finally its result. Closing the iterator early
-        (a client went away) aborts the request and frees its row."""
+        (a client went away) aborts the request and frees its row.
+
+        The queue bound counts admitted requests, whatever state each is in (preparing, queued, in
+        prefill, decoding) and however it is answered (streamed or not): at most ``capacity``
+        (``max_batch`` + ``max_queue``) at once, the rest get QueueFull. ``bounded=False`` admits
+        past it, for the unsteered twin of a request already admitted (it still counts)."""
         with self._lock:
-            if self.waiting >= self.max_queue:
-                raise QueueFull(retry_after_s=max(1, self.waiting // max(1, self.engine.config.max_batch)))
+            if bounded and self._generating >= self.capacity:
+                waiting = self._generating - self.engine.config.max_batch
+                raise QueueFull(retry_after_s=max(1, waiting // max(1, self.engine.config.max_batch)))
+            self._generating += 1
             self._preparing += 1
-        loop = asyncio.get_running_loop()
         try:
-            seq = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, req)
+            loop = asyncio.get_running_loop()
+            try:
+                seq = await loop.run_in_executor(self._prepare_pool, self.engine.prepare, req)
+            finally:
+                with self._lock:
+                    self._preparing -= 1
+            if self._closed:  # prepared after the drain's deadline ended everything else
+                raise RequestFailed("the server is shutting down", SHUTTING_DOWN)
+            rid = seq.req.request_id
+            queue: asyncio.Queue = asyncio.Queue()
+            self._channels[rid] = (loop, queue)
+            self.engine.enqueue(seq)
+            self._wake.set()
+            done = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, _Finished):
+                        done = True
+                        yield item.result
+                        return
+                    if isinstance(item, _Failed):
+                        done = True
+                        raise RequestFailed(item.message, item.code)
+                    yield item
+            finally:
+                self._channels.pop(rid, None)
+                if not done:
+                    self.abort(rid)
         finally:
             with self._lock:
-                self._preparing -= 1
-        if self._closed:  # prepared after the drain's deadline ended everything else
-            raise RequestFailed("the server is shutting down", SHUTTING_DOWN)
-        rid = seq.req.request_id
-        queue: asyncio.Queue = asyncio.Queue()
-        self._channels[rid] = (loop, queue)
-        self.engine.enqueue(seq)
-        self._wake.set()
-        done = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Finished):
-                    done = True
-                    yield item.result
-                    return
-                if isinstance(item, _Failed):
-                    done = True
-                    raise RequestFailed(item.message, item.code)
-                yield item
-        finally:
-            self._channels.pop(rid, None)
-            if not done:
-                self.abort(rid)
+                self._generating -= 1
 
-    async def complete(self, req: GenerationRequest) -> GenerationResult:
+    async def complete(self, req: GenerationRequest, *, bounded: bool = True) -> GenerationResult:
         result = None
-        async for item in self.generate(req):
+        async for item in self.generate(req, bounded=bounded):
             if isinstance(item, GenerationResult):
                 result = item
         return result

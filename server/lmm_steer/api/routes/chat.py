@@ -207,7 +207,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     first, stream = await _start(service, body, req, resolved)
     if body.return_unsteered:
         twin = _generation_request(body, settings, messages, images, None, seed)
-        unsteered_task = asyncio.create_task(service.complete(twin))
+        unsteered_task = asyncio.create_task(service.complete(twin, bounded=False))  # admitted with its request
     cid = f"chatcmpl-{req.request_id}"
     created = int(time.time())
     if body.stream:
