@@ -272,6 +272,7 @@ def load_directory(
         with torch.device("meta"):
             sae = SparseAutoencoder(cfg, dtype=target_dtype)
         sae = sae.to_empty(device=device)
+        sae.source_cfg = dict(f.raw)
         ours = {
             "encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_enc": "W_enc", "b_enc": "b_enc",
             "W_dec": "W_dec", "b_dec": "b_dec", "threshold": "threshold",
@@ -346,6 +347,34 @@ def _saelens_tensors(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     return out
 
 
+# What SAELens keeps beside the weights' own shape: a SAELens 6 config holds these under
+# ``metadata``, an earlier one at the top level. ``sae convert --to saelens`` carries over every one
+# the source gives (and any other metadata key), so the converted SAE still says what it was trained on.
+SAELENS_METADATA_KEYS = (
+    "model_name", "hook_name", "hook_layer", "hook_head_index", "model_class_name", "model_from_pretrained_kwargs",
+    "context_size", "dataset_path", "dataset_trust_remote_code", "prepend_bos", "seqpos_slice", "exclude_special_tokens",
+    "sae_lens_training_version", "neuronpedia_id",
+)
+# Fields the SAELens config gets from the weights as written here, never from the source.
+_SAELENS_WRITTEN = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
+                    "reshape_activations", "k", "metadata", "sae_lens_version",
+                    # folded into the weights on load: the written SAE is plain
+                    "rescale_acts_by_decoder_norm"}
+
+
+def _source_fields(source: dict | None) -> tuple[dict, dict]:
+    """A source cfg.json's fields worth keeping in a SAELens config: (top level, metadata)."""
+    if not source:
+        return {}, {}
+    metadata = {k: v for k, v in source.items() if k in SAELENS_METADATA_KEYS}
+    metadata.update(_metadata(source))
+    metadata.pop("sae_lens_version", None)
+    top = {k: v for k, v in source.items() if k not in _SAELENS_WRITTEN and k not in SAELENS_METADATA_KEYS}
+    if "architecture" not in source and "d_sae" not in source:  # a sparsify config: its fields describe sparsify
+        top = {}
+    return top, metadata
+
+
 def _cfg_json(sae: SparseAutoencoder, layout: str, hookpoint: str | None) -> dict:
     c = sae.cfg
     if layout == SPARSIFY:
@@ -355,16 +384,31 @@ def _cfg_json(sae: SparseAutoencoder, layout: str, hookpoint: str | None) -> dic
             "multi_topk": False, "signed": False,
         }
     arch = {v: k for k, v in _SAELENS_ARCH.items()}[c.activation]
+    top, metadata = _source_fields(getattr(sae, "source_cfg", None))
     cfg = {
+        **top,
         "architecture": arch, "d_in": c.d_in, "d_sae": c.num_latents,
         "dtype": _dtype_name(sae.W_dec.dtype), "device": "cpu",
         "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"hook_name": hookpoint, "sae_lens_version": SAELENS_FORMAT_VERSION},
+        "metadata": {**metadata, "hook_name": hookpoint, "sae_lens_version": SAELENS_FORMAT_VERSION},
     }
     if c.activation == "topk":
         cfg["k"] = c.k
     return cfg
+
+
+def check_hookpoint_name(hookpoint: str | None, dst: Path, layout: str) -> None:
+    """A hookpoint ``save_sae`` can write under ``dst``: one plain name (e.g. ``model.layers.24``), not a
+    path. In the sparsify layout it names the subfolder written inside ``dst``; in SAELens's, the hook
+    the SAE reads (``metadata.hook_name`` of ``dst/cfg.json``)."""
+    if hookpoint is None:
+        return
+    if hookpoint in ("", ".", "..") or "/" in hookpoint or "\\" in hookpoint or "\0" in hookpoint:
+        what = (f"names the subfolder written inside {dst}" if layout == SPARSIFY
+                else f"is written to {Path(dst) / 'cfg.json'} as the hook name")
+        raise SAEFormatError(f"hookpoint {hookpoint!r} {what}, so it must be one plain name (e.g. "
+                             "model.layers.24), not a path")
 
 
 def save_sae(sae: SparseAutoencoder, dst: Path, layout: str, *, hookpoint: str | None = None) -> Path:
@@ -382,9 +426,7 @@ def save_sae(sae: SparseAutoencoder, dst: Path, layout: str, *, hookpoint: str |
     hookpoint = hookpoint or sae.cfg.hookpoint
     if layout == SPARSIFY and not hookpoint:
         raise SAEFormatError("the sparsify layout needs a hookpoint name for its subfolder (--hookpoint)")
-    if layout == SPARSIFY and (hookpoint in (".", "..") or "/" in hookpoint or "\\" in hookpoint or "\0" in hookpoint):
-        raise SAEFormatError(f"hookpoint {hookpoint!r} names the sparsify subfolder, so it must be one plain "
-                             "name (e.g. model.layers.24), not a path")
+    check_hookpoint_name(hookpoint, dst, layout)
     tensors = _sparsify_tensors(sae) if layout == SPARSIFY else _saelens_tensors(sae)
     cfg = _cfg_json(sae, layout, hookpoint)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig, *, device=None, dtype=None) -> None:
         super().__init__()
         self.cfg = cfg
+        # the cfg.json this SAE was read from, as written (None when built here): what the source knew
+        # beyond this config (model_name, dataset, ...), kept by ``save_sae`` in the SAELens layout
+        self.source_cfg: dict | None = None
         m, d = cfg.num_latents, cfg.d_in
         kw = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.zeros(m, d, **kw))

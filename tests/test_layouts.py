@@ -185,3 +185,48 @@ def test_large_sae_is_loaded_without_a_second_copy(tmp_path):
     one_fp32_tensor = m * d * 4
     assert grew < sae_bf16 + one_fp32_tensor + 16 * 2**20, grew
     del resource
+
+
+def test_convert_to_saelens_keeps_what_the_source_knows(tmp_path):
+    # a SAELens source: model_name and the other metadata, and top-level fields the writer does not set
+    src = write_saelens(tmp_path / "sl", arch="topk")
+    raw = json.loads((src / "cfg.json").read_text())
+    raw["metadata"].update({"context_size": 128, "dataset_path": "org/data", "prepend_bos": True})
+    raw["d_head"] = None
+    (src / "cfg.json").write_text(json.dumps(raw))
+    cfg = json.loads((save_sae(load_directory(src), tmp_path / "out", SAELENS) / "cfg.json").read_text())
+    assert cfg["metadata"] == {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny", "context_size": 128,
+                               "dataset_path": "org/data", "prepend_bos": True, "sae_lens_version": "6.0.0"}
+    assert "d_head" in cfg and cfg["k"] == 8 and cfg["architecture"] == "topk"
+    # a SAELens config from before 6.0 keeps those fields at the top level: they move into metadata
+    old = write_saelens(tmp_path / "old", arch="topk")
+    raw = json.loads((old / "cfg.json").read_text())
+    meta = raw.pop("metadata")
+    raw.update({**meta, "hook_layer": 3, "sae_lens_version": "3.5.0", "rescale_acts_by_decoder_norm": False})
+    (old / "cfg.json").write_text(json.dumps(raw))
+    cfg = json.loads((save_sae(load_directory(old), tmp_path / "out2", SAELENS) / "cfg.json").read_text())
+    assert cfg["metadata"] == {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny", "hook_layer": 3,
+                               "sae_lens_version": "6.0.0"}
+    assert "model_name" not in cfg and "rescale_acts_by_decoder_norm" not in cfg
+    # a --hookpoint given to the conversion names the hook
+    cfg = json.loads((save_sae(load_directory(src), tmp_path / "out3", SAELENS, hookpoint="blocks.4") / "cfg.json")
+                     .read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.4" and cfg["metadata"]["model_name"] == "tiny"
+    # sparsify's own fields (expansion_factor, ...) are not SAELens's and are not carried over
+    cfg = json.loads((save_sae(load_directory(write_sparsify(tmp_path / "sp")), tmp_path / "out4", SAELENS)
+                      / "cfg.json").read_text())
+    assert "expansion_factor" not in cfg and cfg["metadata"]["hook_name"] == "model.layers.24"
+
+
+@pytest.mark.parametrize("to", ["sparsify", "saelens"])
+def test_convert_refuses_a_path_as_hookpoint_naming_the_destination(tmp_path, capsys, to):
+    from lmm_steer.cli import main
+
+    src = write_sparsify(tmp_path / "src")  # one SAE at the folder's root: --hookpoint reads nothing there
+    assert main(["sae", "convert", str(src), str(tmp_path / "dst"), "--to", to, "--hookpoint", "../x"]) == 1
+    err = capsys.readouterr().err
+    assert "'../x'" in err and str(tmp_path / "dst") in err and str(src) not in err
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "x").exists()
+    # a plain name is taken: it names the destination's subfolder (sparsify) or hook (SAELens)
+    assert main(["sae", "convert", str(src), str(tmp_path / "ok"), "--to", to, "--hookpoint", "model.layers.7"]) == 0
+    assert detect_layout(tmp_path / "ok" / "model.layers.7" if to == "sparsify" else tmp_path / "ok") == to

@@ -37,9 +37,12 @@ def _sae_info(args) -> int:
 
 
 def _sae_convert(args) -> int:
-    from sae_weights.layouts import save_sae
+    from sae_weights.layouts import check_hookpoint_name, save_sae
     from sae_weights.source import load_sae
 
+    # --hookpoint names what is written under dst (sparsify's subfolder, SAELens's hook name): refused
+    # as that, before the source is read
+    check_hookpoint_name(args.hookpoint, Path(args.dst), args.to)
     sae = load_sae(args.src, hookpoint=args.hookpoint, revision=args.revision, timeout_s=args.hub_timeout)
     out = save_sae(sae, Path(args.dst), args.to, hookpoint=args.hookpoint)
     print(json.dumps({"written": str(out), "format": args.to}))
