@@ -146,12 +146,62 @@ def test_a_feature_pages_image_links_serve_the_images_they_name(tmp_path):
     try:
         with TestClient(create_app(service, ServerSettings())) as client:
             shown = client.get("/v1/features/4").json()["top_images"]
-            assert shown == [{"url": "/v1/features/4/images/0.png", "activation": 2.0}]
+            # 2.0 is neither the grid's mean (0.5) nor its peak (1.0): its example's strongest token
+            assert shown == [{"url": "/v1/features/4/images/0.png", "activation": 2.0, "peak_patch": 1.0,
+                              "mean_patch": 0.5, "patches": 4, "ranked_by": "strongest_token"}]
             png = client.get(shown[0]["url"])
             assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (24, 40)
             assert client.get("/v1/features/4/images/1.png").status_code == 404
     finally:
         service.stop()
+
+
+def test_a_feature_page_says_where_its_numbers_come_from_and_proposes_a_value(tmp_path):
+    """GET /v1/features/{id} on a multimodal model: a calibrated feature proposes its calibrated value;
+    an image feature (its top images' peak patch near its maximum) a value for the image's tokens,
+    drawn from the residual stream's norm there; a text feature three times its maximum. Top images
+    say what their activation is; contexts mark the chat template's text; model cards say the model
+    takes images."""
+    from PIL import Image
+
+    from lmm_steer.api.routes.features import NORM_SHARE, template_chars
+    from sae_weights import FeatureCatalog, FeatureEntry, load_sae
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    grid = [[0.0, 3.0], [1.0, 0.0]]
+    catalog = FeatureCatalog([
+        FeatureEntry(1, "red", extras={"max_activation": 3.0, "steer": {"value": 7.5, "scope": "image"}}),
+        FeatureEntry(2, "red things", extras={"max_activation": 3.0, "top_images": [
+            {"image": str(tmp_path / "red.png"), "activation": 1.0, "grid": grid}]}),  # ranked by the mean
+        FeatureEntry(3, "", extras={"max_activation": 5.0, "top_contexts": [{"text": "a «red» ball", "activation": 5.0}]}),
+    ])
+    lm = load_model("builtin:tiny-llava-next")
+    service = SteeringService(Engine(lm, load_sae("builtin:random-topk", d_in=64), "model.layers.1",
+                                     EngineConfig(max_batch=2, max_seq_len=512)), catalog=catalog)
+    service.start()
+    try:
+        with TestClient(create_app(service, ServerSettings())) as client:
+            assert client.get("/v1/models").json()["data"][0]["multimodal"] is True
+            calibrated = client.get("/v1/features/1").json()["proposal"]
+            assert (calibrated["value"], calibrated["scope"], calibrated["calibrated"]) == (7.5, "image", True)
+            image = client.get("/v1/features/2").json()
+            assert image["max_activation_over"] == "top_image_patches"  # 3.0 is the grid's peak
+            assert image["top_images"][0]["ranked_by"] == "mean_patch"
+            p = image["proposal"]
+            assert (p["scope"], p["calibrated"], p["population"]) == ("image", False, "image")
+            norm = float(p["basis"].split("norm there (")[1].split(",")[0])
+            assert p["value"] == pytest.approx(max(9.0, NORM_SHARE * norm / image["decoder_norm"]), abs=0.5)
+            text = client.get("/v1/features/3").json()
+            assert text["max_activation_over"] == "any_token" and text["top_images"] == []
+            assert (text["proposal"]["value"], text["proposal"]["scope"], text["proposal"]["population"]) == (15.0, None, "text")
+            assert text["contexts"] == [{"text": "a «red» ball", "activation": 5.0, "template_chars": 0}]
+    finally:
+        service.stop()
+    prefix = "system You are a helpful AI assistant named SmolLM, trained by Hugging Face user "
+    assert template_chars(", trained by Hugging Face user t«resp»ass on the", prefix) == 31
+    assert template_chars("system You are a helpful« AI» assistant named Sm", prefix) == 48  # all of it
+    assert template_chars("user genus Thiobacillus: a genus of« bacteria» thi", prefix) == 5  # the role name
+    assert template_chars("the ace used «x»", prefix) == 0
 
 
 def test_the_queue_bound_counts_admitted_requests_not_their_timing():

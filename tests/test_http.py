@@ -198,6 +198,43 @@ def test_inspect_anyres_grids(server):
     assert list(default["images"][0]["features"]) == [str(p["id"]) for p in default["pooled"]["image"][:5]]
 
 
+def test_inspect_pools_the_messages_own_tokens(server):
+    """By default pooled leaves out special tokens, the first (attention-sink) position and the chat
+    template's other text; each position carries its decoded text. With top_k 50 (more than the SAE's
+    k of 8) the positions list every active feature, so the pool can be recomputed from them."""
+    prompt = "Tell me about the sea and its waves."
+
+    def run(**kw):
+        r = server.post("/v1/inspect", {"messages": [{"role": "user", "content": prompt}], "top_k": 50, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def pool(out):
+        chosen = [p for p in out["positions"] if p["kind"] == "text" and p["pooled"]]
+        sums = {}
+        for p in chosen:
+            for f in p["features"]:
+                sums[f["id"]] = sums.get(f["id"], 0.0) + f["activation"]
+        return len(chosen), sorted((a / len(chosen) for a in sums.values()), reverse=True)
+
+    out = run()
+    pos = out["positions"]
+    assert any("Ġ" in p["token"] for p in pos) and not any("Ġ" in p["text"] for p in pos)
+    assert "".join(p["text"] for p in pos if not p["template"]) == prompt  # the rest is the template's
+    special = [p for p in pos if p["special"]]
+    assert special and pos[0]["special"] and not any(p["pooled"] for p in special)
+    assert [p["pooled"] for p in pos] == [not p["template"] for p in pos]
+    n, means = pool(out)
+    assert out["pooled_tokens"] == {"image": 0, "text": n} and n < out["text_tokens"]
+    assert [f["activation"] for f in out["pooled"]["text"]] == pytest.approx(means[:50], rel=1e-4)
+    everything = run(include_special_tokens=True, include_template_tokens=True)
+    assert everything["pooled_tokens"]["text"] == everything["text_tokens"] == len(everything["positions"])
+    n, means = pool(everything)
+    assert [f["activation"] for f in everything["pooled"]["text"]] == pytest.approx(means[:50], rel=1e-4)
+    assert everything["pooled"]["text"] != out["pooled"]["text"]
+    assert out["residual_norm"]["text"] > 0 and out["residual_norm"]["image"] is None
+
+
 def test_health_ready_openapi(server):
     assert server.get("/health").json() == {"status": "ok"}
     assert server.get("/ready").json()["status"] == "ready"

@@ -232,6 +232,12 @@ class InspectRequest(Request):
         None, max_length=32, description="features to return patch grids for (default: top pooled image features)")
     grid_features: int = Field(5, ge=0, le=32)
     positions: bool = Field(True, description="include the per-position list")
+    include_special_tokens: bool = Field(False, description=(
+        "pool over the tokenizer's special tokens (chat-template markers such as <|im_start|>) and the "
+        "first, attention-sink position too; by default they are left out of pooled (image tokens never are)"))
+    include_template_tokens: bool = Field(False, description=(
+        "pool over the chat template's other text too (role names, a system prompt the template adds); by "
+        "default pooled covers the messages' own tokens"))
 
 
 # -- responses (documented shapes; handlers build plain dicts with the same keys) ----------------
@@ -302,6 +308,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmm-steer"
     sae: dict | None = None
+    multimodal: bool = Field(False, description="whether the model takes images (image_url content parts)")
     parent: str | None = Field(None, description="for a preset: the model it steers (as vLLM lists LoRA adapters)")
     preset: dict | None = Field(None, description="for a preset: its name, description and steering")
 
@@ -313,7 +320,33 @@ class ModelList(BaseModel):
 
 class FeatureImage(BaseModel):
     url: str = Field(description="the image with the feature's active patches highlighted (PNG)")
+    activation: float | None = Field(description="what the catalog ranked the image by (see ranked_by)")
+    peak_patch: float | None = Field(None, description="the largest activation in the image's patch grid (base view)")
+    mean_patch: float | None = Field(None, description="the mean activation over the image's patch grid")
+    patches: int | None = Field(None, description="patches in the grid")
+    ranked_by: Literal["mean_patch", "peak_patch", "strongest_token"] | None = Field(None, description=(
+        "what activation is: the mean over the grid's patches (sae explain's top images, the image shown alone), "
+        "its peak patch, or the strongest token of the catalog example the image came from (sae catalog: any "
+        "token of the conversation, text or a patch outside the grid's base view)"))
+
+
+class FeatureContext(BaseModel):
+    text: str = Field(description="a top-activating context, the activating token in «»")
     activation: float | None
+    template_chars: int = Field(description=(
+        "how many leading characters of text are the chat template's (a system prompt it adds, role names), "
+        "not the corpus's; when the « falls within them the feature fired on the template"))
+
+
+class SteerProposal(BaseModel):
+    value: float | None = Field(description="clamp value to try first (null: nothing to base one on)")
+    scope: Literal["all", "prompt", "generated", "image"] | None = Field(
+        description="the scope the value is meant for (null: the request's default)")
+    calibrated: bool = Field(description="whether value is the catalog's calibrated one (stats.steer.value)")
+    population: Literal["image", "text"] | None = Field(description=(
+        "for an uncalibrated value, where the feature fires most: image patches (its top images' peak patch "
+        "reaches a quarter of its maximum) or tokens at large"))
+    basis: str = Field(description="how the value was chosen, in words")
 
 
 class FeatureInfo(BaseModel):
@@ -324,6 +357,11 @@ class FeatureInfo(BaseModel):
     stats: dict
     scores: dict | None = Field(None, description="the explanation's scores (`sae score`): IoU, CLIP score, ...")
     top_images: list[FeatureImage] = Field(default_factory=list)
+    max_activation_over: Literal["any_token", "top_image_patches"] | None = Field(None, description=(
+        "where stats.max_activation was taken: any one token of the catalog's corpus (sae catalog: text and "
+        "every image token), or the top images' patches (a catalog written by sae explain alone)"))
+    contexts: list[FeatureContext] = Field(default_factory=list, description="stats.top_contexts, chat template marked")
+    proposal: SteerProposal | None = None
 
 
 class FeatureHit(BaseModel):
@@ -331,6 +369,8 @@ class FeatureHit(BaseModel):
     explanation: str | None = Field(description="null where the catalog has none, as in GET /v1/features/{id}")
     score: float
     contexts: list[str] = Field(default_factory=list, description="top-activating contexts (activating token in «»)")
+    template_chars: list[int] = Field(default_factory=list, description=(
+        "for each context, how many of its leading characters are the chat template's text (see FeatureContext)"))
 
 
 class FeatureSearch(BaseModel):
@@ -347,8 +387,13 @@ class ActiveFeature(BaseModel):
 
 class InspectedPosition(BaseModel):
     position: int
-    token: str
+    token: str = Field(description="the tokenizer's raw piece (BPE markers such as 'Ġ' included)")
+    text: str = Field(description="the token decoded alone, as it reads in the prompt")
     kind: Literal["image", "text"]
+    special: bool = Field(description="a special token of the tokenizer (image placeholders excepted)")
+    template: bool = Field(description="put there by the chat template, not by the messages: special tokens, "
+                                       "role headers, a system prompt the template adds")
+    pooled: bool = Field(description="counted in pooled (see include_special_tokens and include_template_tokens)")
     features: list[ActiveFeature]
 
 
@@ -366,8 +411,14 @@ class Inspection(BaseModel):
     num_tokens: int
     image_tokens: int
     text_tokens: int
+    pooled_tokens: dict[Literal["image", "text"], int] = Field(
+        description="positions of each kind that pooled averages over")
+    residual_norm: dict[Literal["image", "text"], float | None] = Field(
+        description="median L2 norm of the hookpoint's output over the pooled positions of each kind: the scale a "
+                    "clamp's value times the feature's decoder norm is added to")
     positions: list[InspectedPosition] | None
-    pooled: dict[Literal["image", "text"], list[ActiveFeature]]
+    pooled: dict[Literal["image", "text"], list[ActiveFeature]] = Field(
+        description="each kind's features by mean activation over its pooled positions")
     images: list[ImageGrid]
 
 

@@ -1,5 +1,14 @@
 """Which SAE features fire on a prompt: per position, pooled over image and text tokens, and as
-per-image patch grids a client can draw as heatmaps. Returns plain Python data."""
+per-image patch grids a client can draw as heatmaps. Returns plain Python data.
+
+Pooling leaves out, by default, the tokenizer's special tokens (``<|im_start|>``, ``<|eot_id|>``, ...)
+and the first position, and the chat template's other text (role names, a system prompt the template
+adds: SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face" outnumbers a
+short prompt's tokens). The first position is the attention sink: on the scenes model its block-15
+output has norm about 26,000 against about 200 elsewhere, so its SAE code (the SAE was trained, and
+the catalog built, with that position left out) is off-distribution and would top every text pool;
+special tokens carry the chat template, not the prompt. Image tokens are never left out, though an
+image placeholder is a special token."""
 
 from __future__ import annotations
 
@@ -58,29 +67,110 @@ def image_grids(loaded, inputs: dict) -> list[tuple[list[int], int, int]]:
     return [(list(range(s, s + side * side)), side, side) for s, e in runs if e - s >= side * side]
 
 
+def special_ids(tokenizer) -> set[int]:
+    """The tokenizer's special tokens: its named ones and every added token flagged special (chat
+    headers such as ``<|start_header_id|>`` are often only the latter)."""
+    out = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            out.add(int(i))
+    return out
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each id decoded alone (" helpful" rather than the BPE piece "Ġhelpful"); a byte that is only
+    part of a character decodes to U+FFFD."""
+    cache: dict[int, str] = {}
+    return [cache[i] if i in cache else cache.setdefault(i, tokenizer.decode([i])) for i in ids]
+
+
+def template_mask(texts: list[str], special: list[bool], contents: list[str] | None) -> list[bool]:
+    """Which positions the chat template put there rather than the messages: special tokens, role
+    headers, a default system prompt. ``contents``: the messages' texts in order; each is looked up
+    in the decoded prompt after the previous one, and positions overlapping none are the template's.
+    Without ``contents``, or when one is not found (a character split across tokens), only special
+    tokens are marked."""
+    if contents is None:
+        return list(special)
+    starts, text = [], ""
+    for t in texts:
+        starts.append(len(text))
+        text += t
+    spans, cursor = [], 0
+    for c in contents:
+        c = c.strip()
+        if not c:
+            continue
+        at = text.find(c, cursor)
+        if at < 0:
+            return list(special)
+        spans.append((at, at + len(c)))
+        cursor = at + len(c)
+    out = []
+    for i, (start, t) in enumerate(zip(starts, texts, strict=True)):
+        end = start + len(t)
+        inside = any(start < b and end > a for a, b in spans)
+        out.append(special[i] or not inside)
+    return out
+
+
+def residual_norm(h: torch.Tensor, select: torch.Tensor) -> float | None:
+    """Median L2 norm of the block output over the selected positions (None where there are none)."""
+    return float(h[select].float().norm(dim=-1).median()) if bool(select.any()) else None
+
+
+@torch.inference_mode()
+def image_residual_norm(engine, inputs: dict) -> float | None:
+    """Median norm of the hookpoint's output over the image tokens of ``inputs``: how large the
+    residual stream is where an image-scope clamp writes (None without image tokens)."""
+    h = capture_block_output(engine.model, engine.hook_index, inputs)[0]
+    tok = image_token_id(engine.model)
+    if tok is None:
+        return None
+    return residual_norm(h, inputs["input_ids"][0].to(h.device) == tok)
+
+
 @torch.inference_mode()
 def inspect_prompt(engine, inputs: dict, *, top_k: int = 5, features: list[int] | None = None,
-                   grid_features: int = 5, positions: bool = True) -> dict:
+                   grid_features: int = 5, positions: bool = True, include_special_tokens: bool = False,
+                   include_template_tokens: bool = False, contents: list[str] | None = None) -> dict:
+    """``contents``: the messages' texts, in order, to tell the chat template's positions from theirs
+    (``template`` per position). ``include_special_tokens``: pool over special tokens and the first
+    position too; ``include_template_tokens``: over the template's other text too (role names, a
+    system prompt the template adds)."""
     sae = engine.sae
     if sae is None:
         raise ValueError("no SAE is loaded")
     model = engine.model
+    tokenizer = engine.loaded.tokenizer
     h = capture_block_output(model, engine.hook_index, inputs)[0].to(sae.W_dec.dtype)
     ids = inputs["input_ids"][0]
     t_len = h.shape[0]
     img_tok = image_token_id(model)
     is_image = (ids == img_tok) if img_tok is not None else torch.zeros_like(ids, dtype=torch.bool)
+    specials = special_ids(tokenizer) - ({img_tok} if img_tok is not None else set())
+    id_list = ids.tolist()
+    is_special = torch.tensor([i in specials for i in id_list], dtype=torch.bool, device=ids.device)
+    texts = token_texts(tokenizer, id_list)
+    template = template_mask(texts, [bool(v) for v in is_special.tolist()], contents)
+    pooled_mask = torch.ones_like(is_special)
+    if not include_special_tokens:
+        pooled_mask &= ~is_special
+        pooled_mask[0] = bool(is_image[0])  # the attention sink (see the module docstring)
+    if not include_template_tokens:
+        pooled_mask &= ~torch.tensor(template, dtype=torch.bool, device=ids.device) | is_special | is_image
     m = sae.num_latents
     k_code = sae.k if sae.cfg.activation == "topk" else max(top_k, 64)
     sums = {"image": torch.zeros(m, device=h.device), "text": torch.zeros(m, device=h.device)}
     per_position = []
-    tokens = engine.loaded.tokenizer.convert_ids_to_tokens(ids.tolist()) if positions else None
+    tokens = tokenizer.convert_ids_to_tokens(id_list) if positions else None
     for start in range(0, t_len, _CHUNK):
         chunk = h[start : start + _CHUNK]
         vals, idx = sae.encode_sparse(chunk, k=None if sae.cfg.activation == "topk" else min(k_code, m))
         vals = vals.float()
         chunk_image = is_image[start : start + _CHUNK]
-        for kind, sel in (("image", chunk_image), ("text", ~chunk_image)):
+        chunk_pooled = pooled_mask[start : start + _CHUNK]
+        for kind, sel in (("image", chunk_image & chunk_pooled), ("text", ~chunk_image & chunk_pooled)):
             if sel.any():
                 sums[kind].index_add_(0, idx[sel].reshape(-1), vals[sel].reshape(-1))
         if positions:
@@ -88,18 +178,22 @@ def inspect_prompt(engine, inputs: dict, *, top_k: int = 5, features: list[int] 
             top_ids = idx.gather(-1, top_i)
             for row in range(chunk.shape[0]):
                 p = start + row
+                image = bool(is_image[p])
                 per_position.append({
-                    "position": p, "token": tokens[p], "kind": "image" if bool(is_image[p]) else "text",
+                    "position": p, "token": tokens[p], "text": texts[p], "kind": "image" if image else "text",
+                    "special": bool(is_special[p]), "template": bool(template[p]) and not image,
+                    "pooled": bool(pooled_mask[p]),
                     "features": [{"id": int(f), "activation": float(a)}
                                  for f, a in zip(top_ids[row].tolist(), top_v[row].tolist(), strict=True) if a > 0],
                 })
     counts = {"image": int(is_image.sum()), "text": int((~is_image).sum())}
+    pooled_counts = {"image": int((is_image & pooled_mask).sum()), "text": int((~is_image & pooled_mask).sum())}
     pooled = {}
     for kind, total in sums.items():
-        if counts[kind] == 0:
+        if pooled_counts[kind] == 0:
             pooled[kind] = []
             continue
-        mean = total / counts[kind]
+        mean = total / pooled_counts[kind]
         v, i = mean.topk(min(top_k, m))
         pooled[kind] = [{"id": int(f), "activation": float(a)} for f, a in zip(i.tolist(), v.tolist(), strict=True)
                         if a > 0]
@@ -113,6 +207,9 @@ def inspect_prompt(engine, inputs: dict, *, top_k: int = 5, features: list[int] 
                 grid[str(f)] = acts[:, j].reshape(rows, cols).tolist()
         images.append({"index": n, "rows": rows, "cols": cols, "features": grid})
     return {"num_tokens": t_len, "image_tokens": counts["image"], "text_tokens": counts["text"],
+            "pooled_tokens": pooled_counts,
+            "residual_norm": {"image": residual_norm(h, is_image & pooled_mask),
+                              "text": residual_norm(h, ~is_image & pooled_mask)},
             "positions": per_position if positions else None, "pooled": pooled, "images": images}
 
 

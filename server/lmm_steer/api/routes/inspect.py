@@ -15,6 +15,14 @@ from ..schemas import Inspection, InspectRequest
 router = APIRouter()
 
 
+def _texts(content) -> list[str]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    return [part.text for part in content if part.type == "text"]
+
+
 @router.post("/v1/inspect", response_model=Inspection, responses=error_responses(*POST_ERRORS))
 async def inspect(body: InspectRequest, service: ServiceDep,
                   settings: SettingsDep):
@@ -29,11 +37,15 @@ async def inspect(body: InspectRequest, service: ServiceDep,
                            param=f"features[{i}]", code="invalid_value")
     messages, images = await template_messages(body.messages, service, settings.images)
     req = GenerationRequest(messages=messages, images=images, sampling=SamplingParams(max_tokens=1))
+    # the messages' own texts, in order: positions outside them are the chat template's
+    contents = [text for m in body.messages for text in _texts(m.content)]
 
     def run(engine):
         seq = engine.prepare(req)
         return inspect_prompt(engine, seq.inputs, top_k=body.top_k, features=body.features,
-                              grid_features=body.grid_features, positions=body.positions)
+                              grid_features=body.grid_features, positions=body.positions,
+                              include_special_tokens=body.include_special_tokens,
+                              include_template_tokens=body.include_template_tokens, contents=contents)
 
     try:
         result = await service.call(run)

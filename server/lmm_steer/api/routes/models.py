@@ -18,10 +18,12 @@ async def models(service: ServiceDep, settings: SettingsDep):
         cfg = service.engine.sae.cfg
         sae = {"hookpoint": service.engine.hookpoint, "num_latents": cfg.num_latents, "k": cfg.k,
                "activation": cfg.activation, "catalog_entries": len(service.catalog)}
-    cards = [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "lmm-steer", "sae": sae}]
+    multimodal = bool(service.engine.loaded.is_multimodal)
+    cards = [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "lmm-steer", "sae": sae,
+              "multimodal": multimodal}]
     for name, preset in sorted(settings.presets.items()):
         cards.append({"id": f"{service.model_name}:{name}", "object": "model", "created": 0,
-                      "owned_by": "lmm-steer", "sae": sae, "parent": service.model_name,
+                      "owned_by": "lmm-steer", "sae": sae, "multimodal": multimodal, "parent": service.model_name,
                       "preset": {"name": name, "description": preset.description,
                                  "steering": preset.steering.model_dump(exclude_none=True)}})
     return {"object": "list", "data": cards}
