@@ -174,6 +174,7 @@ def test_a_feature_page_says_where_its_numbers_come_from_and_proposes_a_value(tm
         FeatureEntry(2, "red things", extras={"max_activation": 3.0, "top_images": [
             {"image": str(tmp_path / "red.png"), "activation": 1.0, "grid": grid}]}),  # ranked by the mean
         FeatureEntry(3, "", extras={"max_activation": 5.0, "top_contexts": [{"text": "a «red» ball", "activation": 5.0}]}),
+        FeatureEntry(4, "", extras={"max_activation": 5.0, "steer": {"value": 9.0, "scope": "somewhere else"}}),
     ])
     lm = load_model("builtin:tiny-llava-next")
     service = SteeringService(Engine(lm, load_sae("builtin:random-topk", d_in=64), "model.layers.1",
@@ -191,6 +192,7 @@ def test_a_feature_page_says_where_its_numbers_come_from_and_proposes_a_value(tm
             assert (p["scope"], p["calibrated"], p["population"]) == ("image", False, "image")
             norm = float(p["basis"].split("norm there (")[1].split(",")[0])
             assert p["value"] == pytest.approx(max(9.0, NORM_SHARE * norm / image["decoder_norm"]), abs=0.5)
+            assert client.get("/v1/features/4").json()["proposal"]["scope"] is None  # not a scope a request takes
             text = client.get("/v1/features/3").json()
             assert text["max_activation_over"] == "any_token" and text["top_images"] == []
             assert (text["proposal"]["value"], text["proposal"]["scope"], text["proposal"]["population"]) == (15.0, None, "text")

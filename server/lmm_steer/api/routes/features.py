@@ -27,6 +27,7 @@ IMAGE_SHARE = 0.25
 # activation leaves the red one (324) unchanged and 0.95 x starts to overshoot (cyan turns "gray").
 NORM_SHARE = 0.75
 RECIPE_TIMES_MAX = 3.0  # the text recipe: three times the maximum activation
+SCOPES = ("all", "prompt", "generated", "image")  # a calibration row's scope, if it names one of these
 
 _MARK = "Zqxj"  # a marker for the user's text when the chat template is rendered around it
 # per service: what the chat template puts before a user's text, and the residual norm on image tokens
@@ -158,7 +159,7 @@ async def proposal(service: SteeringService, entry, decoder_norm: float | None) 
     extras = entry.extras if entry else {}
     steer = extras.get("steer")
     if isinstance(steer, dict) and _number(steer.get("value")) is not None:
-        scope = steer.get("scope") if isinstance(steer.get("scope"), str) else None
+        scope = steer.get("scope") if steer.get("scope") in SCOPES else None
         where = f" on the {scope} scope" if scope else " on generated tokens"
         return {"value": _number(steer["value"]), "scope": scope, "calibrated": True, "population": None,
                 "basis": f"calibrated: the value the catalog's calibration measured{where}, where the concept "
