@@ -14,7 +14,6 @@ from lmm_steer_client import (
     BadRequestError,
     Client,
     NotFoundError,
-    RateLimitError,
     Steering,
 )
 from PIL import Image
@@ -198,48 +197,6 @@ def test_cli_chat_and_search(server):
     assert bad.returncode != 0
     err = cli("chat", "--clamp", "9999=1", "--no-stream", "hi")
     assert err.returncode == 1 and "does not exist" in err.stderr
-
-
-def test_retries_honour_retry_after_on_429():
-    calls = []
-
-    def handler(request):
-        calls.append(request.url.path)
-        if len(calls) < 3:
-            return httpx.Response(429, headers={"Retry-After": "0.05"},
-                                  json={"error": {"message": "queue full", "type": "rate_limit_error",
-                                                  "param": None, "code": "queue_full"}})
-        return httpx.Response(200, json={"id": 5, "explanation": "x", "stats": {}})
-
-    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=3) as c:
-        t0 = __import__("time").perf_counter()
-        assert c.features.get(5).explanation == "x"
-        assert __import__("time").perf_counter() - t0 >= 0.1
-    assert len(calls) == 3
-    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=0) as c:
-        calls.clear()
-        with pytest.raises(RateLimitError) as info:
-            c.features.get(5)
-        assert info.value.code == "queue_full"
-
-
-def test_connection_errors_retry_only_idempotent_calls():
-    calls = []
-
-    def handler(request):
-        calls.append(request.method)
-        raise httpx.ConnectError("refused")
-
-    from lmm_steer_client import APIConnectionError
-
-    with Client("http://test", transport=httpx.MockTransport(handler), max_retries=2, backoff=0.001) as c:
-        with pytest.raises(APIConnectionError):
-            c.features.get(1)
-        assert calls == ["GET"] * 3
-        calls.clear()
-        with pytest.raises(APIConnectionError):
-            c.chat(prompt="hi")
-        assert calls == ["POST"]
 
 
 def test_api_key_from_environment(monkeypatch):

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "generated scenes, feature search, and inspect heatmaps.")
     p.add_argument("--base-url", help="the server's URL (default: $LMM_STEER_BASE_URL, else http://127.0.0.1:8000)")
     p.add_argument("--api-key", help="bearer token for a server started with API keys (default: $LMM_STEER_API_KEY)")
+    p.add_argument("--no-retry", action="store_true",
+                   help="fail at the first 429, 502, 503 or 504 or dropped connection instead of retrying it "
+                        "(by default each is retried up to 3 times, after the server's Retry-After)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     def command(parent, name: str, summary: str) -> argparse.ArgumentParser:
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.base_url, args.api_key) as client:
+        with Client(args.base_url, args.api_key, retry=not args.no_retry) as client:
             if args.command == "chat":
                 steering = Steering()
                 for fid, value, mode, source, where in args.clamp:
