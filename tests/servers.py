@@ -16,8 +16,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, key: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, key: str | None = None, port: int | None = None,
+                 ready_timeout: float = 120) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log = open(os.devnull, "w")  # noqa: SIM115
@@ -26,7 +27,7 @@ class Server:
             [sys.executable, "-m", "lmm_steer.cli", "serve", "--port", str(self.port), "--log-level", "warning", *args],
             stdout=self.log, stderr=subprocess.PIPE, env=env, text=True,
         )
-        deadline = time.time() + 120
+        deadline = time.time() + ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read()}")

@@ -76,8 +76,12 @@ def test_kubernetes_manifests():
     from lmm_steer.serve import DrainingServer
 
     args = build_parser().parse_args(["serve", *container["args"]])
+    assert "--drain-timeout" in container["args"]  # said where the grace below is sized from it
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
     grace = docs["deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= args.drain_timeout + DrainingServer.ERROR_FLUSH_S + 5
+    # preStop's wait, then the whole drain: running requests, the last errors, uvicorn's close
+    assert grace >= float(pre_stop[1]) + args.drain_timeout + DrainingServer.ERROR_FLUSH_S + DrainingServer.CLOSE_S
     annotations = docs["deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == "8000"
     assert docs["service"]["spec"]["ports"][0]["port"] == 8000
@@ -85,6 +89,28 @@ def test_kubernetes_manifests():
     hpa = docs["hpa"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == "lmm-steer"
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "lmm_steer_num_requests_waiting"
+
+
+def test_the_balancer_config_and_the_replica_compose_file():
+    # the HAProxy configuration tests/test_replicas.py runs checks the readiness path Kubernetes uses,
+    # and the compose file mounts it in front of replicas with the names and port it points at
+    cfg = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert re.search(r"(?m)^\s*option httpchk GET /ready$", cfg) and "http-check expect status 200" in cfg
+    servers = re.findall(r"(?m)^\s*server (\S+) (\S+):(\d+)$", cfg)
+    compose = yaml.safe_load((DEPLOY / "docker-compose.replicas.yml").read_text())["services"]
+    assert {host for _, host, _ in servers} == {"lmm-steer-1", "lmm-steer-2"} <= set(compose)
+    assert {port for *_, port in servers} == {"8000"}
+    assert compose["haproxy"]["volumes"] == ["./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"]
+    assert "8000:8000" in compose["haproxy"]["ports"]
+    from lmm_steer.cli import build_parser
+    from lmm_steer.serve import DrainingServer
+
+    for name in ("lmm-steer-1", "lmm-steer-2"):
+        args = build_parser().parse_args(["serve", *compose[name]["command"]])
+        grace = float(compose[name]["stop_grace_period"].removesuffix("s"))
+        assert grace >= args.drain_timeout + DrainingServer.ERROR_FLUSH_S + DrainingServer.CLOSE_S
+    k8s = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    assert k8s["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/ready"
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None,

@@ -128,7 +128,7 @@ def main(args) -> int:
     print(f"lmm-steer: serving {service.model_name} on http://{args.host}:{args.port} "
           f"(SAE: {'none' if service.engine.sae is None else service.engine.hookpoint})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=DrainingServer.CLOSE_S)
     try:
         DrainingServer(config, service, args.drain_timeout).run()
     finally:
@@ -150,6 +150,7 @@ class DrainingServer(uvicorn.Server):
     """
 
     ERROR_FLUSH_S = 2.0  # after failing what was left, time for those errors to reach their callers
+    CLOSE_S = 5  # then uvicorn's graceful shutdown: at most this long for connections to close
 
     def __init__(self, config: uvicorn.Config, service, drain_timeout: float) -> None:
         super().__init__(config)
