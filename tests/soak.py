@@ -9,7 +9,8 @@ settings; ``--drop`` of the streams are abandoned after a few chunks and ``--bad
 requests are malformed on purpose. With ``--huge-prompts N``, N prompts of 20 MB are sent at
 once first. With ``--pid`` (a server on this machine) its resident memory is read before and
 after. The report counts answers by status; a 5xx is a failure of the server, and the script
-exits 1 if there was any. Not part of the test suite: docs/hardening.md records runs.
+exits 1 if there was any. Not part of the test suite: docs/hardening.md records runs. For a long run
+under well-formed traffic (errors, latency and memory over minutes), see ``lmm-steer bench soak``.
 """
 
 from __future__ import annotations

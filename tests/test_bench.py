@@ -31,6 +31,28 @@ def test_bench_smoke_prints_table_and_ratios(tmp_path):
     assert "| engine / hf generate() |" in out.stdout and "| decode tok/s | batch 1 | batch 2 |" in out.stdout
 
 
+def test_soak_smoke_reports_requests_errors_latency_and_memory(tmp_path):
+    # the long-run benchmark, a few seconds of it on the tiny model: its report has what docs/hardening.md
+    # records (the 30-minute run on the default model is recorded there, not run here)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmm_steer.cli", "bench", "soak", "--minutes", "0.05", "--warmup-seconds", "1",
+         "--model", "builtin:tiny-llava-next", "--serve-arg=--sae", "--serve-arg=builtin:random-topk",
+         "--clients", "3", "--drop", "0.5", "--images", "2", "--max-rss-growth", "1000",
+         "--json", str(tmp_path / "soak.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads((tmp_path / "soak.json").read_text())
+    assert r["errors"] == 0 and r["requests"] == r["completed"] + r["dropped"] and r["completed"] > 0
+    kinds = set(r["by_kind"])
+    assert {"plain", "stream"} <= {k.split("+")[0] for k in kinds} and any("+image" in k for k in kinds)
+    assert any("+steered" in k for k in kinds) and r["dropped"] > 0
+    assert 0 < r["latency_s"]["p50"] <= r["latency_s"]["p99"]
+    assert r["rss_mib_ready"] > 0 and r["rss_mib_start"] > 0 and r["rss_mib_end"] > 0 and r["rss_mib_samples"]
+    assert r["serving_after"] and r["server_exit"] == 0
+    assert "errors     0" in out.stdout and "RSS " in out.stdout
+
+
 def test_bench_hands_over_what_it_has_after_every_batch():
     """A GPU run cut short by its time limit keeps the batches it finished: the result goes to the
     checkpoint after each batch size, complete with ratios, before the later stages run."""

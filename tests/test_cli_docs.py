@@ -27,6 +27,8 @@ regenerates the page from the parser.
 def _commands(parser, prefix=("lmm-steer",)):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            if not action.required:  # a command of its own too (``bench``, beside ``bench soak``)
+                yield " ".join(prefix), parser
             for name, sub in action.choices.items():
                 yield from _commands(sub, (*prefix, name))
             return

@@ -148,9 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    bench_parser = sub.add_parser("bench", help="decode throughput and latency against same-run baselines")
+    bench_parser = sub.add_parser("bench", help="decode throughput and latency against same-run baselines; "
+                                                 "bench soak: a server's long-run behaviour")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(func=bench.main)
+    from . import soak
+
+    soak_parser = bench_parser.add_subparsers(dest="bench_command", metavar="{soak}").add_parser(
+        "soak", help="a server under mixed traffic for N minutes: requests, errors, latency, memory",
+        description=soak.DESCRIPTION)
+    soak.add_arguments(soak_parser)
+    soak_parser.set_defaults(func=soak.main)
 
     sae = sub.add_parser("sae", help="inspect and convert SAE checkpoints").add_subparsers(
         dest="sae_command", required=True
