@@ -239,3 +239,14 @@ def test_the_queue_bound_counts_admitted_requests_not_their_timing():
     outcomes, waiting = asyncio.run(burst())
     assert outcomes == ["admitted"] * 3 + ["refused"] * 2 + ["admitted"] and waiting == 4
     assert service.in_flight == 0 and service.waiting == 0  # every admitted one was released
+
+
+def test_suggest_without_a_catalog_is_a_501_naming_it(plain_app):
+    # the body is valid; what is missing is the server's: the answer says so, not a 400 to every request
+    client, _ = plain_app
+    r = client.post("/v1/steering/suggest", json={"text": "the sea"})
+    assert r.status_code == 501 and r.json()["error"]["code"] == "concepts_unavailable"
+    assert "feature catalog" in r.json()["error"]["message"] and r.json()["error"]["param"] is None
+    # and the published schema lists the 501 for this route
+    responses = client.get("/openapi.json").json()["paths"]["/v1/steering/suggest"]["post"]["responses"]
+    assert "501" in responses and "catalog" in responses["501"]["description"]

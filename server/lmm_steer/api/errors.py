@@ -15,7 +15,7 @@ class APIError(Exception):
 
 
 _TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+          429: "rate_limit_error", 500: "server_error", 501: "server_error", 503: "server_error"}
 
 # The WWW-Authenticate challenge RFC 6750 asks a 401 to carry.
 AUTH_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="lmm-steer"'}

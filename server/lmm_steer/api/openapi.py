@@ -16,6 +16,7 @@ ERRORS = {
     415: "body is not application/json",
     429: "queue full (Retry-After)",
     500: "this request failed inside the engine (others are unaffected)",
+    501: "this server lacks what the route needs; the message names it (a feature catalog, an embedding model)",
     503: "the server is shutting down (Retry-After)",
 }
 POST_ERRORS = (400, 401, 404, 405, 413, 415, 429, 500, 503)
