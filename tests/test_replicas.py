@@ -179,7 +179,9 @@ def _busy(server: Server) -> bool:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, monkeypatch):
+    # one compute thread per replica: two replicas on a small machine would otherwise oversubscribe it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ports = [free_port(), free_port()]
     replicas = _start_replicas(ports)
     balancer = Balancer(tmp_path, ports)
