@@ -228,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     preset_eval = evals.add_parser("preset", help="choose a steering preset's strength on held-out questions, measure it on others")
     evaluations.add_preset_arguments(preset_eval)
     preset_eval.set_defaults(func=evaluations.preset_command)
+    fitted = evals.add_parser("fitted", help="a fitted preset on held-out questions beside random, prompting and "
+                                             "difference-of-means controls")
+    evaluations.add_fitted_arguments(fitted)
+    fitted.set_defaults(func=evaluations.fitted_command)
+    from .fit import commands as fitting
+
+    presets = sub.add_parser("preset", help="steering presets fitted from labelled examples").add_subparsers(
+        dest="preset_command", required=True)
+    fit = presets.add_parser("fit", help="fit a preset that makes the model right more often, chosen on a selection split")
+    fitting.add_fit_arguments(fit)
+    fit.set_defaults(func=fitting.fit_command)
     from .scenes import commands as scenes
 
     scene_commands = sub.add_parser("scenes", help="synthetic scenes with exact ground truth").add_subparsers(

@@ -125,6 +125,9 @@ class Preset(Request):
     name: Annotated[str, Field(pattern=PRESET_NAME_PATTERN, description="letters, digits, '.', '_', '-'")]
     description: Annotated[Text, Field(min_length=1, max_length=500)]
     steering: Steering
+    # ``preset fit``'s record: the data, the command, the candidates with their probe weights, the
+    # selection figures and the controls' fitted parts; the server ignores it
+    fit: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _not_nested(self):

@@ -12,6 +12,7 @@ from sae_weights.default import TEXT_CATALOG, TEXT_MODEL, TEXT_SAE, hookpoint_fo
 
 from ..engine.factory import add_device_arguments
 from ..scenes.commands import add_scene_engine_arguments
+from .fitted import ROWS as FITTED_ROWS
 from .steer import CONDITIONS, HELD_OUT
 
 
@@ -275,6 +276,68 @@ def preset_command(args) -> int:
         result["written"] = written
     if args.json:
         Path(args.json).write_text(json.dumps({"command": sys.argv[1:], **result}, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+def add_fitted_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", required=True, help="preset file or directory (one written by `preset fit`)")
+    p.add_argument("--preset", required=True, help="the preset's name")
+    p.add_argument("--data", required=True, help="the held-out split: a `scenes generate` directory or a LLaVA JSONL "
+                                                 "file, never the fit's --data or --select")
+    p.add_argument("--limit", type=int, help="scenes (images) at most")
+    p.add_argument("--types", default=None, help="question types (default: the ones the preset was fitted on)")
+    p.add_argument("--rows", default=",".join(FITTED_ROWS), help=f"comma-separated, of {', '.join(FITTED_ROWS)}")
+    p.add_argument("--seed", type=int, default=0, help="the random control's draw")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--markdown", metavar="PATH")
+    add_scene_engine_arguments(p)
+
+
+def fitted_command(args) -> int:
+    from sae_weights import FeatureCatalog
+    from sae_weights.default import sources_for
+
+    from ..engine import EngineConfig
+    from ..fit.examples import load_examples
+    from ..presets import PresetError, feature_spec, load_presets
+    from ..scenes.commands import scene_engine
+    from .fitted import markdown, run
+
+    try:
+        presets = load_presets(args.presets)
+    except PresetError as e:
+        return fail(f"--presets: {e}")
+    if args.preset not in presets:
+        return fail(f"--preset: no preset {args.preset!r} in {args.presets} (there: {', '.join(sorted(presets))})")
+    preset = presets[args.preset]
+    fit = preset.fit or {}
+    for used in (fit.get("data"), fit.get("select")):
+        if used and Path(used).resolve() == Path(args.data).resolve():
+            return fail(f"--data: {args.data} is a split the preset was fitted or chosen on; measure on another")
+    rows = [r for r in args.rows.split(",") if r]
+    if not rows or set(rows) - set(FITTED_ROWS):
+        return fail(f"--rows: {args.rows!r}: choose from {', '.join(FITTED_ROWS)}")
+    types = tuple(t for t in args.types.split(",") if t) if args.types else tuple(fit.get("types") or ("colour", "shape", "exist"))
+    if not Path(args.data).exists():
+        return fail(f"--data: {args.data} does not exist")
+    root, items = load_examples(args.data, args.limit, types)
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512))
+    catalog = FeatureCatalog()
+    for path in sources_for(args.model, args.sae, args.hookpoint).catalogs:
+        catalog.merge(FeatureCatalog.load(path))
+    pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0] or list(
+        range(engine.sae.num_latents))
+    result = run(engine, root, items, feature_spec(preset.steering), pool=pool, diffmean=fit.get("diffmean"),
+                 seed=args.seed, rows=rows,
+                 progress=lambda name, cell: print(f"{name}: fixed {cell['fixed']}, broken {cell['broken']}",
+                                                   file=sys.stderr, flush=True))
+    result.update({"preset": preset.name, "data": str(args.data), "types": list(types)})
+    table = markdown(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0

@@ -36,13 +36,17 @@ def outcome(answer: str, plain: str, steered: str) -> str:
             (False, False): "kept wrong"}[normalise(plain) == right, normalise(steered) == right]
 
 
-def tally(items: list[dict], plain: list[str], steered: list[str]) -> dict[str, dict]:
-    """Outcome counts by question type and over all, each with ``n``, ``net`` (fixed - broken) and
-    the accuracy without and with the steering."""
+def by_type(item: dict) -> tuple[str, ...]:
+    return ("all", item["type"])
+
+
+def tally(items: list[dict], plain: list[str], steered: list[str], groups=by_type) -> dict[str, dict]:
+    """Outcome counts over all and by question type (``groups(item)``: the groups an item counts
+    in), each with ``n``, ``net`` (fixed - broken) and the accuracy without and with the steering."""
     counts: dict[str, Counter] = {}
     for item, a, b in zip(items, plain, steered, strict=True):
         kind = outcome(item["answer"], a, b)
-        for group in ("all", item["type"]):
+        for group in groups(item):
             counts.setdefault(group, Counter())[kind] += 1
     out = {}
     for group, c in counts.items():

@@ -1,0 +1,78 @@
+"""``lmm-steer eval fitted``: a fitted preset on a held-out split beside its controls, all from
+the same run: the base model, random features at the same modes, values and scope, a prompt
+asking the model to look carefully, and the difference-of-means direction ``preset fit`` fitted
+and chose on the same data. Per question type and difficulty: accuracy, fixed, broken, net, and
+the net share of the base model's errors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..engine import FeatureEdit, SteeringSpec
+from ..fit.codes import batched_answers
+from ..fit.search import ask
+from .preset import tally
+
+LOOK_CAREFULLY = ("Look carefully at the colour and the shape of every object in the image, and at which objects "
+                  "are there, before you answer.")
+ROWS = ("preset", "random", "prompting", "diffmean")
+
+
+def by_type_and_difficulty(item: dict) -> tuple[str, ...]:
+    return ("all", item["type"], *(f"tag:{t}" for t in item.get("difficulty") or ["none"]))
+
+
+def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random) -> SteeringSpec:
+    """The same edits (modes, values, gates, scope) on features drawn from ``pool``, none of the spec's own."""
+    own = {e.feature for e in spec.edits}
+    drawn = rng.sample([f for f in pool if f not in own], len(spec.edits))
+    return replace(spec, edits=[FeatureEdit(f, e.value, e.mode, e.source, e.where) for f, e in zip(drawn, spec.edits,
+                                                                                                  strict=True)])
+
+
+def summary(result: dict) -> dict:
+    """Each group's counts, with ``error_reduction``: net over the base model's wrong answers."""
+    out = {}
+    for group, r in result.items():
+        errors = r["fixed"] + r["kept wrong"]
+        out[group] = {**r, "error_reduction": round(r["net"] / errors, 4) if errors else None}
+    return out
+
+
+def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list[int], diffmean: dict | None,
+        seed: int = 0, rows=ROWS, progress=None) -> dict:
+    base = ask(engine, root, items, None)
+    answers = {}
+    if "preset" in rows:
+        answers["preset"] = ask(engine, root, items, spec)
+    if "random" in rows:
+        answers["random"] = ask(engine, root, items, random_like(spec, pool, random.Random(seed)))
+    if "prompting" in rows:
+        answers["prompting"] = ask(engine, root, items, None, system=LOOK_CAREFULLY)
+    if "diffmean" in rows and diffmean:
+        vector = torch.tensor(diffmean["vector"]) * diffmean["strength"]
+        answers["diffmean"] = batched_answers(engine, root, items, add_on_image=vector)
+    out = {"questions": len(items), "base_right": tally(items, base, base)["all"]["kept right"], "rows": {}}
+    for name, got in answers.items():
+        out["rows"][name] = summary(tally(items, base, got, by_type_and_difficulty))
+        if progress:
+            progress(name, out["rows"][name]["all"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    groups = [g for g in next(iter(result["rows"].values()), {}) if not g.startswith("tag:")]
+    tags = sorted(g for g in next(iter(result["rows"].values()), {}) if g.startswith("tag:"))
+    lines = ["| row | group | n | accuracy base -> row | fixed | broken | net | net / base errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, cells in result["rows"].items():
+        for group in [*groups, *tags]:
+            c = cells[group]
+            share = f"{c['error_reduction']:+.1%}" if c["error_reduction"] is not None else ""
+            lines.append(f"| {name} | {group} | {c['n']} | {c['accuracy_before']:.3f} -> {c['accuracy_after']:.3f} | "
+                         f"{c['fixed']} | {c['broken']} | {c['net']:+d} | {share} |")
+    return "\n".join(lines) + "\n"

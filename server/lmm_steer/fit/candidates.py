@@ -1,0 +1,89 @@
+"""Candidate steerings from a probe: the features that predict right answers amplified, those that
+predict wrong ones suppressed, at a mode, strength and scope."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import FeatureEdit, SteeringSpec
+from ..scenes.evaluate import normalise
+from .probe import Probe, fit_probe
+
+MIN_CONFUSION = 4  # wrong answers a confusion needs in the fit split to get its own probe
+
+
+@dataclass
+class Candidate:
+    """``up``: features to amplify, ``down``: to suppress, strongest first; ``why``: their weights."""
+
+    family: str
+    up: list[int]
+    down: list[int]
+    why: dict = field(default_factory=dict)
+
+
+def from_probe(family: str, probe: Probe, top: int = 16) -> Candidate:
+    up = probe.ranked(+1)[:top]
+    down = probe.ranked(-1)[:top]
+    return Candidate(family, [f for _, f, _ in up], [f for _, f, _ in down],
+                     {"c": probe.c, "train_accuracy": probe.train_accuracy, "n": probe.n, "wrong": probe.wrong,
+                      "up": [[p, f, round(w, 5)] for p, f, w in up], "down": [[p, f, round(w, 5)] for p, f, w in down]})
+
+
+def confusions(items: list[dict], answers: list[str], minimum: int = MIN_CONFUSION) -> list[tuple[str, str, str, int]]:
+    """``(type, truth, said, count)`` of the wrong answers seen at least ``minimum`` times, most frequent first."""
+    seen = Counter((q["type"], normalise(q["answer"]), normalise(a)) for q, a in zip(items, answers, strict=True)
+                   if normalise(a) != normalise(q["answer"]))
+    return [(t, truth, said, n) for (t, truth, said), n in seen.most_common() if n >= minimum]
+
+
+def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str], *, c: float = 0.05,
+          top: int = 16, max_confusions: int = 4) -> list[Candidate]:
+    """The probe over every question, then one per frequent confusion (its truth's questions: the
+    confused answer against the right one)."""
+    right = [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)]
+    if len(set(right)) < 2:  # all right or all wrong: nothing tells them apart
+        return []
+    out = [from_probe("probe", fit_probe(codes, right, c), top)]
+    for kind, truth, said, n in confusions(items, answers)[:max_confusions]:
+        rows = [i for i, q in enumerate(items) if q["type"] == kind and normalise(q["answer"]) == truth
+                and (right[i] or normalise(answers[i]) == said)]
+        labels = [right[i] for i in rows]
+        if len(set(labels)) < 2:
+            continue
+        sub = {k: v[rows] for k, v in codes.items()}
+        probe = fit_probe(sub, labels, c)
+        cand = from_probe(f"confusion:{kind}:{truth}->{said}", probe, top)
+        cand.why["confusions"] = n
+        out.append(cand)
+    return out
+
+
+def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per feature, its mean pooled activation where it fires at all (image pool; else text)."""
+    out = torch.zeros(codes["image"].shape[1])
+    for pool in ("text", "image"):  # image last: it wins where both fire
+        x = codes[pool]
+        fires = (x > 0).sum(0)
+        seen = fires > 0
+        out[seen] = x.sum(0)[seen] / fires[seen]
+    return out
+
+
+def steering(cand: Candidate, k: int, mode: str, strength: float, scope: str, typical: torch.Tensor) -> SteeringSpec:
+    """The top ``k`` features of each side as edits: ``scale`` multiplies an amplified feature by
+    ``strength`` where it fires and a suppressed one by 1/``strength``; ``add`` adds ``strength`` x the
+    feature's typical activation along an amplified feature at every position in scope (SAVE's
+    steering) and clamps a suppressed one at 0."""
+    edits = []
+    for f in cand.up[:k]:
+        if mode == "scale":
+            edits.append(FeatureEdit(f, float(strength), "scale"))
+        else:
+            edits.append(FeatureEdit(f, round(float(strength * typical[f]), 4), "add"))
+    for f in cand.down[:k]:
+        edits.append(FeatureEdit(f, round(1.0 / strength, 4), "scale") if mode == "scale" else FeatureEdit(f, 0.0))
+    return SteeringSpec(edits, scope=scope)

@@ -1,0 +1,140 @@
+"""``lmm-steer preset fit``: fit a steering preset on labelled examples (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..scenes.commands import add_scene_engine_arguments
+
+FIT_TYPES = ("colour", "shape", "exist")
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="labelled examples to fit on: a `scenes generate` directory or a "
+                                                 "LLaVA JSONL file (image, conversations, type, answer)")
+    p.add_argument("--select", required=True, help="labelled examples to choose among candidates on (another split)")
+    p.add_argument("--out", required=True, help="the preset file to write (JSON, servable with serve --presets)")
+    p.add_argument("--name", default="fitted", help="the preset's name, served as <model>:<name>")
+    p.add_argument("--types", default=",".join(FIT_TYPES), help="question types fitted and judged")
+    p.add_argument("--limit", type=int, help="scenes (images) of --data at most")
+    p.add_argument("--select-limit", type=int, help="scenes (images) of --select at most")
+    p.add_argument("--probe-c", type=float, default=0.05, help="the probes' inverse L1 penalty (smaller: fewer features)")
+    p.add_argument("--top", type=int, default=16, help="features per side kept from each probe")
+    p.add_argument("--k", default="4,12", help="features per side tried (comma-separated)")
+    p.add_argument("--modes", default="scale,add", help="scale: x strength where a feature fires (/ for suppressed); "
+                                                        "add: strength x its typical activation everywhere in scope")
+    p.add_argument("--strengths", default="2", help="strengths tried (comma-separated)")
+    p.add_argument("--scopes", default="image", help="scopes tried (comma-separated: image, all, prompt, generated)")
+    p.add_argument("--json", metavar="PATH", help="every trial on the selection split, the probes, the timings")
+    add_scene_engine_arguments(p)
+
+
+def command_line(args) -> str:
+    """The command as it could be typed again (from the parsed options, whoever called it)."""
+    words = ["lmm-steer", "preset", "fit"]
+    for key, value in vars(args).items():
+        if key not in ("func", "command", "preset_command") and value is not None:
+            words += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+def fit_command(args) -> int:
+    from ..engine import EngineConfig
+    from ..scenes.commands import scene_engine
+    from ..scenes.evaluate import normalise
+    from .candidates import build, mean_active
+    from .codes import answers_and_codes, batched_answers
+    from .diffmean import choose_strength, direction
+    from .examples import load_examples
+    from .probe import ProbeUnavailable
+    from .search import ask, choose
+
+    def fail(message: str) -> int:
+        print(f"lmm-steer: error: {message}", file=sys.stderr)
+        return 2
+
+    types = tuple(t for t in args.types.split(",") if t)
+    try:
+        grid = {"k": tuple(int(v) for v in args.k.split(",") if v),
+                "mode": tuple(v for v in args.modes.split(",") if v),
+                "strength": tuple(float(v) for v in args.strengths.split(",") if v),
+                "scope": tuple(v for v in args.scopes.split(",") if v)}
+    except ValueError:
+        return fail("--k and --strengths take comma-separated numbers")
+    if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
+            or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
+        return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
+    if not types or set(types) - set(FIT_TYPES + ("count",)):
+        return fail(f"--types: {args.types!r}: choose from {', '.join(FIT_TYPES + ('count',))}")
+    if Path(args.data).resolve() == Path(args.select).resolve():
+        return fail("--data and --select are the same: fit on one split, choose on another")
+    for flag in ("data", "select"):
+        if not Path(getattr(args, flag)).exists():
+            return fail(f"--{flag}: {getattr(args, flag)} does not exist")
+    started = time.monotonic()
+    root, items = load_examples(args.data, args.limit, types)
+    select_root, select_items = load_examples(args.select, args.select_limit, types)
+    if not items or not select_items:
+        return fail("--data or --select holds no questions of the chosen types")
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512))
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    answers, codes = answers_and_codes(engine, root, items)
+    right = sum(normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True))
+    say(f"fit split: {len(items)} questions, {right} answered right; SAE codes pooled over image and question")
+    try:
+        candidates = build(codes, items, answers, c=args.probe_c, top=args.top)
+    except ProbeUnavailable as e:
+        return fail(str(e))
+    say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
+
+    def progress(t) -> None:
+        say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope}: fixed {t.result['all']['fixed']:g}, "
+            f"broken {t.result['all']['broken']:.1f} (estimated)")
+
+    chosen = choose(lambda its, spec: ask(engine, select_root, its, spec), select_items, candidates,
+                    mean_active(codes), grid=grid, progress=progress)
+    say(f"chosen: {chosen['chosen'].row() if chosen['chosen'] else None}")
+    vector = direction(codes["residual"], [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)])
+    control = choose_strength(lambda its, v: batched_answers(engine, select_root, its, add_on_image=v), select_items,
+                              chosen["base"], vector, progress=progress)
+    say(f"difference of means: x{control['strength']:g}, {control['selection']}")
+    trial = chosen["chosen"]
+    record = {
+        "command": command_line(args),
+        "date": datetime.date.today().isoformat(), "model": args.model, "data": str(args.data),
+        "select": str(args.select), "types": list(types), "fit_questions": len(items), "fit_right": right,
+        "select_questions": len(select_items), "minutes": round((time.monotonic() - started) / 60, 1),
+        "candidates": [{"family": c.family, **c.why} for c in candidates],
+        "steps": chosen["steps"],
+        "diffmean": {**control, "block": engine.hookpoint, "norm": round(float(vector.norm()), 4),
+                     "vector": [round(float(v), 5) for v in vector]},
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps({**record, "screen_questions": chosen["screen_questions"],
+                                               "screened": chosen["screened"], "trials": chosen["trials"]}, indent=1))
+    if trial is None:
+        why = ("no candidate fixed more than it broke within the per-type bound" if candidates else
+               "the model's answers on --data are all right or all wrong: no probe can tell them apart")
+        print(json.dumps({"chosen": None, "why": why, "screened": len(chosen["screened"])}))
+        return 1
+    best = trial.result["all"]
+    description = (f"Fitted by `preset fit` on {len(items)} labelled {'/'.join(types)} questions of "
+                   f"{Path(args.data).name}: {trial.family}, {len(trial.spec.edits)} edits ({trial.mode}, x"
+                   f"{trial.strength:g}, scope {trial.scope}); on {len(select_items)} questions of "
+                   f"{Path(args.select).name} it fixed {best['fixed']} and broke {best['broken']}.")
+    steering = {"features": [{"id": e.feature, "value": e.value, "mode": e.mode} for e in trial.spec.edits],
+                "scope": trial.scope}
+    preset = {"name": args.name, "description": description[:500], "steering": steering,
+              "fit": {**record, "chosen": trial.row()}}
+    Path(args.out).write_text(json.dumps(preset, indent=1) + "\n")
+    print(json.dumps({"written": args.out, "chosen": trial.row(), "minutes": record["minutes"]}))
+    return 0

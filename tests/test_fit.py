@@ -1,0 +1,230 @@
+"""``lmm-steer preset fit`` and ``eval fitted`` (issue #41): a planted confusion whose fix is known,
+the answers the fit reads, the controls, and the commands end to end on a tiny model."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lmm_steer.engine import SteeringSpec
+from lmm_steer.eval.fitted import random_like, summary
+from lmm_steer.eval.preset import tally
+from lmm_steer.fit.candidates import build, confusions, mean_active, steering
+from lmm_steer.fit.search import choose, estimated, screening_set
+from lmm_steer.presets import load_presets
+from lmm_steer.scenes.generate import generate
+
+WIDTH = 32
+CONFUSED = 7  # fires on the purple objects the planted model calls blue; suppressing it fixes them
+HARMFUL = 9  # any edit of it breaks every answer
+RIGHT = 3  # fires wherever the answer is right; amplifying it does nothing
+
+
+def _items(n: int, seed: int) -> list[dict]:
+    """Colour and shape questions; a third of the colour ones are purple objects read as blue."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append({"type": "colour", "answer": "purple", "question": "What colour is the star?", "image": "x",
+                        "difficulty": ["near_colours"], "confused": True})
+        elif i % 3 == 1:
+            out.append({"type": "colour", "answer": rng.choice(["red", "green"]), "question": "What colour is the cross?",
+                        "image": "x", "difficulty": [], "confused": False})
+        else:
+            out.append({"type": "shape", "answer": rng.choice(["star", "cross"]), "question": "What shape?",
+                        "image": "x", "difficulty": [], "confused": False})
+    return out
+
+
+def _codes(items: list[dict], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(len(items), WIDTH, generator=g) * (torch.rand(len(items), WIDTH, generator=g) < 0.3)
+    image[:, CONFUSED] = torch.tensor([3.0 if q["confused"] else 0.0 for q in items])
+    image[:, RIGHT] = torch.tensor([0.0 if q["confused"] else 2.0 for q in items])
+    return {"image": image, "text": torch.rand(len(items), WIDTH, generator=g) * 0.1,
+            "residual": torch.randn(len(items), 8, generator=g)}
+
+
+def _planted(items: list[dict], spec: SteeringSpec | None) -> list[str]:
+    """The stand-in model: blue for a confused purple object unless its feature is suppressed on
+    the image; every answer wrong under any edit of the harmful feature; random features do nothing."""
+    edits = {e.feature: e for e in (spec.edits if spec else [])}
+    fix = CONFUSED in edits and spec.scope in ("image", "all") and (
+        (edits[CONFUSED].mode == "scale" and edits[CONFUSED].value < 1) or
+        (edits[CONFUSED].mode == "clamp" and edits[CONFUSED].value == 0))
+    out = []
+    for q in items:
+        if HARMFUL in edits:
+            out.append("gray")
+        elif q["confused"]:
+            out.append("purple" if fix else "blue")
+        else:
+            out.append(q["answer"])
+    return out
+
+
+def test_a_planted_confusion_is_found_fixed_on_held_out_questions_and_random_features_do_not_fix_it():
+    fit, select, test = _items(90, 0), _items(60, 1), _items(60, 2)
+    answers = _planted(fit, None)
+    assert confusions(fit, answers)[0] == ("colour", "purple", "blue", 30)
+    codes = _codes(fit, 0)
+    candidates = build(codes, fit, answers, c=1.0, top=4)
+    assert [c.family for c in candidates] == ["probe"]  # one truth only: the confusion's probe has one class
+    assert candidates[0].down[0] == CONFUSED and candidates[0].up[0] == RIGHT
+    chosen = choose(_planted, select, candidates, mean_active(codes))
+    trial = chosen["chosen"]
+    assert trial is not None and any(e.feature == CONFUSED for e in trial.spec.edits)
+    base = _planted(test, None)
+    held_out = tally(test, base, _planted(test, trial.spec))
+    assert held_out["all"]["fixed"] == 20 and held_out["all"]["broken"] == 0
+    control = tally(test, base, _planted(test, random_like(trial.spec, [f for f in range(WIDTH) if f != HARMFUL],
+                                                           random.Random(0))))
+    assert control["all"]["net"] == 0
+    assert summary(held_out)["all"]["error_reduction"] == 1.0
+
+
+def test_a_point_that_breaks_a_type_beyond_the_bound_is_never_chosen():
+    fit = _items(90, 0)
+    answers = _planted(fit, None)
+    codes = _codes(fit, 0)
+    harmful = build(codes, fit, answers, c=1.0, top=4)[0]
+    harmful.up, harmful.down = [HARMFUL], []
+    assert choose(_planted, _items(60, 1), [harmful], mean_active(codes))["chosen"] is None
+
+
+def test_screening_weights_sampled_right_answers_back_to_all_of_them():
+    items = _items(60, 3)
+    base = _planted(items, None)
+    screen, weight = screening_set(items, base, ratio=1.0)
+    wrong = [i for i, q in enumerate(items) if q["confused"]]
+    assert set(wrong) <= set(screen) and len(screen) == 2 * len(wrong) and weight == 40 / 20
+    few = [items[i] for i in screen]
+    broken = ["gray"] * len(few)
+    scaled = estimated(tally(few, [base[i] for i in screen], broken), weight)["all"]
+    assert scaled["broken"] == 40 and scaled["n"] == 60 and scaled["accuracy_after"] == 0
+
+
+def test_steering_modes_and_scopes():
+    fit = _items(30, 0)
+    codes = _codes(fit, 0)
+    cand = build(codes, fit, _planted(fit, None), c=1.0, top=4)[0]
+    typical = mean_active(codes)
+    scale = steering(cand, 1, "scale", 2.0, "image", typical)
+    add = steering(cand, 1, "add", 2.0, "all", typical)
+    assert scale.scope == "image" and add.scope == "all"
+    assert [(e.mode, e.value) for e in scale.edits if e.feature == CONFUSED] == [("scale", 0.5)]
+    assert [(e.mode, e.value) for e in add.edits if e.feature == CONFUSED] == [("clamp", 0.0)]
+    up = cand.up[0]
+    assert [e.value for e in add.edits if e.feature == up] == [round(float(2.0 * typical[up]), 4)]
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    for name, seed, n in (("fit", 31, 2), ("select", 32, 1), ("test", 33, 1)):
+        generate(root / name, n=n, seed=seed)
+    return root
+
+
+def test_the_fit_reads_the_answers_the_engine_gives(splits):
+    from lmm_steer.engine import EngineConfig
+    from lmm_steer.engine.factory import engine_for
+    from lmm_steer.fit.codes import answers_and_codes, pooled_codes
+    from lmm_steer.fit.examples import load_examples
+    from lmm_steer.fit.search import ask
+    from lmm_steer.models.loader import load_model
+
+    engine = engine_for(load_model("builtin:tiny-llava-next"), "builtin:random-topk:latents=64,k=8",
+                        config=EngineConfig(max_batch=8, max_seq_len=1024))
+    root, items = load_examples(splits / "fit", 2)
+    answers, codes = answers_and_codes(engine, root, items, batch=4)
+    assert answers == ask(engine, root, items, None)
+    one = pooled_codes(engine, root, items)  # one at a time, unpadded: the same pools
+    for pool in ("image", "text"):
+        assert codes[pool].shape == (len(items), 64) and torch.allclose(codes[pool], one[pool], atol=1e-4)
+    assert (codes["image"] > 0).any() and (codes["text"] > 0).any()
+
+
+def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path, capsys):
+    from lmm_steer.cli import main
+
+    model = ["--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8"]
+    out, trials = tmp_path / "p.json", tmp_path / "trials.json"
+    code = main(["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "select"), "--out", str(out),
+                 "--json", str(trials), "--k", "2", "--modes", "scale", *model])
+    record = json.loads(trials.read_text())
+    assert record["fit_questions"] > 0 and record["select_questions"] > 0
+    assert record["diffmean"]["vector"] and record["diffmean"]["block"].startswith("model.layers.")
+    assert record["command"].startswith("lmm-steer preset fit --data")
+    if code == 1:
+        # a random tiny model may answer nothing right, or its SAE offer nothing that helps: no
+        # preset, and the run says why; the controls are still measured, on a preset written here
+        assert not out.exists() and json.loads(capsys.readouterr().out.splitlines()[-1])["chosen"] is None
+        out.write_text(json.dumps({"name": "fitted", "description": "two scaled features", "fit": record,
+                                   "steering": {"features": [{"id": 1, "value": 2.0, "mode": "scale"},
+                                                             {"id": 2, "value": 0.5, "mode": "scale"}],
+                                                "scope": "image"}}))
+    else:
+        assert code == 0 and record["candidates"][0]["family"] == "probe" and record["screened"]
+    preset = load_presets(out)["fitted"]
+    assert preset.fit["select"] == str(splits / "select") and preset.steering.features
+    report = tmp_path / "eval.json"
+    assert main(["eval", "fitted", "--presets", str(out), "--preset", "fitted", "--data", str(splits / "test"),
+                 "--json", str(report), *model]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert set(rows) == {"preset", "random", "prompting", "diffmean"}
+    assert all(r["all"]["n"] == rows["preset"]["all"]["n"] for r in rows.values())
+
+
+def test_bad_splits_are_refused_by_name(splits, tmp_path, capsys):
+    from lmm_steer.cli import main
+
+    same = ["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "fit"), "--out", str(tmp_path / "p")]
+    assert main(same) == 2 and "--data and --select are the same" in capsys.readouterr().err
+    (tmp_path / "p.json").write_text(json.dumps({"name": "p", "description": "d", "steering": {
+        "features": [{"id": 1, "value": 2.0, "mode": "scale"}]}, "fit": {"data": str(splits / "test")}}))
+    assert main(["eval", "fitted", "--presets", str(tmp_path / "p.json"), "--preset", "p",
+                 "--data", str(splits / "test")]) == 2
+    assert "fitted or chosen on" in capsys.readouterr().err
+
+
+def test_a_fitted_preset_serves_and_a_stock_openai_client_gets_the_engines_own_answer(splits, tmp_path):
+    import base64
+
+    from openai import OpenAI
+    from servers import Server
+
+    from lmm_steer.engine import EngineConfig
+    from lmm_steer.engine.factory import engine_for
+    from lmm_steer.fit.examples import load_examples
+    from lmm_steer.fit.search import ask
+    from lmm_steer.models.loader import load_model
+    from lmm_steer.presets import feature_spec
+
+    sae = "builtin:random-topk:latents=64,k=8"
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "fitted.json").write_text(json.dumps({
+        "name": "fitted", "description": "fitted by preset fit", "fit": {"data": "fit", "candidates": [{"up": [1]}]},
+        "steering": {"features": [{"id": 1, "value": 4.0, "mode": "scale"}, {"id": 2, "value": 0.0}], "scope": "image"}}))
+    preset = load_presets(tmp_path / "presets")["fitted"]
+    assert preset.fit["candidates"] == [{"up": [1]}]  # the record round-trips
+    root, items = load_examples(splits / "test", 1, ("colour",))
+    item = items[0]
+    engine = engine_for(load_model("builtin:tiny-llava-next"), sae, config=EngineConfig(max_batch=2, max_seq_len=1024))
+    own, plain = (ask(engine, root, [item], spec)[0] for spec in (feature_spec(preset.steering), None))
+    server = Server("--model", "builtin:tiny-llava-next", "--sae", sae, "--presets", str(tmp_path / "presets"))
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert "builtin:tiny-llava-next:fitted" in [m.id for m in client.models.list().data]
+        image = base64.b64encode((root / item["image"]).read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                   {"type": "text", "text": item["question"]}]
+        reply = client.chat.completions.create(model="builtin:tiny-llava-next:fitted", max_tokens=6, temperature=0,
+                                               messages=[{"role": "user", "content": content}],
+                                               extra_body={"return_unsteered": True})
+    finally:
+        server.stop()
+    assert reply.choices[0].message.content == own and reply.model_extra["unsteered"]["content"] == plain
+    assert [f["id"] for f in reply.model_extra["steering"]["features"]] == [1, 2]
