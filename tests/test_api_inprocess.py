@@ -250,3 +250,45 @@ def test_suggest_without_a_catalog_is_a_501_naming_it(plain_app):
     # and the published schema lists the 501 for this route
     responses = client.get("/openapi.json").json()["paths"]["/v1/steering/suggest"]["post"]["responses"]
     assert "501" in responses and "catalog" in responses["501"]["description"]
+
+
+def test_a_body_the_published_schema_allows_is_accepted_and_one_it_refuses_is_refused(plain_app):
+    # each case is judged by the published schema and by the server, which must agree: the schema
+    # allows it exactly when the server answers 200 (the refusals name the field)
+    import jsonschema_rs  # schemathesis's validator (the test extra has it)
+
+    client, _ = plain_app
+    doc = client.get("/openapi.json").json()
+    validator = jsonschema_rs.Draft202012Validator({"$ref": "#/components/schemas/ChatCompletionRequest",
+                                                    "components": doc["components"]})
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"n": 1.0}, None), ({"n": 1}, None), ({"n": 2}, "n"), ({"n": 1.5}, "n"),
+        ({"max_tokens": 1.0}, None), ({"seed": 7.0}, None), ({"top_k": 2.5}, "top_k"), ({"seed": "7"}, "seed"),
+        ({"top_logprobs": 0}, None), ({"top_logprobs": 3}, "top_logprobs"),
+        ({"presence_penalty": 0.0}, None), ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"tools": None}, None), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "none"}, None), ({"tool_choice": "auto"}, "tool_choice"),
+        ({"function_call": "none"}, None), ({"function_call": "auto"}, "function_call"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "text"}}, None), ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {}}, None), ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"modalities": ["text"]}, None), ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "x"}}, "audio"), ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+        ({"stop": ["a", "b", "c", "d"]}, None), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"),
+        ({"messages": [{"role": "assistant", "content": "yes", "function_call": None}, *hi]}, None),
+        ({"messages": [{"role": "assistant", "content": "yes", "function_call": {"name": "f", "arguments": "{}"}},
+                       *hi]}, "messages[0].function_call"),
+        ({"messages": [{"role": "assistant", "content": "yes", "tool_calls": None}, *hi]}, None),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                       *hi]}, "messages[0].tool_calls"),
+    ]
+    for extra, param in cases:
+        body = {"messages": hi, "max_tokens": 1, **extra}
+        allowed = validator.is_valid(body)
+        r = client.post("/v1/chat/completions", json=body)
+        assert allowed == (param is None), (extra, "schema allows" if allowed else "schema refuses")
+        if param is None:
+            assert r.status_code == 200, (extra, r.text)
+        else:
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)

@@ -224,7 +224,7 @@ UNSUPPORTED = [
     ("response_format", {"response_format": {"type": "json_object"}}, "response_format"),
     ("logit_bias", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("assistant tool_calls", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[1]"),
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[1].tool_calls"),
 ]
 
 

@@ -13,8 +13,10 @@ from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -38,6 +40,28 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _integral(value):
+    # JSON has one number type, and JSON Schema's "integer" is any number without a fraction: 1.0 is
+    # the integer 1 (as the published schema says). 1.5, "1" and true are still refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# an integer field of a request: strict (no "4", no true), but 4.0 is 4
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def refused_unless(schema: dict, description: str):
+    """A field this server refuses unless it holds one of a few harmless values: validated as
+    anything (so the refusal names the field, code ``unsupported_parameter``), published as exactly
+    the values it takes, so a body the schema allows is never refused."""
+    return Annotated[Any, WithJsonSchema({**schema, "description": description})]
+
+
+NULL = {"type": "null"}
 
 
 class Request(BaseModel):
@@ -68,27 +92,27 @@ class Message(Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
-    # accepted in the schema only to be refused by name: this server has no tool calling
-    tool_calls: Any = Field(None, description="not supported: a non-empty value is refused (400)")
-    function_call: Any = Field(None, description="not supported: a non-empty value is refused (400)")
+    # this server has no tool calling: a non-empty value is refused by name (400); the schema says null
+    tool_calls: refused_unless(NULL, "not supported: absent or null (a non-empty value is refused, 400)") = None
+    function_call: refused_unless(NULL, "not supported: absent or null (a non-empty value is refused, 400)") = None
 
-    @model_validator(mode="after")
-    def _no_tool_calls(self):
-        for name in ("tool_calls", "function_call"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported: this server has no tool calling")
-        return self
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, value, info):
+        if value:  # refused under its own name: messages[i].tool_calls
+            raise ValueError(f"{info.field_name} is not supported: this server has no tool calling")
+        return value
 
 
 class SteeringFeature(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
-    id: Annotated[int, Field(strict=True, ge=0, description="SAE feature (latent) index")]
+    id: Annotated[Int, Field(strict=True, ge=0, description="SAE feature (latent) index")]
     value: FiniteNumber
     mode: Literal["clamp", "add", "scale", "transfer"] = "clamp"
-    source: Annotated[int | None, Field(strict=True, ge=0, description=(
+    source: Annotated[Int | None, Field(strict=True, ge=0, description=(
         "mode 'transfer' only: the feature whose activation, times value, is written along this one's "
         "direction wherever it fires (clamp the source at 0 beside it to swap one for the other)"))] = None
-    where: Annotated[int | None, Field(strict=True, ge=0, description=(
+    where: Annotated[Int | None, Field(strict=True, ge=0, description=(
         "a gate: the edit acts only at positions where this feature fires (delta semantics)"))] = None
 
 
@@ -97,7 +121,7 @@ class SteeringConcept(Request):
     text: Annotated[Text, Field(min_length=1, max_length=200, description="a concept in words, e.g. 'the ocean'")]
     strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False, description=(
         "multiple of each chosen feature's calibrated value; negative pushes against the concept"))] = 1.0
-    max_features: Annotated[int, Field(ge=1, le=8, description="features the concept may resolve to")] = 1
+    max_features: Annotated[Int, Field(ge=1, le=8, description="features the concept may resolve to")] = 1
 
 
 class Steering(Request):
@@ -151,37 +175,48 @@ UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "res
 class ChatCompletionRequest(Request):
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
-    top_k: int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: Text | list[Text] | None = None
-    n: int = 1
+    top_k: Int = Field(0, ge=0, description="extension: sample among the k most likely tokens (0: all)")
+    seed: Int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Annotated[Text | list[Text] | None, WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        NULL], "description": "up to 4 non-empty stop sequences"})] = None
+    # what the schema says of the next ones is what the server takes: other values are refused (400)
+    n: Annotated[Int, WithJsonSchema({"type": "integer", "const": 1, "description": "only 1"})] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[Int | None, WithJsonSchema({"anyOf": [NULL, {"type": "integer", "const": 0}], "description": (
+        "not supported: absent, null or 0 (logprobs gives the chosen tokens' log probabilities)")})] = None
     ignore_eos: bool = Field(False, description="extension (as vLLM): keep generating past end-of-sequence")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Annotated[float, WithJsonSchema({"type": "number", "const": 0, "description": "not supported: 0"})] = 0.0
+    frequency_penalty: Annotated[float, WithJsonSchema({"type": "number", "const": 0, "description": "not supported: 0"})] = 0.0
     clamps: dict[str, FiniteNumber] | None = Field(
         None, description="feature id -> value, mode clamp (shorthand for steering.features)",
         json_schema_extra={"propertyNames": {"pattern": FEATURE_KEY_PATTERN}})
     steering: Steering | None = None
     return_unsteered: bool = Field(False, description="also return the unsteered completion, same seed")
-    tools: Any = Field(None, description="not supported: refused (400) when given")
-    tool_choice: Any = Field(None, description="not supported: refused (400) unless 'none'")
-    functions: Any = Field(None, description="not supported: refused (400) when given")
-    function_call: Any = Field(None, description="not supported: refused (400) unless 'none'")
-    response_format: Any = Field(None, description="only {'type': 'text'}; anything else is refused (400)")
-    logit_bias: Any = Field(None, description="not supported: refused (400) unless empty")
-    audio: Any = Field(None, description="not supported: refused (400) when given")
-    modalities: Any = Field(None, description="only ['text']; anything else is refused (400)")
-    prediction: Any = Field(None, description="not supported: refused (400) when given")
-    parallel_tool_calls: Any = Field(None, description="not supported: refused (400) when given")
-    web_search_options: Any = Field(None, description="not supported: refused (400) when given")
+    # OpenAI fields this server cannot honour: published as the values it takes, refused by name otherwise
+    tools: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
+    tool_choice: refused_unless({"enum": ["none", None]}, "not supported: absent, null or 'none'") = None
+    functions: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
+    function_call: refused_unless({"enum": ["none", None]}, "not supported: absent, null or 'none'") = None
+    response_format: refused_unless(
+        {"anyOf": [NULL, {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+                          "additionalProperties": False}]},
+        "only {'type': 'text'}; anything else is refused (400)") = None
+    logit_bias: refused_unless({"anyOf": [NULL, {"type": "object", "maxProperties": 0}]},
+                               "not supported: absent, null or {}") = None
+    audio: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
+    modalities: refused_unless(
+        {"anyOf": [NULL, {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}]},
+        "only ['text']; anything else is refused (400)") = None
+    prediction: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
+    parallel_tool_calls: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
+    web_search_options: refused_unless(NULL, "not supported: absent or null; anything else is refused (400)") = None
 
     @field_validator("clamps")
     @classmethod
@@ -223,17 +258,17 @@ class SuggestRequest(Request):
                                 description="the concept, in words (the deprecated name concept is also "
                                             "accepted)")]
     strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False)] = 1.0
-    max_features: Annotated[int, Field(ge=1, le=8)] = 1
-    limit: Annotated[int, Field(ge=1, le=50, description="nearest features listed as candidates")] = 10
+    max_features: Annotated[Int, Field(ge=1, le=8)] = 1
+    limit: Annotated[Int, Field(ge=1, le=50, description="nearest features listed as candidates")] = 10
 
 
 class InspectRequest(Request):
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=50, description="features reported per position and per pool")
-    features: list[Annotated[int, Field(strict=True, ge=0)]] | None = Field(
+    top_k: Int = Field(5, ge=1, le=50, description="features reported per position and per pool")
+    features: list[Annotated[Int, Field(strict=True, ge=0)]] | None = Field(
         None, max_length=32, description="features to return patch grids for (default: top pooled image features)")
-    grid_features: int = Field(5, ge=0, le=32)
+    grid_features: Int = Field(5, ge=0, le=32)
     positions: bool = Field(True, description="include the per-position list")
     include_special_tokens: bool = Field(False, description=(
         "pool over the tokenizer's special tokens (chat-template markers such as <|im_start|>) and the "
@@ -447,8 +482,8 @@ class Suggestion(BaseModel):
 
 class SceneRequest(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="generator seed (default: a random one)")] | None = None
-    index: Annotated[int, Field(ge=0, le=10**6, description="scene number within the seed")] = 0
+    seed: Annotated[Int, Field(ge=0, le=2**31 - 1, description="generator seed (default: a random one)")] | None = None
+    index: Annotated[Int, Field(ge=0, le=10**6, description="scene number within the seed")] = 0
 
 
 class SceneObjectInfo(BaseModel):
