@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_sae_info)
 
     from .concepts import commands as concepts
+    from .effects import commands as effects
     from .explain import commands as explain
     from .training import bench as train_bench
     from .training import commands as training
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
          concepts.embed_command),
         ("calibrate", "measure each feature's steering strengths into the catalog", concepts.add_calibrate_arguments,
          concepts.calibrate_command),
+        ("effects", "measure what clamping features on the image makes a scenes model answer, into catalog rows",
+         effects.add_effects_arguments, effects.effects_command),
         ("bench-train", "training step rate against the dense encoder matmul alone", train_bench.add_arguments,
          train_bench.main),
         ("bench-quality", "recovery of a known sparse dictionary, against sparsify for equal tokens",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..concepts.resolve import CALIBRATED_SCOPE, ConceptNotFound, resolve_concept
+from ..concepts.resolve import CALIBRATED_SCOPE, ConceptNotFound, concept_scope, resolve_concept
 from ..engine import FeatureEdit, SteeringSpec
 from ..service import SteeringService
 from .deps import explanation, model_preset, preset_named
@@ -25,6 +25,7 @@ class ResolvedSteering:
     concept_of: dict[int, str] = field(default_factory=dict)
     params: list[str] = field(default_factory=list)
     preset: str | None = None
+    concept_scope: str | None = None  # where the first concept's value was measured
 
 
 def concepts_unavailable(param: str) -> APIError:
@@ -59,6 +60,7 @@ def _add_concepts(out: ResolvedSteering, edits: list[FeatureEdit], concepts, ser
         out.params += [param_of(i)] * len(chosen)
         out.concepts.append({"text": c.text, "strength": c.strength, "features": [ce.feature for ce in chosen]})
         out.concept_of.update({ce.feature: c.text for ce in chosen})
+        out.concept_scope = out.concept_scope or concept_scope(chosen)
 
 
 def resolve_steering(body: ChatCompletionRequest, service: SteeringService,
@@ -90,6 +92,7 @@ def resolve_steering(body: ChatCompletionRequest, service: SteeringService,
         out.params += ["steering.preset"] * len(kept)
         out.concepts += base.concepts
         out.concept_of.update({e.feature: base.concept_of[e.feature] for e in kept if e.feature in base.concept_of})
+        out.concept_scope = base.concept_scope
     if own is not None:
         _add_concepts(out, edits, own.concepts, service, "steering.concepts",
                       lambda i: f"steering.concepts[{i}].text")
@@ -99,7 +102,7 @@ def resolve_steering(body: ChatCompletionRequest, service: SteeringService,
     else:
         semantics = preset.steering.semantics if preset else own.semantics
     if scope is None and out.concepts and semantics == "delta":
-        scope = CALIBRATED_SCOPE  # the scope the calibrated values were measured in
+        scope = out.concept_scope or CALIBRATED_SCOPE  # the scope the calibrated values were measured in
     out.spec = SteeringSpec(edits, scope=scope, semantics=semantics)
     return out
 

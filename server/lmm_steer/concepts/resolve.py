@@ -1,5 +1,6 @@
-"""A named concept -> feature edits: the features whose meaning is nearest (search by meaning),
-clamped at their calibrated value times the requested strength.
+"""A named concept -> feature edits: the features search ranks first for it (those measured to make
+the model say a word it names, then the nearest by meaning), clamped at their calibrated value
+times the requested strength, on the scope that value was measured in.
 
 A feature without a calibrated value is passed over when its catalog was calibrated (calibration
 found no value where the concept shows before the text breaks); a catalog never calibrated falls
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.steering import SCOPES
 from .semantic import feature_text
 
 RECIPE_TIMES_MAX = 3.0
-# calibration measures strengths on generated positions only; a request naming concepts and no
-# scope gets this one, so the values mean what they were measured to mean
+# `sae calibrate` measures strengths on generated positions only, and its rows name no scope; a
+# request naming concepts and no scope gets the scope its first concept's value was measured in
+# (a row's own, e.g. "image" for `sae effects`), so the values mean what they were measured to mean
 CALIBRATED_SCOPE = "generated"
 MAX_FEATURES = 1  # features per concept unless the request asks for more
 CANDIDATES = 12  # nearest features considered before calibration filters them
@@ -32,6 +35,7 @@ class ConceptEdit:
     similarity: float
     text: str
     calibrated: bool
+    scope: str | None = None  # where the value was measured (None: never calibrated)
 
 
 def steer_value(entry) -> tuple[float | None, bool]:
@@ -43,13 +47,30 @@ def steer_value(entry) -> tuple[float | None, bool]:
     return (RECIPE_TIMES_MAX * float(peak), False) if peak else (None, False)
 
 
+def steer_scope(entry) -> str | None:
+    """The scope a feature's calibrated value was measured in: its ``steer`` row's, else
+    ``CALIBRATED_SCOPE``; None when it was never calibrated."""
+    steer = entry.extras.get("steer")
+    if not isinstance(steer, dict):
+        return None
+    return steer["scope"] if steer.get("scope") in SCOPES else CALIBRATED_SCOPE
+
+
 def candidates(index, text: str, limit: int = CANDIDATES) -> list[ConceptEdit]:
-    """The nearest features and their strength-1 values (None where calibration found none)."""
+    """Search's first features for the concept and their strength-1 values (None where calibration
+    found none)."""
     out = []
     for entry, score in index.search(text, limit):
         value, calibrated = steer_value(entry)
-        out.append(ConceptEdit(entry.feature, value, round(float(score), 4), feature_text(entry)[:200], calibrated))
+        out.append(ConceptEdit(entry.feature, value, round(float(score), 4), feature_text(entry)[:200], calibrated,
+                               steer_scope(entry)))
     return out
+
+
+def concept_scope(chosen: list[ConceptEdit]) -> str:
+    """The scope a concept's edits were measured in (its first calibrated edit's), else
+    ``CALIBRATED_SCOPE``."""
+    return next((c.scope for c in chosen if c.scope is not None), CALIBRATED_SCOPE)
 
 
 def resolve_concept(index, text: str, strength: float = 1.0, max_features: int = MAX_FEATURES,
@@ -65,7 +86,8 @@ def choose(near: list[ConceptEdit], text: str, strength: float = 1.0, max_featur
     for c in near[:CANDIDATES]:
         if c.value is None or c.feature in exclude:
             continue
-        chosen.append(ConceptEdit(c.feature, round(strength * c.value, 4), c.similarity, c.text, c.calibrated))
+        chosen.append(ConceptEdit(c.feature, round(strength * c.value, 4), c.similarity, c.text, c.calibrated,
+                                  c.scope))
         if len(chosen) == max_features:
             break
     if not chosen:

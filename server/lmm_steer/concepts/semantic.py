@@ -1,6 +1,11 @@
 """Feature search by meaning: each catalog entry's text embedded once, a query embedded per call,
 ranked by cosine similarity plus a share of the lexical (BM25) score.
 
+Features with a measured effect come first: where the query names a word that catalog rows'
+``effect`` says their clamp makes the model answer (``lmm-steer sae effects``), those features
+lead, strongest measured effect first (``effects.rank.strength``; score ``MEASURED_SCORE`` plus the
+strength), and the rest follow by meaning.
+
 Embeddings are cached as safetensors keyed by a digest of the embedded texts and the embedding
 model, beside the catalog when a file ``<catalog>.embeddings.safetensors`` is shipped (the default
 catalog ships one), else under ``~/.cache/lmm-steer/embeddings/``.
@@ -19,6 +24,7 @@ from safetensors.torch import save_file
 
 from sae_weights import FeatureCatalog, FeatureEntry
 
+from ..effects.rank import MEASURED_SCORE, measured_word, named_words, strength
 from ..models.disk_cache import cache_root
 
 _MARKED = re.compile(r"«([^»]*)»")
@@ -50,8 +56,10 @@ def shipped_path(catalog_path: str | Path) -> Path:
 
 class SemanticIndex:
     def __init__(self, catalog: FeatureCatalog, embedder,
-                 catalog_path: str | Path | list[str | Path] | None = None) -> None:
+                 catalog_path: str | Path | list[str | Path] | None = None, measured: bool = True) -> None:
+        """``measured``: rank features with a measured effect first (False: by meaning alone)."""
         self.catalog, self.embedder = catalog, embedder
+        self.measured = measured_features(catalog) if measured else {}
         self.ids = catalog.ids()
         texts = [feature_text(catalog.get(i)) for i in self.ids]
         digest = hashlib.sha256("\n".join([embedder.name, *map(str, self.ids), *texts]).encode()).hexdigest()[:24]
@@ -110,10 +118,32 @@ class SemanticIndex:
         return score
 
     def search(self, query: str, limit: int = 10):
-        return self.catalog.search(query, limit, scorer=self.scorer())
+        """Features measured to make the model say a word the query names, strongest first, then the
+        rest by meaning (the module docstring)."""
+        first = [(entry, MEASURED_SCORE + score) for word in named_words(query, self.measured)
+                 for entry, score in self.measured[word]]
+        seen: set[int] = set()
+        first = [(e, s) for e, s in first if not (e.feature in seen or seen.add(e.feature))][:max(0, limit)]
+        rest = self.catalog.search(query, limit + len(first), scorer=self.scorer()) if len(first) < limit else []
+        return first + [(e, s) for e, s in rest if e.feature not in seen][:max(0, limit - len(first))]
 
 
-def index_or_none(catalog: FeatureCatalog, paths: list[str], embedder: str | None = None, warn=None):
+def measured_features(catalog: FeatureCatalog) -> dict[str, list[tuple[FeatureEntry, float]]]:
+    """``word -> [(entry, strength)]``, strongest first (then by id): the catalog's features whose
+    measured effect steers to that word."""
+    out: dict[str, list[tuple[FeatureEntry, float]]] = {}
+    for fid in catalog.ids():
+        entry = catalog.get(fid)
+        word = measured_word(entry.extras)
+        if word is not None:
+            out.setdefault(word, []).append((entry, round(strength(entry.extras["effect"]), 4)))
+    for ranked in out.values():
+        ranked.sort(key=lambda es: (-es[1], es[0].feature))
+    return out
+
+
+def index_or_none(catalog: FeatureCatalog, paths: list[str], embedder: str | None = None, warn=None,
+                  measured: bool = True):
     """Search by meaning over ``catalog``, or None (no catalog, embedding turned off with "none", or
     the default embedding model not installed: search then works by words alone, and ``warn`` is
     told why)."""
@@ -127,4 +157,4 @@ def index_or_none(catalog: FeatureCatalog, paths: list[str], embedder: str | Non
         if warn is not None:
             warn(f"search by words only: {e}")
         return None
-    return SemanticIndex(catalog, model, list(paths))
+    return SemanticIndex(catalog, model, list(paths), measured)
