@@ -87,10 +87,23 @@ def scenes_config(architecture: dict, text_config, image_token_id: int):
     )
 
 
-def build_untrained(architecture: dict | None = None, seed: int = 0) -> LoadedModel:
+def _no_init():
+    """transformers' context that skips weight initialisation (its module moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def build_untrained(architecture: dict | None = None, seed: int = 0, init: bool = True) -> LoadedModel:
     """The assembly before training: random tower, projector and image newline (seeded), SmolLM2's
     real weights. The ``<image>`` row of the embedding is the mean of the others: on input it is
-    always replaced by image features, and tied to the output it keeps the token unlikely."""
+    always replaced by image features, and tied to the output it keeps the token unlikely.
+    ``init=False`` leaves the tower, projector and newline uninitialised, for a caller that
+    overwrites them all (loading trained weights: it skips seconds of random initialisation)."""
+    import contextlib
+
     from transformers import LlavaNextForConditionalGeneration
 
     from .smollm2 import load_smollm2
@@ -101,7 +114,7 @@ def build_untrained(architecture: dict | None = None, seed: int = 0) -> LoadedMo
     text_config = smol.model.config
     text_config.vocab_size = len(tok)
     cfg = scenes_config(architecture, text_config, tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (contextlib.nullcontext() if init else _no_init()):
         torch.manual_seed(seed)
         model = LlavaNextForConditionalGeneration(cfg)
     lm_state = smol.model.model.state_dict()
@@ -147,7 +160,12 @@ def load_scenes_llava_next(device="cpu", dtype=torch.float32, weights: Path | No
         raise ScenesWeightsMissing(f"{NAME}: its trained weights are missing ({path}); "
                                    "`lmm-steer scenes train` makes them")
     state, architecture = read_weights(path)
-    loaded = build_untrained(architecture)
+    loaded = build_untrained(architecture, init=False)
+    # every parameter outside the language model comes from the trained weights: none is left as
+    # the uninitialised memory build_untrained(init=False) gives
+    outside = {k for k, _ in loaded.model.named_parameters() if not k.startswith(("model.language_model.", "lm_head."))}
+    if missing := outside - set(state):
+        raise ScenesWeightsMissing(f"{path}: the trained weights lack {sorted(missing)[:3]} (and {len(missing)} in all)")
     apply_trained(loaded.model, {k: v.float() for k, v in state.items()})
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
