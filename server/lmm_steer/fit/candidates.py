@@ -10,7 +10,7 @@ import torch
 
 from ..engine import FeatureEdit, SteeringSpec
 from ..scenes.evaluate import normalise
-from .probe import Probe, fit_probe
+from .probe import Probe, fit_probe, sparsest_probe
 
 MIN_CONFUSION = 4  # wrong answers a confusion needs in the fit split to get its own probe
 
@@ -40,14 +40,19 @@ def confusions(items: list[dict], answers: list[str], minimum: int = MIN_CONFUSI
     return [(t, truth, said, n) for (t, truth, said), n in seen.most_common() if n >= minimum]
 
 
-def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str], *, c: float = 0.05,
+def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str], *, c: float | None = None,
           top: int = 16, max_confusions: int = 4) -> list[Candidate]:
     """The probe over every question, then one per frequent confusion (its truth's questions: the
-    confused answer against the right one)."""
+    confused answer against the right one). ``c``: the probes' inverse penalty; None: the sparsest
+    that keeps ``top`` features (``sparsest_probe``)."""
+
+    def probe_of(sub_codes, labels):
+        return fit_probe(sub_codes, labels, c) if c is not None else sparsest_probe(sub_codes, labels, top)
+
     right = [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)]
     if len(set(right)) < 2:  # all right or all wrong: nothing tells them apart
         return []
-    out = [from_probe("probe", fit_probe(codes, right, c), top)]
+    out = [from_probe("probe", probe_of(codes, right), top)]
     for kind, truth, said, n in confusions(items, answers)[:max_confusions]:
         rows = [i for i, q in enumerate(items) if q["type"] == kind and normalise(q["answer"]) == truth
                 and (right[i] or normalise(answers[i]) == said)]
@@ -55,11 +60,11 @@ def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str],
         if len(set(labels)) < 2:
             continue
         sub = {k: v[rows] for k, v in codes.items()}
-        probe = fit_probe(sub, labels, c)
+        probe = probe_of(sub, labels)
         cand = from_probe(f"confusion:{kind}:{truth}->{said}", probe, top)
         cand.why["confusions"] = n
         out.append(cand)
-    return out
+    return [cand for cand in out if cand.up or cand.down]
 
 
 def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,7 +24,8 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", default=",".join(FIT_TYPES), help="question types fitted and judged")
     p.add_argument("--limit", type=int, help="scenes (images) of --data at most")
     p.add_argument("--select-limit", type=int, help="scenes (images) of --select at most")
-    p.add_argument("--probe-c", type=float, default=0.05, help="the probes' inverse L1 penalty (smaller: fewer features)")
+    p.add_argument("--probe-c", type=float, help="the probes' inverse L1 penalty (smaller: fewer features); default: "
+                                                "the smallest of a path that keeps --top features")
     p.add_argument("--top", type=int, default=16, help="features per side kept from each probe")
     p.add_argument("--k", default="4,12", help="features per side tried (comma-separated)")
     p.add_argument("--modes", default="scale,add", help="scale: x strength where a feature fires (/ for suppressed); "

@@ -55,3 +55,19 @@ def fit_probe(codes: dict[str, torch.Tensor], right: list[bool], c: float = 0.05
                for i, p in enumerate(pools)}
     accuracy = float(model.score((x / scale).numpy(), y))
     return Probe(weights, c, round(accuracy, 4), len(y), y.count(0))
+
+
+C_PATH = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def sparsest_probe(codes: dict[str, torch.Tensor], right: list[bool], min_features: int = 8, path=C_PATH,
+                   pools=("image", "text")) -> Probe:
+    """The probe at the smallest penalty weight of ``path`` (the strongest penalty) that keeps at
+    least ``min_features`` features; the last one's when none does. Few labelled examples need a
+    weak penalty before any feature survives; many can afford a strong one."""
+    probe = None
+    for c in path:
+        probe = fit_probe(codes, right, c, pools)
+        if sum(len(w) for w in probe.weights.values()) >= min_features:
+            break
+    return probe
