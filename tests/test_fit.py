@@ -153,7 +153,7 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     model = ["--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8"]
     out, trials = tmp_path / "p.json", tmp_path / "trials.json"
     code = main(["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "select"), "--out", str(out),
-                 "--json", str(trials), "--k", "2", "--modes", "scale", *model])
+                 "--json", str(trials), "--k", "2", "--modes", "scale", "--diffmean-strengths", "2", *model])
     record = json.loads(trials.read_text())
     assert record["fit_questions"] > 0 and record["select_questions"] > 0
     assert record["diffmean"]["vector"] and record["diffmean"]["block"].startswith("model.layers.")

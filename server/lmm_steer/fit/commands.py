@@ -32,6 +32,8 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
                                                         "add: strength x its typical activation everywhere in scope")
     p.add_argument("--strengths", default="2", help="strengths tried (comma-separated)")
     p.add_argument("--scopes", default="image", help="scopes tried (comma-separated: image, all, prompt, generated)")
+    p.add_argument("--diffmean-strengths", default="1,2,4,8",
+                   help="multiples of the difference-of-means direction tried for that control (comma-separated)")
     p.add_argument("--json", metavar="PATH", help="every trial on the selection split, the probes, the timings")
     add_scene_engine_arguments(p)
 
@@ -66,8 +68,11 @@ def fit_command(args) -> int:
                 "mode": tuple(v for v in args.modes.split(",") if v),
                 "strength": tuple(float(v) for v in args.strengths.split(",") if v),
                 "scope": tuple(v for v in args.scopes.split(",") if v)}
+        diffmean_strengths = tuple(float(v) for v in args.diffmean_strengths.split(",") if v)
     except ValueError:
-        return fail("--k and --strengths take comma-separated numbers")
+        return fail("--k, --strengths and --diffmean-strengths take comma-separated numbers")
+    if not diffmean_strengths:
+        return fail("--diffmean-strengths: give at least one")
     if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
             or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
         return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
@@ -106,7 +111,7 @@ def fit_command(args) -> int:
     say(f"chosen: {chosen['chosen'].row() if chosen['chosen'] else None}")
     vector = direction(codes["residual"], [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)])
     control = choose_strength(lambda its, v: batched_answers(engine, select_root, its, add_on_image=v), select_items,
-                              chosen["base"], vector, progress=progress)
+                              chosen["base"], vector, strengths=diffmean_strengths, progress=progress)
     say(f"difference of means: x{control['strength']:g}, {control['selection']}")
     trial = chosen["chosen"]
     record = {
