@@ -131,8 +131,9 @@ def test_tallies_and_the_choice_of_value():
 
 
 def test_search_and_concepts_rank_by_measured_effect_and_take_its_value_and_scope():
-    def effect(word, rate, n, kept):
-        return {"best": word, "rate": rate, "n": n, "kept_other": kept, "value": 150.0, "scope": "image"}
+    def effect(word, rate, n, kept, stage="grid"):
+        return {"best": word, "rate": rate, "n": n, "kept_other": kept, "value": 150.0, "scope": "image",
+                "stage": stage}
 
     catalog = FeatureCatalog([
         FeatureEntry(1, "red", extras={"max_activation": 4.0}),  # nearest by meaning, no measured effect
@@ -142,10 +143,12 @@ def test_search_and_concepts_rank_by_measured_effect_and_take_its_value_and_scop
                                           "steer": {"value": 250.0, "scope": "image"}}),  # few questions: ranks lower
         FeatureEntry(4, "blue", extras={"max_activation": 3.0, "effect": effect("red", 0.0, 20, 1.0)}),
         FeatureEntry(5, "dogs", extras={"max_activation": 5.0, "steer": {"value": 15.0}}),  # `sae calibrate`'s row
+        FeatureEntry(6, "red things", extras={"max_activation": 3.0, "effect": effect("red", 1.0, 40, 1.0, "screen"),
+                                              "steer": {"value": 100.0, "scope": "image"}}),  # only screened
     ])
     index = SemanticIndex(catalog, WordEmbedder())
-    hits = index.search("red", 3)
-    assert [e.feature for e, _ in hits] == [2, 3, 1] and hits[0][1] > hits[1][1] > 2 > hits[2][1]
+    hits = index.search("red", 4)
+    assert [e.feature for e, _ in hits] == [2, 3, 6, 1] and hits[0][1] > hits[1][1] > 3 > hits[2][1] > 2 > hits[3][1]
     assert [e.feature for e, _ in SemanticIndex(catalog, WordEmbedder(), measured=False).search("red", 1)] == [1]
     edit, = resolve_concept(index, "the colour red", strength=0.5)
     assert (edit.feature, edit.value, edit.scope) == (2, 75.0, "image")
@@ -241,7 +244,7 @@ SCENES_EFFECTS = Path(__file__).resolve().parents[1] / "sae_weights" / "scenes-l
 @pytest.mark.skipif(not SCENES_EFFECTS.exists(), reason="no effects file shipped in this checkout")
 def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model():
     from lmm_steer.concepts.embedder import default_embedder
-    from lmm_steer.effects.rank import measured_word
+    from lmm_steer.effects.rank import measured_word, rank_key
     from sae_weights.default import SHIPPED, sources_for
 
     shipped = SHIPPED["builtin:scenes-llava-next"]
@@ -259,8 +262,8 @@ def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model(
     best = {}
     for row in rows:
         word = measured_word(row)
-        if word is not None and round(strength(row["effect"]), 4) > best.get(word, (None, -1.0))[1]:
-            best[word] = (row, round(strength(row["effect"]), 4))
+        if word is not None and rank_key(row["effect"]) > best.get(word, (None, (-1, -1.0)))[1]:
+            best[word] = (row, rank_key(row["effect"]))
     assert len(best) >= 10
     for word, (row, _) in best.items():
         top, _ = index.search(word, 1)[0]

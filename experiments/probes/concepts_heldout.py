@@ -13,7 +13,7 @@ one conversation per question, as ``eval.fix.ask`` asks):
 
 Also reported per value: the feature, value and scope the server chose, search's top hit for the
 value and whether it is the feature with the best measured effect in the catalog (by
-``effects.rank.strength``). Questions are the split's first ``--scenes`` scenes', in order; each
+``effects.rank.rank_key``). Questions are the split's first ``--scenes`` scenes', in order; each
 value takes its first ``--per-value`` eligible questions of each kind.
 
     lmm-steer scenes generate --out scenes-33 --n 100 --seed 33
@@ -35,7 +35,7 @@ from lmm_steer.api.schemas import ChatCompletionRequest
 from lmm_steer.api.steering_request import resolve_steering
 from lmm_steer.concepts.semantic import index_or_none
 from lmm_steer.effects.measure import OTHER, WORD_TYPE
-from lmm_steer.effects.rank import measured_word, strength
+from lmm_steer.effects.rank import measured_word, rank_key
 from lmm_steer.engine import EngineConfig
 from lmm_steer.eval.fix import ask
 from lmm_steer.eval.tested import VALUE_KEYS
@@ -47,16 +47,17 @@ from sae_weights.default import sources_for
 MODEL = "builtin:scenes-llava-next"
 
 
-def best_measured(catalog: FeatureCatalog) -> dict[str, tuple[int, float]]:
-    """Per word, the feature whose measured effect steers to it most strongly (ties: the lower id)."""
-    best: dict[str, tuple[int, float]] = {}
+def best_measured(catalog: FeatureCatalog) -> dict[str, tuple[int, tuple]]:
+    """Per word, the feature whose measured effect steers to it best (``effects.rank.rank_key``;
+    ties: the lower id)."""
+    best: dict[str, tuple[int, tuple]] = {}
     for fid in catalog.ids():
         extras = catalog.get(fid).extras
         word = measured_word(extras)
         if word is not None:
-            s = round(strength(extras["effect"]), 4)
-            if word not in best or s > best[word][1]:
-                best[word] = (fid, s)
+            key = rank_key(extras["effect"])
+            if word not in best or key > best[word][1]:
+                best[word] = (fid, key)
     return best
 
 
@@ -66,6 +67,7 @@ def main() -> int:
     p.add_argument("--scenes", type=int, default=14, help="the split's first N scenes")
     p.add_argument("--per-value", type=int, default=20, help="questions of each kind per value")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--effects", help="an effects file to merge instead of the shipped one (default: the model's shipped catalogs)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
@@ -73,11 +75,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = Path(args.data)
-    sources = sources_for(MODEL)
+    paths = list(sources_for(MODEL).catalogs)
+    if args.effects:
+        paths = [p for p in paths if not Path(p).name.startswith("effects")] + [args.effects]
     catalog = FeatureCatalog()
-    for path in sources.catalogs:
+    for path in paths:
         catalog.merge(FeatureCatalog.load(path))
-    index = index_or_none(catalog, list(sources.catalogs))
+    index = index_or_none(catalog, paths)
     service = SimpleNamespace(concepts=index)
     engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16))
     items = questions(data, args.scenes, ("colour", "shape"))
@@ -113,7 +117,7 @@ def main() -> int:
     summary = {"values": len(rows), "met": len(met), "rate_mean": round(sum(r["rate"] for r in rows) / len(rows), 4),
                "kept_mean": round(sum(r["kept"] for r in rows) / len(rows), 4),
                "top_is_best": sum(r["top_is_best"] for r in rows), "questions": len(items),
-               "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+               "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), "catalogs": paths}
     print("| value | feature | clamp | scope | rate (n) | other type kept (n) | top hit = best measured |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

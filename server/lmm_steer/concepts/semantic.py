@@ -3,8 +3,9 @@ ranked by cosine similarity plus a share of the lexical (BM25) score.
 
 Features with a measured effect come first: where the query names a word that catalog rows'
 ``effect`` says their clamp makes the model answer (``lmm-steer sae effects``), those features
-lead, strongest measured effect first (``effects.rank.strength``; score ``MEASURED_SCORE`` plus the
-strength), and the rest follow by meaning.
+lead (those measured over a grid of values before those only screened, each group strongest first:
+``effects.rank.rank_key``; their score is 3 or 2 plus the strength, above any score by meaning),
+and the rest follow by meaning.
 
 Embeddings are cached as safetensors keyed by a digest of the embedded texts and the embedding
 model, beside the catalog when a file ``<catalog>.embeddings.safetensors`` is shipped (the default
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 
 from sae_weights import FeatureCatalog, FeatureEntry
 
-from ..effects.rank import MEASURED_SCORE, measured_word, named_words, strength
+from ..effects.rank import measured_score, measured_word, named_words, rank_key
 from ..models.disk_cache import cache_root
 
 _MARKED = re.compile(r"«([^»]*)»")
@@ -120,8 +121,7 @@ class SemanticIndex:
     def search(self, query: str, limit: int = 10):
         """Features measured to make the model say a word the query names, strongest first, then the
         rest by meaning (the module docstring)."""
-        first = [(entry, MEASURED_SCORE + score) for word in named_words(query, self.measured)
-                 for entry, score in self.measured[word]]
+        first = [(entry, score) for word in named_words(query, self.measured) for entry, score in self.measured[word]]
         seen: set[int] = set()
         first = [(e, s) for e, s in first if not (e.feature in seen or seen.add(e.feature))][:max(0, limit)]
         rest = self.catalog.search(query, limit + len(first), scorer=self.scorer()) if len(first) < limit else []
@@ -129,16 +129,16 @@ class SemanticIndex:
 
 
 def measured_features(catalog: FeatureCatalog) -> dict[str, list[tuple[FeatureEntry, float]]]:
-    """``word -> [(entry, strength)]``, strongest first (then by id): the catalog's features whose
-    measured effect steers to that word."""
+    """``word -> [(entry, score)]``, best first (``effects.rank.rank_key``, then by id): the catalog's
+    features whose measured effect steers to that word, with their search scores."""
     out: dict[str, list[tuple[FeatureEntry, float]]] = {}
     for fid in catalog.ids():
         entry = catalog.get(fid)
         word = measured_word(entry.extras)
         if word is not None:
-            out.setdefault(word, []).append((entry, round(strength(entry.extras["effect"]), 4)))
+            out.setdefault(word, []).append((entry, measured_score(entry.extras["effect"])))
     for ranked in out.values():
-        ranked.sort(key=lambda es: (-es[1], es[0].feature))
+        ranked.sort(key=lambda es: (tuple(-k for k in rank_key(es[0].extras["effect"])), es[0].feature))
     return out
 
 

@@ -38,6 +38,9 @@ def add_effects_arguments(p: argparse.ArgumentParser) -> None:
                    help="scenes after the screen's that the finalists are measured on")
     p.add_argument("--kept-bound", type=float, default=d.kept_bound,
                    help="share of the other type's right answers a chosen value must keep")
+    p.add_argument("--rate-target", type=float, default=d.rate_target,
+                   help="share of questions a chosen value should turn; where no value keeping --kept-bound reaches "
+                        "it, the value with the best rate x kept is chosen")
     p.add_argument("--batch", type=int, default=16, help="clamps run together on one image")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--json", metavar="PATH", help="write the whole measurement (every candidate's effect) here")
@@ -93,7 +96,8 @@ def effects_command(args) -> int:
     cfg = EffectConfig(grid=grid, screen_value=args.screen_value, hits=args.hits, localised=args.localised,
                        neighbours=args.neighbours,
                        localise_scenes=args.localise_scenes, screen_scenes=args.screen_scenes,
-                       finalists=args.finalists, grid_scenes=args.grid_scenes, kept_bound=args.kept_bound, keys=keys)
+                       finalists=args.finalists, grid_scenes=args.grid_scenes, kept_bound=args.kept_bound,
+                       rate_target=args.rate_target, keys=keys)
     t0 = time.perf_counter()
     engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
 

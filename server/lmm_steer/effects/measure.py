@@ -41,7 +41,7 @@ from ..eval.tested import VALUE_KEYS, effect_rates
 from ..scenes.evaluate import normalise, questions
 from ..scenes.generate import COLOURS, SHAPES
 from .clamps import group_by_image
-from .rank import strength
+from .rank import rank_key, strength
 
 TYPES = ("colour", "shape")
 WORD_TYPE = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
@@ -53,7 +53,7 @@ SCOPE = "image"
 @dataclass
 class EffectConfig:
     grid: tuple[float, ...] = GRID
-    screen_value: float = 150.0  # the README's working value for the red feature (max activation 19)
+    screen_value: float = 100.0  # mid-grid: strong enough to show an effect, weak enough to keep most answers
     hits: int = 8  # search hits per value word
     localised: int = 3  # features per value by patch IoU
     localise_scenes: int = 20  # scenes whose patches the IoU is measured on
@@ -340,7 +340,7 @@ def markdown(result: dict) -> str:
             by_word.setdefault(e["word"], []).append((f, e))
     for key in VALUE_KEYS:
         word = key.split(":", 1)[1]
-        ranked = sorted(by_word.get(word, []), key=lambda fe: (-strength(fe[1]), fe[0]))
+        ranked = sorted(by_word.get(word, []), key=lambda fe: (tuple(-k for k in rank_key(fe[1])), fe[0]))
         if not ranked:
             lines.append(f"| {word} | none | | | | | |")
             continue

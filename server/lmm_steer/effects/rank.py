@@ -2,7 +2,8 @@
 names the word its clamp makes the model say (``best``), how often where the model did not already
 (``rate``, of ``n`` questions) and the share of the other question type's right answers it keeps
 (``kept_other``). Search and concept steering put the features measured to say the word a query
-names first, strongest first."""
+names first: those measured over the grid of values (``stage`` "grid") before those only screened
+at one value on a few scenes, each group strongest first."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import re
 
 # a measured feature's search score: above any score by meaning (cosine plus a tenth of BM25, at
-# most 1.1), plus its strength (0 to 1)
+# most 1.1): 2 plus its strength (0 to 1), plus 1 when it was measured over the grid
 MEASURED_SCORE = 2.0
 ALIASES = {"grey": "gray", "colour": None, "color": None}
 
@@ -31,6 +32,17 @@ def strength(effect: dict) -> float:
     kept = effect.get("kept_other")
     return lower_bound(float(effect.get("rate") or 0.0), int(effect.get("n") or 0)) * (
         1.0 if kept is None else float(kept))
+
+
+def rank_key(effect: dict) -> tuple[int, float]:
+    """(measured over the grid, strength): the larger ranks first."""
+    return int(effect.get("stage") == "grid"), round(strength(effect), 4)
+
+
+def measured_score(effect: dict) -> float:
+    """A measured feature's search score (``MEASURED_SCORE`` plus its ``rank_key``)."""
+    grid, s = rank_key(effect)
+    return round(MEASURED_SCORE + grid + s, 4)
 
 
 def measured_word(extras: dict) -> str | None:
