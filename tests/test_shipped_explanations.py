@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not ROWS, reason="no explained catalog in this c
 
 def test_serve_merges_the_explanations_over_the_catalog_and_keeps_its_steering_values():
     sources = sources_for("builtin:scenes-llava-next")
-    assert sources.catalogs == (str(SHIPPED_SCENES.catalog), str(EXPLAINED))
+    assert sources.catalogs == (str(SHIPPED_SCENES.catalog), str(EXPLAINED), str(SHIPPED_SCENES.effects))
     plain = FeatureCatalog.load(sources.catalogs[0])
     merged = FeatureCatalog()
     for path in sources.catalogs:
