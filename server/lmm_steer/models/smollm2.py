@@ -7,6 +7,7 @@ result is cached as safetensors so later loads take a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -38,13 +39,30 @@ def gguf_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers reads the GGUF file's metadata (49k tokens and their merges) once for the model
+    and again for the tokenizer, and builds gguf's tensor-name map once per weight; on two cores
+    that was most of a first start (about 140 s). Within this context both are built once: the
+    reader is read-only and the name map a lookup table, so sharing them changes nothing loaded."""
+    import functools
+    from unittest import mock
+
+    import gguf
+
+    with mock.patch.object(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader)), \
+            mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)):
+        yield
+
+
 def _dequantize(out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     tied = model.config.tie_word_embeddings
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
