@@ -170,6 +170,7 @@ async function showFeature(id) {
     stat(dl, "top image patch activation (the largest patch of its top images' base view)", Math.max(...peaks));
   }
   if (s.steer && typeof s.steer.value === "number") stat(dl, "calibrated value", s.steer.value);
+  if (s.effect && s.effect.best) stat(dl, "measured effect (lmm-steer sae effects, on its calibration split)", `clamp ${fmt(s.effect.value)} on the image: says ${s.effect.best} in ${Math.round(100 * s.effect.rate)}% of ${s.effect.type} questions; ${s.effect.type === "colour" ? "shape" : "colour"} answers kept ${Math.round(100 * s.effect.kept_other)}%`);
   stat(dl, "decoder norm", info.decoder_norm);
   const scores = info.scores || {};
   for (const [k, v] of Object.entries(scores)) {
