@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--concept", action="append", default=[], type=_concept, metavar="TEXT[=STRENGTH]",
                       help="steer toward a concept named in words (the server picks features and values)")
     chat.add_argument("--scope", choices=("all", "prompt", "generated", "image"),
-                      help="where the edits act (default: the server's: all positions, or generated for concepts); "
-                      "image: the image's tokens only")
+                      help="where the edits act (default: the server's: all positions, or for concepts the scope their "
+                      "values were measured in); image: the image's tokens only")
     chat.add_argument("--preset", help="a steering preset the server loaded (`models` lists them); --clamp and "
                       "--concept apply on top")
     chat.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

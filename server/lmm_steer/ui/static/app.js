@@ -530,8 +530,9 @@ async function start() {
   $("inspect-form").addEventListener("submit", inspect);
   $("inspect-show-template").addEventListener("change", renderPositions);
   window.addEventListener("hashchange", route);
-  route();
-  await load();
+  // the model card first: a page opened straight at #/feature/N labels its numbers by whether the
+  // model takes images; routing still happens when the card cannot be read (a missing API key)
+  try { await load(); } finally { route(); }
 }
 
 function presetDescription() {
