@@ -226,20 +226,29 @@ def add_preset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", metavar="PATH")
 
 
-def preset_command(args) -> int:
-    from ..engine import EngineConfig
-    from ..presets import PresetError, feature_spec, load_presets
-    from ..scenes.commands import scene_engine
-    from ..scenes.evaluate import TYPES
-    from .preset import calibrated_preset, markdown, run
+def named_preset(args):
+    """The preset ``--preset`` names in ``--presets``, or the message saying why there is none."""
+    from ..presets import PresetError, load_presets
 
     try:
         presets = load_presets(args.presets)
     except PresetError as e:
-        return fail(f"--presets: {e}")
+        return f"--presets: {e}"
     if args.preset not in presets:
-        return fail(f"--preset: no preset {args.preset!r} in {args.presets} (there: {', '.join(sorted(presets))})")
-    preset = presets[args.preset]
+        return f"--preset: no preset {args.preset!r} in {args.presets} (there: {', '.join(sorted(presets))})"
+    return presets[args.preset]
+
+
+def preset_command(args) -> int:
+    from ..engine import EngineConfig
+    from ..presets import feature_spec
+    from ..scenes.commands import scene_engine
+    from ..scenes.evaluate import TYPES
+    from .preset import calibrated_preset, markdown, run
+
+    preset = named_preset(args)
+    if isinstance(preset, str):
+        return fail(preset)
     if preset.steering.concepts or not preset.steering.features:
         return fail(f"--preset: {args.preset!r} must steer by feature edits alone (concepts need the server's search)")
     for flag in ("select", "data"):
@@ -301,17 +310,13 @@ def fitted_command(args) -> int:
 
     from ..engine import EngineConfig
     from ..fit.examples import load_examples
-    from ..presets import PresetError, feature_spec, load_presets
+    from ..presets import feature_spec
     from ..scenes.commands import scene_engine
     from .fitted import markdown, run
 
-    try:
-        presets = load_presets(args.presets)
-    except PresetError as e:
-        return fail(f"--presets: {e}")
-    if args.preset not in presets:
-        return fail(f"--preset: no preset {args.preset!r} in {args.presets} (there: {', '.join(sorted(presets))})")
-    preset = presets[args.preset]
+    preset = named_preset(args)
+    if isinstance(preset, str):
+        return fail(preset)
     fit = preset.fit or {}
     for used in (fit.get("data"), fit.get("select")):
         if used and Path(used).resolve() == Path(args.data).resolve():

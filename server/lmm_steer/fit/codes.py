@@ -14,6 +14,7 @@ from PIL import Image
 from ..engine import GenerationRequest, SamplingParams
 from ..engine.hookpoint import capture_block_output, resolve_layer_index
 from ..engine.prefill import image_token_id
+from ..scenes.evaluate import batch_inputs
 
 POOLS = ("image", "text")
 
@@ -47,8 +48,7 @@ def batched_answers(engine, root: Path, items: list[dict], batch: int = 16, max_
     from ..engine.hookpoint import block_hidden, language_model, with_block_hidden
 
     loaded = engine.loaded
-    processor, model = loaded.processor, loaded.model
-    processor.tokenizer.padding_side = "left"
+    model = loaded.model
     end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     image_tok = image_token_id(model)
     current = {}
@@ -68,15 +68,7 @@ def batched_answers(engine, root: Path, items: list[dict], batch: int = 16, max_
     handle = language_model(model).layers[resolve_layer_index(model, engine.hookpoint)].register_forward_hook(hook)
     try:
         for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            texts = [processor.apply_chat_template([{"role": "user", "content": [
-                {"type": "image"}, {"type": "text", "text": q["question"]}]}], add_generation_prompt=True, tokenize=False)
-                for q in chunk]
-            images = []
-            for q in chunk:
-                with Image.open(root / q["image"]) as im:
-                    images.append(im.convert("RGB"))
-            current["inputs"] = inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+            current["inputs"] = inputs = batch_inputs(loaded, root, items[start:start + batch])
             ids = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=end, pad_token_id=end)
             answers += loaded.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             if progress:

@@ -41,22 +41,27 @@ def questions(data: Path, limit: int | None = None, types=TYPES) -> list[dict]:
     return out
 
 
+def batch_inputs(loaded, data: Path, chunk: list[dict]):
+    """One left-padded batch of single-turn questions with their images, on the model's device."""
+    processor = loaded.processor
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": q["question"]}]}], add_generation_prompt=True, tokenize=False)
+        for q in chunk]
+    images = []
+    for q in chunk:
+        with Image.open(data / q["image"]) as im:
+            images.append(im.convert("RGB"))
+    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(loaded.model.device)
+
+
 def answer(loaded, data: Path, items: list[dict], batch: int = 16, max_new_tokens: int = 10, progress=None) -> list[str]:
     """Greedy answers, one single-turn conversation per question, left-padded batches."""
-    processor, model = loaded.processor, loaded.model
-    processor.tokenizer.padding_side = "left"
+    model = loaded.model
     end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
     for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        texts = [processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": q["question"]}]}], add_generation_prompt=True, tokenize=False)
-            for q in chunk]
-        images = []
-        for q in chunk:
-            with Image.open(data / q["image"]) as im:
-                images.append(im.convert("RGB"))
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+        inputs = batch_inputs(loaded, data, items[start:start + batch])
         with torch.inference_mode():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
                                  pad_token_id=end)
