@@ -185,7 +185,7 @@ BAD_VALUES = [
     ("max_tokens as a string", {"max_tokens": "4"}, "max_tokens"),
     ("return_unsteered as 0", {"return_unsteered": 0}, "return_unsteered"),
     ("stream as a string", {"stream": "true"}, "stream"),
-    ("feature id as a float", {"steering": {"features": [{"id": 1.0, "value": 1}]}}, "steering.features[0].id"),
+    ("feature id with a fraction", {"steering": {"features": [{"id": 1.5, "value": 1}]}}, "steering.features[0].id"),
 ]
 
 
