@@ -64,26 +64,32 @@ def test_running_requests_finish_while_new_ones_get_503(serve):
     assert s.proc.wait(timeout=20) == 0
 
 
-def test_requests_left_at_the_deadline_end_with_errors(serve):
-    s = serve("--drain-timeout", "1", "--max-batch", "2")
+def _two_running_one_queued(s):
+    """At --max-batch 2: a plain request and a stream running, a second stream queued behind them.
+    Returns (replies, the running stream's events, the queued stream's events, the threads)."""
     replies = {}
 
     def plain():
         replies["plain"] = s.post("/v1/chat/completions", LONG)
 
-    stream_events, stream_started = [], threading.Event()
-    queued_events, queued_started = [], threading.Event()
+    stream_events, queued_events = [], []
     threads = [threading.Thread(target=plain),
-               threading.Thread(target=_stream_events, args=(s, LONG, stream_events, stream_started))]
+               threading.Thread(target=_stream_events, args=(s, LONG, stream_events, threading.Event()))]
     for t in threads:
         t.start()
     assert wait_for(lambda: s.metric("lmm_steer:num_requests_running") == 2)
-    queued = threading.Thread(target=_stream_events, args=(s, LONG, queued_events, queued_started))
+    queued = threading.Thread(target=_stream_events, args=(s, LONG, queued_events, threading.Event()))
     queued.start()
     assert wait_for(lambda: s.metric("lmm_steer:num_requests_waiting") == 1)
+    return replies, stream_events, queued_events, [*threads, queued]
+
+
+def test_requests_left_at_the_deadline_end_with_errors(serve):
+    s = serve("--drain-timeout", "1", "--max-batch", "2")
+    replies, stream_events, queued_events, threads = _two_running_one_queued(s)
     t0 = time.time()
     s.proc.send_signal(signal.SIGTERM)
-    for t in (*threads, queued):
+    for t in threads:
         t.join(30)
     assert s.proc.wait(timeout=20) == 0
     assert time.time() - t0 < 15
@@ -102,26 +108,12 @@ def test_a_second_signal_ends_every_request_at_once_with_the_drain_errors(serve)
     # the drain deadline gives: a running plain request a 503, a running stream an error event and
     # [DONE], a queued stream a 503 (never a 500, a cut stream or a plain-text body).
     s = serve("--drain-timeout", "60", "--max-batch", "2")
-    replies = {}
-
-    def plain():
-        replies["plain"] = s.post("/v1/chat/completions", LONG)
-
-    stream_events, stream_started = [], threading.Event()
-    queued_events, queued_started = [], threading.Event()
-    threads = [threading.Thread(target=plain),
-               threading.Thread(target=_stream_events, args=(s, LONG, stream_events, stream_started))]
-    for t in threads:
-        t.start()
-    assert wait_for(lambda: s.metric("lmm_steer:num_requests_running") == 2)
-    queued = threading.Thread(target=_stream_events, args=(s, LONG, queued_events, queued_started))
-    queued.start()
-    assert wait_for(lambda: s.metric("lmm_steer:num_requests_waiting") == 1)
+    replies, stream_events, queued_events, threads = _two_running_one_queued(s)
     s.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: s.get("/ready").status_code == 503, 5)
     t0 = time.time()
     s.proc.send_signal(signal.SIGTERM)
-    for t in (*threads, queued):
+    for t in threads:
         t.join(30)
     assert s.proc.wait(timeout=20) == 0
     assert time.time() - t0 < 10  # not the 60 s drain
