@@ -114,6 +114,17 @@ def test_the_page_and_its_files_need_no_key_but_the_api_does(ui_server):
     assert "/ui" not in ui_server.get("/openapi.json").json()["paths"]
 
 
+def _new_readme_scene(page) -> None:
+    """Press New scene for the README's scene (seed 11, scene 3): its image is shown and its first
+    question asked, with the true answer beside it."""
+    page.fill("#scene-seed", "11")
+    page.fill("#scene-index", "3")
+    page.click("#scene-new")
+    page.wait_for_function("document.getElementById('scene-image').naturalWidth > 0")
+    assert page.input_value("#play-prompt") == "What colour is the circle? Answer in a word or a short phrase."
+    assert page.text_content("#scene-answer-text") == "yellow"
+
+
 def test_search_open_steer_and_inspect_in_a_real_browser(ui_server, browser, scene):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
@@ -161,12 +172,7 @@ def test_search_open_steer_and_inspect_in_a_real_browser(ui_server, browser, sce
     page.wait_for_selector("#view-playground:not([hidden]) #play-features li")
     assert page.input_value("#play-scope") == "image"  # feature 3's proposal is for the image's tokens
     # a generated scene, no file: its image is shown and attached, its first question asked
-    page.fill("#scene-seed", "11")
-    page.fill("#scene-index", "3")
-    page.click("#scene-new")
-    page.wait_for_function("document.getElementById('scene-image').naturalWidth > 0")
-    assert page.input_value("#play-prompt") == "What colour is the circle? Answer in a word or a short phrase."
-    assert page.text_content("#scene-answer-text") == "yellow"
+    _new_readme_scene(page)
     assert "generated scene is attached" in page.text_content("#play-image-note")
     page.fill("#play-add", "sea")
     page.wait_for_function("document.querySelectorAll('#play-suggestions option').length > 0")
@@ -296,12 +302,7 @@ def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(b
         page.screenshot(path=str(_shots() / "scenes-feature.png"), full_page=True)
         page.click("#feature-to-playground")
         page.wait_for_selector("#view-playground:not([hidden]) #play-features li")
-        page.fill("#scene-seed", "11")
-        page.fill("#scene-index", "3")
-        page.click("#scene-new")
-        page.wait_for_function("document.getElementById('scene-image').naturalWidth > 0")
-        assert page.input_value("#play-prompt") == "What colour is the circle? Answer in a word or a short phrase."
-        assert page.text_content("#scene-answer-text") == "yellow"
+        _new_readme_scene(page)
         edit = page.text_content("#play-features li")
         assert ("calibrated" in edit) if calibrated else ("proposed 154.3 on the image scope, uncalibrated" in edit)
         assert page.input_value("#play-scope") == "image" or calibrated
