@@ -13,18 +13,11 @@ from PIL import Image
 
 from ..engine import GenerationRequest, SamplingParams
 from ..engine.hookpoint import capture_block_output, resolve_layer_index
+from ..engine.inspect import special_ids
 from ..engine.prefill import image_token_id
 from ..scenes.evaluate import batch_inputs
 
 POOLS = ("image", "text")
-
-
-def _special_ids(tokenizer) -> set[int]:
-    out = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(t, "special", False):
-            out.add(int(i))
-    return out
 
 
 def request(root: Path, item: dict, steering=None, max_tokens: int = 10, system: str | None = None) -> GenerationRequest:
@@ -84,7 +77,7 @@ def answers_and_codes(engine, root: Path, items: list[dict], batch: int = 16, ma
     a prefill reader). The answers are the unsteered model's as the engine gives them."""
     sae, model = engine.sae, engine.loaded.model
     image_tok = image_token_id(model)
-    special = torch.tensor(sorted(_special_ids(engine.loaded.tokenizer)))
+    special = torch.tensor(sorted(special_ids(engine.loaded.tokenizer)))
     out = {"image": [], "text": [], "residual": []}
 
     def read(h, inputs):
@@ -115,7 +108,7 @@ def pooled_codes(engine, root: Path, items: list[dict], progress=None) -> dict[s
     model, sae = engine.loaded.model, engine.sae
     index = resolve_layer_index(model, engine.hookpoint)
     image_tok = image_token_id(model)
-    special = torch.tensor(sorted(_special_ids(engine.loaded.tokenizer)))
+    special = torch.tensor(sorted(special_ids(engine.loaded.tokenizer)))
     out = {"image": [], "text": [], "residual": []}
     for n, item in enumerate(items):
         inputs = engine.prepare(request(root, item)).inputs
