@@ -11,7 +11,7 @@ from lmm_steer.engine import SteeringSpec
 from lmm_steer.eval.fitted import random_like, summary
 from lmm_steer.eval.preset import tally
 from lmm_steer.fit.candidates import build, confusions, mean_active, steering
-from lmm_steer.fit.search import choose, estimated, screening_set
+from lmm_steer.fit.search import choose, screening_set
 from lmm_steer.presets import load_presets
 from lmm_steer.scenes.generate import generate
 
@@ -65,6 +65,11 @@ def _planted(items: list[dict], spec: SteeringSpec | None) -> list[str]:
     return out
 
 
+def _answer(items: list[dict], steerings: list) -> list[list[str]]:
+    """The planted model under each steering, as ``fit.answers.SplitAnswers`` answers."""
+    return [_planted(items, s) for s in steerings]
+
+
 def test_a_planted_confusion_is_found_fixed_on_held_out_questions_and_random_features_do_not_fix_it():
     fit, select, test = _items(90, 0), _items(60, 1), _items(60, 2)
     answers = _planted(fit, None)
@@ -73,7 +78,7 @@ def test_a_planted_confusion_is_found_fixed_on_held_out_questions_and_random_fea
     candidates = build(codes, fit, answers, c=1.0, top=4)
     assert [c.family for c in candidates] == ["probe"]  # one truth only: the confusion's probe has one class
     assert candidates[0].down[0] == CONFUSED and candidates[0].up[0] == RIGHT
-    chosen = choose(_planted, select, candidates, mean_active(codes))
+    chosen = choose(_answer, select, candidates, mean_active(codes))
     trial = chosen["chosen"]
     assert trial is not None and any(e.feature == CONFUSED for e in trial.spec.edits)
     base = _planted(test, None)
@@ -91,19 +96,32 @@ def test_a_point_that_breaks_a_type_beyond_the_bound_is_never_chosen():
     codes = _codes(fit, 0)
     harmful = build(codes, fit, answers, c=1.0, top=4)[0]
     harmful.up, harmful.down = [HARMFUL], []
-    assert choose(_planted, _items(60, 1), [harmful], mean_active(codes))["chosen"] is None
+    assert choose(_answer, _items(60, 1), [harmful], mean_active(codes))["chosen"] is None
 
 
-def test_screening_weights_sampled_right_answers_back_to_all_of_them():
-    items = _items(60, 3)
-    base = _planted(items, None)
-    screen, weight = screening_set(items, base, ratio=1.0)
-    wrong = [i for i, q in enumerate(items) if q["confused"]]
-    assert set(wrong) <= set(screen) and len(screen) == 2 * len(wrong) and weight == 40 / 20
-    few = [items[i] for i in screen]
-    broken = ["gray"] * len(few)
-    scaled = estimated(tally(few, [base[i] for i in screen], broken), weight)["all"]
-    assert scaled["broken"] == 40 and scaled["n"] == 60 and scaled["accuracy_after"] == 0
+def test_screening_takes_every_question_about_a_seeded_sample_of_images():
+    items = [{**q, "image": f"{i % 10}.png"} for i, q in enumerate(_items(60, 3))]
+    screen = screening_set(items, images=4)
+    images = {items[i]["image"] for i in screen}
+    assert len(images) == 4 and screen == [i for i, q in enumerate(items) if q["image"] in images]
+    assert screening_set(items, images=4) == screen and screening_set(items, images=4, seed=1) != screen
+    assert screening_set(items, images=50) == list(range(60))
+
+
+def test_screened_points_are_confirmed_on_the_whole_split():
+    fit = [{**q, "image": f"{i % 10}.png"} for i, q in enumerate(_items(90, 0))]
+    select = [{**q, "image": f"{i % 10}.png"} for i, q in enumerate(_items(60, 1))]
+    codes = _codes(fit, 0)
+    asked = []
+
+    def answer(items, steerings):
+        asked.append((len(items), len(steerings)))
+        return _answer(items, steerings)
+
+    chosen = choose(answer, select, build(codes, fit, _planted(fit, None), c=1.0, top=4), mean_active(codes),
+                    screen_images=3)
+    assert asked[0] == (60, 1) and asked[1][0] == 18 and asked[2][0] == 60  # base, screen (3 images), confirm
+    assert chosen["chosen"].result["all"]["n"] == 60 and chosen["chosen"].result["all"]["fixed"] == 20
 
 
 def test_steering_modes_and_scopes():
@@ -131,9 +149,9 @@ def splits(tmp_path_factory):
 def test_the_fit_reads_the_answers_the_engine_gives(splits):
     from lmm_steer.engine import EngineConfig
     from lmm_steer.engine.factory import engine_for
-    from lmm_steer.fit.codes import answers_and_codes, pooled_codes
+    from lmm_steer.fit.answers import SplitAnswers, ask
+    from lmm_steer.fit.codes import answers_and_codes, image_answers_and_codes, pooled_codes
     from lmm_steer.fit.examples import load_examples
-    from lmm_steer.fit.search import ask
     from lmm_steer.models.loader import load_model
 
     engine = engine_for(load_model("builtin:tiny-llava-next"), "builtin:random-topk:latents=64,k=8",
@@ -142,9 +160,39 @@ def test_the_fit_reads_the_answers_the_engine_gives(splits):
     answers, codes = answers_and_codes(engine, root, items, batch=4)
     assert answers == ask(engine, root, items, None)
     one = pooled_codes(engine, root, items)  # one at a time, unpadded: the same pools
-    for pool in ("image", "text"):
-        assert codes[pool].shape == (len(items), 64) and torch.allclose(codes[pool], one[pool], atol=1e-4)
+    split = SplitAnswers(engine, root)
+    assert split.fast is not None  # the per-image path: each image's prefix once
+    fast_answers, fast = image_answers_and_codes(split.fast, root, items)
+    assert fast_answers == answers and not split.fast.images  # each image's work dropped once read
+    for pool in ("image", "text", "residual"):
+        assert torch.allclose(codes[pool], one[pool], atol=1e-4) and torch.allclose(fast[pool], one[pool], atol=1e-4)
+    assert codes["image"].shape == (len(items), 64)
     assert (codes["image"] > 0).any() and (codes["text"] > 0).any()
+
+
+def test_every_steering_the_fit_tries_gets_the_engines_answers_on_the_fast_path(splits):
+    from lmm_steer.engine import EngineConfig, FeatureEdit
+    from lmm_steer.engine.factory import engine_for
+    from lmm_steer.eval.fitted import LOOK_CAREFULLY
+    from lmm_steer.fit.answers import SplitAnswers, ask
+    from lmm_steer.fit.codes import batched_answers
+    from lmm_steer.fit.examples import load_examples
+    from lmm_steer.models.loader import load_model
+
+    engine = engine_for(load_model("builtin:tiny-llava-next"), "builtin:random-topk:latents=64,k=8",
+                        hookpoint="model.layers.1",  # not the last block: an image edit reaches the answer
+                        config=EngineConfig(max_batch=8, max_seq_len=1024))
+    root, items = load_examples(splits / "fit", 2)
+    scale = SteeringSpec([FeatureEdit(3, 8.0, "scale"), FeatureEdit(5, 0.0, "scale")], scope="image")
+    add = SteeringSpec([FeatureEdit(3, 20.0, "add"), FeatureEdit(5, 0.0)], scope="image")
+    vector = torch.randn(engine.model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
+    fast = SplitAnswers(engine, root)(items, [None, scale, add, vector])
+    slow = SplitAnswers(engine, root, fast=False)
+    assert fast[:3] == [ask(engine, root, items, s) for s in (None, scale, add)]
+    assert fast[3] == batched_answers(engine, root, items, add_on_image=vector) == slow(items, [vector])[0]
+    assert fast[1] != fast[0] and fast[2] != fast[0] and fast[3] != fast[0]  # every steering changes some answer
+    prompted = SplitAnswers(engine, root, system=LOOK_CAREFULLY)(items, [None])[0]
+    assert prompted == ask(engine, root, items, None, system=LOOK_CAREFULLY)
 
 
 def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path, capsys):
@@ -198,8 +246,8 @@ def test_a_fitted_preset_serves_and_a_stock_openai_client_gets_the_engines_own_a
 
     from lmm_steer.engine import EngineConfig
     from lmm_steer.engine.factory import engine_for
+    from lmm_steer.fit.answers import ask
     from lmm_steer.fit.examples import load_examples
-    from lmm_steer.fit.search import ask
     from lmm_steer.models.loader import load_model
     from lmm_steer.presets import feature_spec
 

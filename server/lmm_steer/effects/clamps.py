@@ -37,8 +37,9 @@ from ..engine.steering import SteeringRow, SteeringTable, apply_steering, varian
 from ..models.inputs import build_inputs
 
 
-def _messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def _messages(question: str, system: str | None = None) -> list[dict]:
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return [{"role": "system", "content": system}, *user] if system else user
 
 
 class _Past:
@@ -77,8 +78,9 @@ class _Image:
     questions: list[dict]
     embeds: list[torch.Tensor] | None  # per question, its text's input embeddings [1, T_q - T_p, D]
     prefix_kv: dict  # block -> (keys, values) over the prefix, blocks <= hook
+    ids: list[torch.Tensor] | None = None  # per question, its whole prompt's token ids [T_q]
     hook_text: list[torch.Tensor] | None = None  # per question [1, T_q - T_p, D]
-    low_kv: list[dict] | None = None  # per question: block -> (keys, values) over prefix and text, blocks <= hook
+    low_kv: list[dict] | None = None  # per question: block -> (keys, values) over its text only, blocks <= hook
     base_patches: torch.Tensor | None = None  # [rows * cols, latents] SAE activations of the base grid
     grid: tuple[int, int] | None = None
 
@@ -86,8 +88,8 @@ class _Image:
 class ImageAnswers:
     """Answers with edits on scope ``image``, computed per image as the module docstring says."""
 
-    def __init__(self, engine, max_tokens: int = 4, batch: int = 16) -> None:
-        self.engine, self.max_tokens, self.batch = engine, max_tokens, batch
+    def __init__(self, engine, max_tokens: int = 4, batch: int = 16, system: str | None = None) -> None:
+        self.engine, self.max_tokens, self.batch, self.system = engine, max_tokens, batch, system
         self.model, self.sae, self.hook = engine.model, engine.sae, engine.hook_index
         self.decoder = language_model(self.model)
         self.head = self.model.get_output_embeddings()
@@ -162,7 +164,7 @@ class ImageAnswers:
         texts = [q["question"] for q in questions] or ["Describe the image."]
         embeds, ids = [], []
         for text in texts:
-            inputs = build_inputs(self.engine.loaded, _messages(text), [picture])
+            inputs = build_inputs(self.engine.loaded, _messages(text, self.system), [picture])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             h, pos = self._embeddings(inputs)
             t = h.shape[1]
@@ -179,7 +181,8 @@ class ImageAnswers:
         prefix_past = _Past()
         hook_prefix = self._run(embeds[0][:, :prefix_len], range(0, self.hook + 1), prefix_past, 0)
         entry = _Image(prefix_len, is_image[:prefix_len].nonzero().flatten().to(self.device), hook_prefix,
-                       list(questions), [e[:, prefix_len:] for e in embeds[:len(questions)]], prefix_past.kv)
+                       list(questions), [e[:, prefix_len:] for e in embeds[:len(questions)]], prefix_past.kv,
+                       ids[:len(questions)])
         from ..engine.inspect import image_grids
 
         grids = image_grids(self.engine.loaded, {"input_ids": ids[0][None]})
@@ -200,16 +203,26 @@ class ImageAnswers:
             for e in entry.embeds:
                 past = _Past(entry.prefix_kv)
                 texts.append(self._run(e, range(0, self.hook + 1), past, entry.prefix_len))
-                low_kv.append(past.kv)
+                # the text's part only: the prefix's is shared (a copy per question costs ~60 MB an image)
+                low_kv.append({i: (k[:, :, entry.prefix_len:].clone(), v[:, :, entry.prefix_len:].clone())
+                               for i, (k, v) in past.kv.items()})
             entry.hook_text, entry.low_kv, entry.embeds = texts, low_kv, None
         return entry
 
-    def _edited_prefix(self, entry: _Image, specs: list[SteeringSpec | None]) -> torch.Tensor:
-        """``[B, T_p, D]``: the prefix's hook-block output with each spec's edits at the image positions."""
+    def forget(self, image: str) -> None:
+        """Drop an image's shared work (a pass that will not ask about it again)."""
+        self.images.pop(image, None)
+
+    def _edited_prefix(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> torch.Tensor:
+        """``[B, T_p, D]``: the prefix's hook-block output with each spec's edits at the image
+        positions (a tensor ``[D]`` instead of a spec: added there, a direction no SAE edit expresses)."""
         out = entry.hook_prefix.expand(len(specs), -1, -1).clone()
         x = entry.hook_prefix[0, entry.image_positions]
         n = x.shape[0]
         for b, spec in enumerate(specs):
+            if isinstance(spec, torch.Tensor):
+                out[b, entry.image_positions] += spec.to(out.device, out.dtype)
+                continue
             row = SteeringRow.from_spec(spec)
             if not (row.ids or row.paper):
                 continue
@@ -225,7 +238,7 @@ class ImageAnswers:
         return out
 
     @torch.inference_mode()
-    def answer_image(self, entry: _Image, specs: list[SteeringSpec | None]) -> list[list[str]]:
+    def answer_image(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> list[list[str]]:
         """``[spec][question]``: the greedy answer to each of the image's questions under each spec."""
         out: list[list[str]] = []
         high = range(self.hook + 1, len(self.decoder.layers))
@@ -236,8 +249,10 @@ class ImageAnswers:
             self._run(self._edited_prefix(entry, chunk), high, prefix_past, 0)
             answers = [[""] * len(entry.questions) for _ in chunk]
             for q in range(len(entry.questions)):
-                past = _Past({i: (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                              for i, (k, v) in entry.low_kv[q].items()} | prefix_past.kv)
+                low = {i: (torch.cat([entry.prefix_kv[i][0], k], 2).expand(b, -1, -1, -1),
+                           torch.cat([entry.prefix_kv[i][1], v], 2).expand(b, -1, -1, -1))
+                       for i, (k, v) in entry.low_kv[q].items()}
+                past = _Past(low | prefix_past.kv)
                 text = entry.hook_text[q]
                 h = self._run(text.expand(b, -1, -1), high, past, entry.prefix_len)
                 position = entry.prefix_len + text.shape[1]
@@ -262,7 +277,7 @@ class ImageAnswers:
             out += answers
         return out
 
-    def answers(self, data: Path, items: list[dict], specs: list[SteeringSpec | None]) -> list[list[str]]:
+    def answers(self, data: Path, items: list[dict], specs: list[SteeringSpec | torch.Tensor | None]) -> list[list[str]]:
         """``[spec][item]`` for questions about any images (each image prepared once)."""
         by_image = group_by_image(items)
         result = [[""] * len(items) for _ in specs]

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from ..engine import FeatureEdit, SteeringSpec
-from ..fit.codes import batched_answers
-from ..fit.search import ask
+from ..fit.answers import SplitAnswers
 from .preset import tally
 
 LOOK_CAREFULLY = ("Look carefully at the colour and the shape of every object in the image, and at which objects "
@@ -45,17 +44,15 @@ def summary(result: dict) -> dict:
 
 def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list[int], diffmean: dict | None,
         seed: int = 0, rows=ROWS, progress=None) -> dict:
-    base = ask(engine, root, items, None)
-    answers = {}
-    if "preset" in rows:
-        answers["preset"] = ask(engine, root, items, spec)
-    if "random" in rows:
-        answers["random"] = ask(engine, root, items, random_like(spec, pool, random.Random(seed)))
+    steerings = {"base": None, "preset": spec, "random": random_like(spec, pool, random.Random(seed))}
+    if diffmean:
+        steerings["diffmean"] = torch.tensor(diffmean["vector"]) * diffmean["strength"]
+    names = [n for n in steerings if n == "base" or n in rows]
+    said = SplitAnswers(engine, root)(items, [steerings[n] for n in names])
+    answers = dict(zip(names, said, strict=True))
+    base = answers.pop("base")
     if "prompting" in rows:
-        answers["prompting"] = ask(engine, root, items, None, system=LOOK_CAREFULLY)
-    if "diffmean" in rows and diffmean:
-        vector = torch.tensor(diffmean["vector"]) * diffmean["strength"]
-        answers["diffmean"] = batched_answers(engine, root, items, add_on_image=vector)
+        answers["prompting"] = SplitAnswers(engine, root, system=LOOK_CAREFULLY)(items, [None])[0]
     out = {"questions": len(items), "base_right": tally(items, base, base)["all"]["kept right"], "rows": {}}
     for name, got in answers.items():
         out["rows"][name] = summary(tally(items, base, got, by_type_and_difficulty))

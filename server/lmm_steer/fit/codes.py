@@ -90,14 +90,49 @@ def answers_and_codes(engine, root: Path, items: list[dict], batch: int = 16, ma
     return answers, {k: torch.stack(v) for k, v in out.items()}
 
 
-def _pool(out: dict, sae, h: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, image_tok, special) -> None:
-    """Append one sequence's pools to ``out``: positions in ``keep``, image ones and text ones."""
+def _pool(out: dict, sae, h: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, image_tok, special,
+          codes: torch.Tensor | None = None) -> None:
+    """Append one sequence's pools to ``out``: positions in ``keep``, image ones and text ones
+    (``codes``: the SAE's codes of ``h`` where already computed)."""
     is_image = (ids == image_tok) & keep if image_tok is not None else torch.zeros_like(keep)
     is_text = keep & ~is_image & ~torch.isin(ids, special)
-    codes = sae.encode(h.to(sae.W_dec.dtype)).float().cpu()
+    if codes is None:
+        codes = sae.encode(h.to(sae.W_dec.dtype)).float().cpu()
     for pool, mask in (("image", is_image), ("text", is_text)):
         out[pool].append(codes[mask].mean(0) if mask.any() else torch.zeros(codes.shape[1]))
     out["residual"].append(h.cpu()[is_image].mean(0) if is_image.any() else torch.zeros(h.shape[1]))
+
+
+@torch.inference_mode()
+def image_answers_and_codes(fast, root: Path, items: list[dict], progress=None) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``answers_and_codes`` from an ``effects.clamps.ImageAnswers`` pass over each image: its
+    prefix and the prefix's SAE codes once, each question's text after it (unpadded, as
+    ``pooled_codes``), each image's shared work dropped once read."""
+    from ..effects.clamps import group_by_image
+
+    sae = fast.sae
+    image_tok = image_token_id(fast.model)
+    special = torch.tensor(sorted(special_ids(fast.engine.loaded.tokenizer)))
+    answers, pools = [""] * len(items), [None] * len(items)
+    by_image = group_by_image(items)
+    for n, (image, members) in enumerate(by_image.items()):
+        fast.forget(image)
+        entry = fast.prepare(root, image, [items[i] for i in members])
+        prefix_codes = sae.encode(entry.hook_prefix[0].to(sae.W_dec.dtype)).float().cpu()
+        said = fast.answer_image(entry, [None])[0]
+        for k, i in enumerate(members):
+            text = entry.hook_text[k][0]
+            codes = torch.cat([prefix_codes, sae.encode(text.to(sae.W_dec.dtype)).float().cpu()])
+            keep = torch.ones(len(entry.ids[k]), dtype=torch.bool)
+            keep[0] = False  # the attention sink
+            one = {"image": [], "text": [], "residual": []}
+            _pool(one, sae, torch.cat([entry.hook_prefix[0], text]).float(), entry.ids[k], keep, image_tok, special,
+                  codes)
+            answers[i], pools[i] = said[k], {key: v[0] for key, v in one.items()}
+        fast.forget(image)
+        if progress:
+            progress(n + 1, len(by_image))
+    return answers, {key: torch.stack([p[key] for p in pools]) for key in ("image", "text", "residual")}
 
 
 @torch.inference_mode()

@@ -34,6 +34,8 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scopes", default="image", help="scopes tried (comma-separated: image, all, prompt, generated)")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
                    help="multiples of the difference-of-means direction tried for that control (comma-separated)")
+    p.add_argument("--screen-images", type=int, default=40,
+                   help="images of --select every point is screened on before the best are asked on all of it")
     p.add_argument("--json", metavar="PATH", help="every trial on the selection split, the probes, the timings")
     add_scene_engine_arguments(p)
 
@@ -52,11 +54,12 @@ def fit_command(args) -> int:
     from ..scenes.commands import scene_engine
     from ..scenes.evaluate import normalise
     from .candidates import build, mean_active
-    from .codes import answers_and_codes, batched_answers
+    from .answers import SplitAnswers
+    from .codes import answers_and_codes, image_answers_and_codes
     from .diffmean import choose_strength, direction
     from .examples import load_examples
     from .probe import ProbeUnavailable
-    from .search import ask, choose
+    from .search import choose
 
     def fail(message: str) -> int:
         print(f"lmm-steer: error: {message}", file=sys.stderr)
@@ -73,6 +76,8 @@ def fit_command(args) -> int:
         return fail("--k, --strengths and --diffmean-strengths take comma-separated numbers")
     if not diffmean_strengths:
         return fail("--diffmean-strengths: give at least one")
+    if args.screen_images < 1:
+        return fail("--screen-images: at least 1")
     if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
             or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
         return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
@@ -93,7 +98,11 @@ def fit_command(args) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
 
-    answers, codes = answers_and_codes(engine, root, items)
+    fit_answers = SplitAnswers(engine, root)
+    if fit_answers.fast is not None:
+        answers, codes = image_answers_and_codes(fit_answers.fast, root, items)
+    else:
+        answers, codes = answers_and_codes(engine, root, items)
     right = sum(normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True))
     say(f"fit split: {len(items)} questions, {right} answered right; SAE codes pooled over image and question")
     try:
@@ -103,15 +112,16 @@ def fit_command(args) -> int:
     say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
 
     def progress(t) -> None:
-        say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope}: fixed {t.result['all']['fixed']:g}, "
-            f"broken {t.result['all']['broken']:.1f} (estimated)")
+        say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope}: fixed {t.result['all']['fixed']}, "
+            f"broken {t.result['all']['broken']} (screened)")
 
-    chosen = choose(lambda its, spec: ask(engine, select_root, its, spec), select_items, candidates,
-                    mean_active(codes), grid=grid, progress=progress)
+    select_answers = SplitAnswers(engine, select_root)
+    chosen = choose(select_answers, select_items, candidates, mean_active(codes), grid=grid,
+                    screen_images=args.screen_images, progress=progress)
     say(f"chosen: {chosen['chosen'].row() if chosen['chosen'] else None}")
     vector = direction(codes["residual"], [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)])
-    control = choose_strength(lambda its, v: batched_answers(engine, select_root, its, add_on_image=v), select_items,
-                              chosen["base"], vector, strengths=diffmean_strengths, progress=progress)
+    control = choose_strength(select_answers, select_items, chosen["base"], vector, strengths=diffmean_strengths,
+                              screen_images=args.screen_images, progress=progress)
     say(f"difference of means: x{control['strength']:g}, {control['selection']}")
     trial = chosen["chosen"]
     record = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..eval.preset import tally
-from .search import MAX_LOSS, Trial, estimated, screening_set
+from .search import MAX_LOSS, SCREEN_IMAGES, Trial, screening_set
 
 STRENGTHS = (1.0, 2.0, 4.0, 8.0)
 
@@ -24,20 +24,24 @@ def direction(residual: torch.Tensor, right: list[bool]) -> torch.Tensor:
 
 
 def choose_strength(answer, items: list[dict], base: list[str], vector: torch.Tensor, *,
-                    strengths=STRENGTHS, max_loss: float = MAX_LOSS, progress=None) -> dict:
+                    strengths=STRENGTHS, max_loss: float = MAX_LOSS, screen_images: int = SCREEN_IMAGES,
+                    progress=None) -> dict:
     """``{"strength": s, "helped": bool, "screened": [...], "selection": row}``: each strength
     screened as the preset's points are, the best (by the same rule; the least harmful when none
     helps: a control is measured either way) asked on every selection question.
-    ``answer(items, vector)``: the answers with ``vector`` added on the image."""
-    screen, weight = screening_set(items, base)
+    ``answer(items, steerings)``: as ``search.choose``'s, steerings here being vectors added on the image."""
+    screen = screening_set(items, screen_images)
     few, few_base = [items[i] for i in screen], [base[i] for i in screen]
     screened = []
-    for s in strengths:
-        result = estimated(tally(few, few_base, answer(few, s * vector)), weight)
-        screened.append(Trial("diffmean", 0, "add", s, "image", None, result))
+    for s, said in zip(strengths, answer(few, [s * vector for s in strengths]), strict=True):
+        screened.append(Trial("diffmean", 0, "add", s, "image", None, tally(few, few_base, said)))
         if progress:
             progress(screened[-1])
     best = min(screened, key=lambda t: (not t.feasible(max_loss), -t.net, t.strength))
-    full = Trial("diffmean", 0, "add", best.strength, "image", None, tally(items, base, answer(items, best.strength * vector)))
+    if len(screen) == len(items):  # the screen was the whole split
+        full = best
+    else:
+        said = answer(items, [best.strength * vector])[0]
+        full = Trial("diffmean", 0, "add", best.strength, "image", None, tally(items, base, said))
     return {"strength": best.strength, "helped": full.feasible(max_loss) and full.net > 0,
             "screened": [t.row() for t in screened], "selection": full.row()}
