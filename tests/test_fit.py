@@ -222,7 +222,9 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     assert main(["eval", "fitted", "--presets", str(out), "--preset", "fitted", "--data", str(splits / "test"),
                  "--json", str(report), *model]) == 0
     rows = json.loads(report.read_text())["rows"]
-    assert set(rows) == {"preset", "random", "prompting", "diffmean"}
+    assert set(rows) == {"preset", "random", "random-2", "random-3", "prompting", "diffmean"}
+    drawn = json.loads(report.read_text())["random_features"]
+    assert len({tuple(v) for v in drawn.values()}) == 3  # three draws of other features, same edits
     assert all(r["all"]["n"] == rows["preset"]["all"]["n"] for r in rows.values())
 
 

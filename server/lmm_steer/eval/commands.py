@@ -298,7 +298,9 @@ def add_fitted_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="scenes (images) at most")
     p.add_argument("--types", default=None, help="question types (default: the ones the preset was fitted on)")
     p.add_argument("--rows", default=",".join(FITTED_ROWS), help=f"comma-separated, of {', '.join(FITTED_ROWS)}")
-    p.add_argument("--seed", type=int, default=0, help="the random control's draw")
+    p.add_argument("--seed", type=int, default=0, help="the random control's first draw")
+    p.add_argument("--random-draws", type=int, default=3,
+                   help="random controls, each its own draw of features (rows random, random-2, ...)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     add_scene_engine_arguments(p)
@@ -327,6 +329,8 @@ def fitted_command(args) -> int:
     types = tuple(t for t in args.types.split(",") if t) if args.types else tuple(fit.get("types") or ("colour", "shape", "exist"))
     if not Path(args.data).exists():
         return fail(f"--data: {args.data} does not exist")
+    if args.random_draws < 1:
+        return fail("--random-draws: at least 1")
     root, items = load_examples(args.data, args.limit, types)
     engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512))
     catalog = FeatureCatalog()
@@ -335,7 +339,7 @@ def fitted_command(args) -> int:
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0] or list(
         range(engine.sae.num_latents))
     result = run(engine, root, items, feature_spec(preset.steering), pool=pool, diffmean=fit.get("diffmean"),
-                 seed=args.seed, rows=rows,
+                 seed=args.seed, rows=rows, random_draws=args.random_draws,
                  progress=lambda name, cell: print(f"{name}: fixed {cell['fixed']}, broken {cell['broken']}",
                                                    file=sys.stderr, flush=True))
     result.update({"preset": preset.name, "data": str(args.data), "types": list(types)})

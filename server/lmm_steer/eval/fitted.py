@@ -43,17 +43,21 @@ def summary(result: dict) -> dict:
 
 
 def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list[int], diffmean: dict | None,
-        seed: int = 0, rows=ROWS, progress=None) -> dict:
-    steerings = {"base": None, "preset": spec, "random": random_like(spec, pool, random.Random(seed))}
+        seed: int = 0, rows=ROWS, random_draws: int = 1, progress=None) -> dict:
+    steerings = {"base": None, "preset": spec}
+    for draw in range(random_draws):  # the same edits on other features: random, random-2, ...
+        steerings["random" + (f"-{draw + 1}" if draw else "")] = random_like(spec, pool, random.Random(seed + draw))
     if diffmean:
         steerings["diffmean"] = torch.tensor(diffmean["vector"]) * diffmean["strength"]
-    names = [n for n in steerings if n == "base" or n in rows]
+    names = [n for n in steerings if n == "base" or n.split("-")[0] in rows]
     said = SplitAnswers(engine, root)(items, [steerings[n] for n in names])
     answers = dict(zip(names, said, strict=True))
     base = answers.pop("base")
     if "prompting" in rows:
         answers["prompting"] = SplitAnswers(engine, root, system=LOOK_CAREFULLY)(items, [None])[0]
-    out = {"questions": len(items), "base_right": tally(items, base, base)["all"]["kept right"], "rows": {}}
+    out = {"questions": len(items), "base_right": tally(items, base, base)["all"]["kept right"], "rows": {},
+           "random_features": {n: [e.feature for e in s.edits] for n, s in steerings.items() if n.startswith("random")
+                               and n in answers}}
     for name, got in answers.items():
         out["rows"][name] = summary(tally(items, base, got, by_type_and_difficulty))
         if progress:
