@@ -193,6 +193,12 @@ def test_every_steering_the_fit_tries_gets_the_engines_answers_on_the_fast_path(
     assert fast[1] != fast[0] and fast[2] != fast[0] and fast[3] != fast[0]  # every steering changes some answer
     prompted = SplitAnswers(engine, root, system=LOOK_CAREFULLY)(items, [None])[0]
     assert prompted == ask(engine, root, items, None, system=LOOK_CAREFULLY)
+    # edits whose scope reaches the question's text and the decoded tokens, a gated one among them
+    edits = [FeatureEdit(3, 8.0, "scale"), FeatureEdit(5, 20.0, "add", where=3)]
+    scoped = [SteeringSpec(edits, scope=scope) for scope in ("prompt", "generated", "all")]
+    fast = SplitAnswers(engine, root)(items, scoped)
+    assert fast == [ask(engine, root, items, s) for s in scoped]
+    assert len({tuple(f) for f in fast}) > 1  # the scopes differ in what they change
 
 
 def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path, capsys):

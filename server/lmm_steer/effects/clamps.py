@@ -13,6 +13,10 @@ decoder is causal, so for one image:
   the edited prefix, and the answer is decoded greedily, unedited, as scope ``image`` leaves
   generated tokens.
 
+An edit whose scope also covers the question (``prompt``, ``all``) or the decoded tokens
+(``generated``, ``all``) is applied there as well, between the hook block and the next, as the
+engine does; the blocks up to the hook still never see an edit, so the shared work stays shared.
+
 On the scenes model (block 15 of 30, 339 prefix tokens, questions of about 22) an edit costs
 about a seventh of the engine's per-question prefills for an image's four colour and shape
 questions. It needs a decoder of Llama-shaped blocks with plain positions (0, 1, 2, ...:
@@ -86,7 +90,8 @@ class _Image:
 
 
 class ImageAnswers:
-    """Answers with edits on scope ``image``, computed per image as the module docstring says."""
+    """Answers under delta edits, computed per image as the module docstring says (an edit whose
+    scope reaches the questions' text or the decoded tokens is applied there too, at the hook)."""
 
     def __init__(self, engine, max_tokens: int = 4, batch: int = 16, system: str | None = None) -> None:
         self.engine, self.max_tokens, self.batch, self.system = engine, max_tokens, batch, system
@@ -213,28 +218,62 @@ class ImageAnswers:
         """Drop an image's shared work (a pass that will not ask about it again)."""
         self.images.pop(image, None)
 
+    @staticmethod
+    def takes(spec: SteeringSpec | torch.Tensor | None) -> bool:
+        """Whether ``answer_image`` applies this steering: none, a vector on the image, or delta
+        edits in any scope (paper semantics rewrites the whole block output: the engine's)."""
+        return spec is None or isinstance(spec, torch.Tensor) or spec.semantics == "delta"
+
+    @staticmethod
+    def _acts_on(spec: SteeringSpec | torch.Tensor | None, part: str) -> bool:
+        """Whether a steering edits the hook block's output on ``part``: the image's ``prefix``, a
+        question's ``text``, or each ``decode`` step (the engine's scopes: ``image`` the image's
+        positions, ``prompt`` every prompt position, ``generated`` every decoded one, ``all`` both)."""
+        if spec is None or isinstance(spec, torch.Tensor):
+            return spec is not None and part == "prefix"
+        if not spec.edits:
+            return False
+        scope = spec.effective_scope
+        return {"prefix": scope in ("image", "prompt", "all"), "text": scope in ("prompt", "all"),
+                "decode": scope in ("generated", "all")}[part]
+
+    def _steer(self, h: torch.Tensor, spec: SteeringSpec, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``h [T, D]`` with ``spec``'s edits applied at ``positions`` (every position when None),
+        by the engine's own function."""
+        if spec.semantics != "delta":
+            raise ValueError("ImageAnswers applies delta edits only")
+        row = SteeringRow.from_spec(spec)
+        x = h if positions is None else h[positions]
+        table = SteeringTable(1, max(1, len(row.ids)), self.sae.W_dec.device, self.sae.W_dec.dtype)
+        table.write(0, row, True)
+        rows = torch.zeros(x.shape[0], dtype=torch.long, device=self.sae.W_dec.device)
+        y = apply_steering(x, self.sae, table.ids[rows], table.delta_a[rows], table.delta_b[rows], table.paper_c[rows],
+                           table.paper_d[rows], table.paper[rows], variant_for([(row, True)]), dirs=table.dirs[rows],
+                           gates=table.gates[rows]).to(h.dtype)
+        if positions is None:
+            return y
+        out = h.clone()
+        out[positions] = y
+        return out
+
+    def _steered(self, h: torch.Tensor, specs: list, part: str) -> torch.Tensor:
+        """``h [1 or B, T, D]`` as ``[B, T, D]``, each row with its spec's edits where they act on ``part``."""
+        if not any(self._acts_on(s, part) for s in specs):
+            return h.expand(len(specs), -1, -1)
+        return torch.stack([self._steer(h[min(b, h.shape[0] - 1)], s) if self._acts_on(s, part)
+                            else h[min(b, h.shape[0] - 1)] for b, s in enumerate(specs)])
+
     def _edited_prefix(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> torch.Tensor:
-        """``[B, T_p, D]``: the prefix's hook-block output with each spec's edits at the image
-        positions (a tensor ``[D]`` instead of a spec: added there, a direction no SAE edit expresses)."""
+        """``[B, T_p, D]``: the prefix's hook-block output with each spec's edits where its scope
+        reaches (a tensor ``[D]`` instead of a spec: added at the image positions, a direction no
+        SAE edit expresses)."""
         out = entry.hook_prefix.expand(len(specs), -1, -1).clone()
-        x = entry.hook_prefix[0, entry.image_positions]
-        n = x.shape[0]
         for b, spec in enumerate(specs):
             if isinstance(spec, torch.Tensor):
                 out[b, entry.image_positions] += spec.to(out.device, out.dtype)
-                continue
-            row = SteeringRow.from_spec(spec)
-            if not (row.ids or row.paper):
-                continue
-            if (spec.scope or "all") != "image" or spec.semantics != "delta":
-                raise ValueError("ImageAnswers applies delta edits on scope 'image' only")
-            table = SteeringTable(1, max(1, len(row.ids)), self.sae.W_dec.device, self.sae.W_dec.dtype)
-            table.write(0, row, True)
-            rows = torch.zeros(n, dtype=torch.long, device=self.sae.W_dec.device)
-            out[b, entry.image_positions] = apply_steering(
-                x, self.sae, table.ids[rows], table.delta_a[rows], table.delta_b[rows], table.paper_c[rows],
-                table.paper_d[rows], table.paper[rows], variant_for([(row, True)]), dirs=table.dirs[rows],
-                gates=table.gates[rows]).to(out.dtype)
+            elif self._acts_on(spec, "prefix"):
+                on_image = entry.image_positions if spec.effective_scope == "image" else None
+                out[b] = self._steer(out[b], spec, on_image)
         return out
 
     @torch.inference_mode()
@@ -254,7 +293,7 @@ class ImageAnswers:
                        for i, (k, v) in entry.low_kv[q].items()}
                 past = _Past(low | prefix_past.kv)
                 text = entry.hook_text[q]
-                h = self._run(text.expand(b, -1, -1), high, past, entry.prefix_len)
+                h = self._run(self._steered(text, chunk, "text"), high, past, entry.prefix_len)
                 position = entry.prefix_len + text.shape[1]
                 generated = [[] for _ in range(b)]
                 live = torch.ones(b, dtype=torch.bool)
@@ -269,7 +308,11 @@ class ImageAnswers:
                     if step + 1 == self.max_tokens or not live.any():
                         break
                     x = self.decoder.embed_tokens(token[:, None])
-                    h = self._run(x, range(0, len(self.decoder.layers)), past, position)
+                    if any(self._acts_on(spec, "decode") for spec in chunk):
+                        h = self._run(x, range(0, self.hook + 1), past, position)
+                        h = self._run(self._steered(h, chunk, "decode"), high, past, position)
+                    else:
+                        h = self._run(x, range(0, len(self.decoder.layers)), past, position)
                     position += 1
                 tok = self.engine.loaded.tokenizer
                 for r in range(b):

@@ -3,9 +3,10 @@ fastest path that gives the engine's answers.
 
 A steering is ``None`` (unsteered), a ``SteeringSpec``, or a tensor ``[D]`` added to the hook
 block's output at every image position (the difference-of-means control). Where the model allows
-it and every steering acts on the image only, ``effects.clamps.ImageAnswers`` computes each image's
-prefix once and answers every question about it under a batch of steerings (about a tenth of the
-engine's cost on the scenes model); anything else goes through the engine, one steering at a time."""
+it and every steering is a delta edit (any scope) or a vector, ``effects.clamps.ImageAnswers``
+computes each image's prefix once and answers every question about it under a batch of steerings
+(about a tenth of the engine's cost on the scenes model); anything else goes through the engine,
+one steering at a time."""
 
 from __future__ import annotations
 
@@ -20,11 +21,6 @@ from .codes import batched_answers, request
 MAX_TOKENS = 6
 
 Steering = SteeringSpec | torch.Tensor | None
-
-
-def on_image_only(steering: Steering) -> bool:
-    return (steering is None or isinstance(steering, torch.Tensor)
-            or (steering.scope == "image" and steering.semantics == "delta"))
 
 
 def ask(engine, root: Path, items: list[dict], spec: SteeringSpec | None, max_tokens: int = MAX_TOKENS,
@@ -46,7 +42,7 @@ class SplitAnswers:
     def __call__(self, items: list[dict], steerings: list[Steering]) -> list[list[str]]:
         if not items or not steerings:
             return [[] for _ in steerings]
-        if self.fast is not None and all(on_image_only(s) for s in steerings):
+        if self.fast is not None and all(ImageAnswers.takes(s) for s in steerings):
             return self.fast.answers(self.root, items, steerings)
         out = []
         for steering in steerings:
