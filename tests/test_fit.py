@@ -207,7 +207,10 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     model = ["--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8"]
     out, trials = tmp_path / "p.json", tmp_path / "trials.json"
     code = main(["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "select"), "--out", str(out),
-                 "--json", str(trials), "--k", "2", "--modes", "scale", "--diffmean-strengths", "2", *model])
+                 "--json", str(trials), "--k", "2", "--modes", "scale", "--diffmean-strengths", "2",
+                 "--fit-cache", str(tmp_path / "fit-pass.safetensors"), *model])
+    said = capsys.readouterr()
+    assert "read from" not in said.err and (tmp_path / "fit-pass.safetensors").exists()
     record = json.loads(trials.read_text())
     assert record["fit_questions"] > 0 and record["select_questions"] > 0
     assert record["diffmean"]["vector"] and record["diffmean"]["block"].startswith("model.layers.")
@@ -215,7 +218,7 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     if code == 1:
         # a random tiny model may answer nothing right, or its SAE offer nothing that helps: no
         # preset, and the run says why; the controls are still measured, on a preset written here
-        assert not out.exists() and json.loads(capsys.readouterr().out.splitlines()[-1])["chosen"] is None
+        assert not out.exists() and json.loads(said.out.splitlines()[-1])["chosen"] is None
         out.write_text(json.dumps({"name": "fitted", "description": "two scaled features", "fit": record,
                                    "steering": {"features": [{"id": 1, "value": 2.0, "mode": "scale"},
                                                              {"id": 2, "value": 0.5, "mode": "scale"}],
@@ -232,6 +235,22 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     drawn = json.loads(report.read_text())["random_features"]
     assert len({tuple(v) for v in drawn.values()}) == 3  # three draws of other features, same edits
     assert all(r["all"]["n"] == rows["preset"]["all"]["n"] for r in rows.values())
+
+
+def test_the_fit_pass_is_read_back_only_for_the_same_model_and_questions(tmp_path):
+    from lmm_steer.fit.cache import cache_key, load_pass, save_pass
+
+    items = _items(6, 0)
+    codes = _codes(items, 0)
+    key = cache_key("builtin:scenes-llava-next", None, None, None, items)
+    save_pass(tmp_path / "pass.safetensors", key, ["a"] * 6, codes)
+    answers, got = load_pass(tmp_path / "pass.safetensors", key)
+    assert answers == ["a"] * 6 and all(torch.equal(got[k], codes[k]) for k in codes)
+    other_questions = cache_key("builtin:scenes-llava-next", None, None, None, items[:5])
+    other_sae = cache_key("builtin:scenes-llava-next", None, "builtin:random-topk", None, items)
+    assert load_pass(tmp_path / "pass.safetensors", other_questions) is None
+    assert load_pass(tmp_path / "pass.safetensors", other_sae) is None
+    assert load_pass(tmp_path / "absent.safetensors", key) is None
 
 
 def test_bad_splits_are_refused_by_name(splits, tmp_path, capsys):

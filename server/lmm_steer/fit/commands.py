@@ -36,6 +36,10 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
                    help="multiples of the difference-of-means direction tried for that control (comma-separated)")
     p.add_argument("--screen-images", type=int, default=40,
                    help="images of --select every point is screened on before the best are asked on all of it")
+    p.add_argument("--fit-cache", metavar="PATH", help="keep the model's answers and SAE codes on --data in this "
+                                                      "safetensors file and read them from it when they were computed "
+                                                      "from the same model, SAE and questions (another grid then "
+                                                      "skips that pass)")
     p.add_argument("--json", metavar="PATH", help="every trial on the selection split, the probes, the timings")
     add_scene_engine_arguments(p)
 
@@ -55,6 +59,7 @@ def fit_command(args) -> int:
     from ..scenes.evaluate import normalise
     from .candidates import build, mean_active
     from .answers import SplitAnswers
+    from .cache import cache_key, load_pass, save_pass
     from .codes import answers_and_codes, image_answers_and_codes
     from .diffmean import choose_strength, direction
     from .examples import load_examples
@@ -98,11 +103,19 @@ def fit_command(args) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
 
-    fit_answers = SplitAnswers(engine, root)
-    if fit_answers.fast is not None:
-        answers, codes = image_answers_and_codes(fit_answers.fast, root, items)
+    key = cache_key(args.model, args.weights, args.sae, args.hookpoint, items)
+    cached = load_pass(Path(args.fit_cache), key) if args.fit_cache else None
+    if cached is not None:
+        answers, codes = cached
+        say(f"fit split: answers and codes read from {args.fit_cache}")
     else:
-        answers, codes = answers_and_codes(engine, root, items)
+        fit_answers = SplitAnswers(engine, root)
+        if fit_answers.fast is not None:
+            answers, codes = image_answers_and_codes(fit_answers.fast, root, items)
+        else:
+            answers, codes = answers_and_codes(engine, root, items)
+        if args.fit_cache:
+            save_pass(Path(args.fit_cache), key, answers, codes)
     right = sum(normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True))
     say(f"fit split: {len(items)} questions, {right} answered right; SAE codes pooled over image and question")
     try:
