@@ -213,6 +213,8 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     assert "read from" not in said.err and (tmp_path / "fit-pass.safetensors").exists()
     record = json.loads(trials.read_text())
     assert record["fit_questions"] > 0 and record["select_questions"] > 0
+    assert 0 <= record["select_base"]["all"] <= 1
+    assert sum(e["n"] for e in record["fit_errors"]) <= record["fit_questions"] - record["fit_right"]
     assert record["diffmean"]["vector"] and record["diffmean"]["block"].startswith("model.layers.")
     assert record["command"].startswith("lmm-steer preset fit --data")
     if code == 1:

@@ -57,7 +57,8 @@ def fit_command(args) -> int:
     from ..engine import EngineConfig
     from ..scenes.commands import scene_engine
     from ..scenes.evaluate import normalise
-    from .candidates import build, mean_active
+    from ..eval.preset import tally
+    from .candidates import build, confusions, mean_active
     from .answers import SplitAnswers
     from .cache import cache_key, load_pass, save_pass
     from .codes import answers_and_codes, image_answers_and_codes
@@ -142,6 +143,10 @@ def fit_command(args) -> int:
         "date": datetime.date.today().isoformat(), "model": args.model, "data": str(args.data),
         "select": str(args.select), "types": list(types), "fit_questions": len(items), "fit_right": right,
         "select_questions": len(select_items), "minutes": round((time.monotonic() - started) / 60, 1),
+        "fit_errors": [{"type": t, "truth": truth, "said": said, "n": n}
+                       for t, truth, said, n in confusions(items, answers, minimum=1)[:12]],
+        "select_base": {g: round(r["accuracy_before"], 4)
+                        for g, r in tally(select_items, chosen["base"], chosen["base"]).items()},
         "candidates": [{"family": c.family, **c.why} for c in candidates],
         "steps": chosen["steps"],
         "diffmean": {**control, "block": engine.hookpoint, "norm": round(float(vector.norm()), 4),
