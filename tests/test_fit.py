@@ -164,7 +164,7 @@ def test_the_fit_reads_the_answers_the_engine_gives(splits):
     assert split.fast is not None  # the per-image path: each image's prefix once
     fast_answers, fast = image_answers_and_codes(split.fast, root, items)
     assert fast_answers == answers and not split.fast.images  # each image's work dropped once read
-    for pool in ("image", "text", "residual"):
+    for pool in ("image", "text", "last", "residual"):
         assert torch.allclose(codes[pool], one[pool], atol=1e-4) and torch.allclose(fast[pool], one[pool], atol=1e-4)
     assert codes["image"].shape == (len(items), 64)
     assert (codes["image"] > 0).any() and (codes["text"] > 0).any()

@@ -13,10 +13,13 @@ from safetensors.torch import load_file, save_file
 
 
 def cache_key(model: str, weights: str | None, sae: str | None, hookpoint: str | None, items: list[dict]) -> str:
-    """What the pass depends on: the model, its SAE and hook, and every question asked."""
+    """What the pass depends on: the model, its SAE and hook, every question asked, and the pools."""
+    from .codes import POOLS
+
     asked = [[q["image"], q["question"]] for q in items]
     digest = hashlib.sha256(json.dumps(asked).encode()).hexdigest()
-    return json.dumps({"model": model, "weights": weights, "sae": sae, "hookpoint": hookpoint, "questions": digest})
+    return json.dumps({"model": model, "weights": weights, "sae": sae, "hookpoint": hookpoint, "questions": digest,
+                       "pools": list(POOLS)})
 
 
 def load_pass(path: Path, key: str) -> tuple[list[str], dict[str, torch.Tensor]] | None:

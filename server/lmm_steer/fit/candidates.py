@@ -68,9 +68,12 @@ def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str],
 
 
 def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per feature, its mean pooled activation where it fires at all (image pool; else text)."""
+    """Per feature, its mean pooled activation where it fires at all (image pool; else text; else
+    the final position)."""
     out = torch.zeros(codes["image"].shape[1])
-    for pool in ("text", "image"):  # image last: it wins where both fire
+    for pool in ("last", "text", "image"):  # image last: it wins where both fire
+        if pool not in codes:
+            continue
         x = codes[pool]
         fires = (x > 0).sum(0)
         seen = fires > 0

@@ -1,5 +1,6 @@
 """Each example's SAE codes at the hook block, pooled over the image's positions and over the
-question's, and the block's mean output over the image (for the difference-of-means control).
+question's, and at the prompt's final position (where the model reads out its answer), and the
+block's mean output over the image (for the difference-of-means control).
 
 Pooling leaves out the first position (the attention sink, whose block output is off the SAE's
 distribution) and special tokens (the chat template's)."""
@@ -17,7 +18,7 @@ from ..engine.inspect import special_ids
 from ..engine.prefill import image_token_id
 from ..scenes.evaluate import batch_inputs
 
-POOLS = ("image", "text")
+POOLS = ("image", "text", "last")  # "last": the final prompt position, where the answer is read out
 
 
 def request(root: Path, item: dict, steering=None, max_tokens: int = 10, system: str | None = None) -> GenerationRequest:
@@ -78,7 +79,7 @@ def answers_and_codes(engine, root: Path, items: list[dict], batch: int = 16, ma
     sae, model = engine.sae, engine.loaded.model
     image_tok = image_token_id(model)
     special = torch.tensor(sorted(special_ids(engine.loaded.tokenizer)))
-    out = {"image": [], "text": [], "residual": []}
+    out = {key: [] for key in (*POOLS, "residual")}
 
     def read(h, inputs):
         for row in range(h.shape[0]):
@@ -100,6 +101,7 @@ def _pool(out: dict, sae, h: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor
         codes = sae.encode(h.to(sae.W_dec.dtype)).float().cpu()
     for pool, mask in (("image", is_image), ("text", is_text)):
         out[pool].append(codes[mask].mean(0) if mask.any() else torch.zeros(codes.shape[1]))
+    out["last"].append(codes[int(keep.nonzero().max())] if keep.any() else torch.zeros(codes.shape[1]))
     out["residual"].append(h.cpu()[is_image].mean(0) if is_image.any() else torch.zeros(h.shape[1]))
 
 
@@ -125,26 +127,27 @@ def image_answers_and_codes(fast, root: Path, items: list[dict], progress=None) 
             codes = torch.cat([prefix_codes, sae.encode(text.to(sae.W_dec.dtype)).float().cpu()])
             keep = torch.ones(len(entry.ids[k]), dtype=torch.bool)
             keep[0] = False  # the attention sink
-            one = {"image": [], "text": [], "residual": []}
+            one = {key: [] for key in (*POOLS, "residual")}
             _pool(one, sae, torch.cat([entry.hook_prefix[0], text]).float(), entry.ids[k], keep, image_tok, special,
                   codes)
             answers[i], pools[i] = said[k], {key: v[0] for key, v in one.items()}
         fast.forget(image)
         if progress:
             progress(n + 1, len(by_image))
-    return answers, {key: torch.stack([p[key] for p in pools]) for key in ("image", "text", "residual")}
+    return answers, {key: torch.stack([p[key] for p in pools]) for key in (*POOLS, "residual")}
 
 
 @torch.inference_mode()
 def pooled_codes(engine, root: Path, items: list[dict], progress=None) -> dict[str, torch.Tensor]:
-    """``{"image": [N, F], "text": [N, F], "residual": [N, D]}``: mean SAE codes over each pool,
-    and the block output's mean over the image positions."""
+    """``{"image": [N, F], "text": [N, F], "last": [N, F], "residual": [N, D]}``: mean SAE codes
+    over each pool, the codes at the final prompt position, and the block output's mean over the
+    image positions."""
     """As ``answers_and_codes``' codes, one example at a time through the engine's own inputs."""
     model, sae = engine.loaded.model, engine.sae
     index = resolve_layer_index(model, engine.hookpoint)
     image_tok = image_token_id(model)
     special = torch.tensor(sorted(special_ids(engine.loaded.tokenizer)))
-    out = {"image": [], "text": [], "residual": []}
+    out = {key: [] for key in (*POOLS, "residual")}
     for n, item in enumerate(items):
         inputs = engine.prepare(request(root, item)).inputs
         ids = inputs["input_ids"][0].cpu()

@@ -24,7 +24,7 @@ class Probe:
     n: int
     wrong: int
 
-    def ranked(self, sign: int, pools=("image", "text")) -> list[tuple[str, int, float]]:
+    def ranked(self, sign: int, pools=("image", "text", "last")) -> list[tuple[str, int, float]]:
         """``(pool, feature, weight)`` of the features whose weight has ``sign``, strongest first; a
         feature in both pools counts once, at its stronger weight."""
         best: dict[int, tuple[str, float]] = {}
@@ -35,7 +35,7 @@ class Probe:
         return sorted(((p, f, w) for f, (p, w) in best.items()), key=lambda t: -abs(t[2]))
 
 
-def fit_probe(codes: dict[str, torch.Tensor], right: list[bool], c: float = 0.05, pools=("image", "text"),
+def fit_probe(codes: dict[str, torch.Tensor], right: list[bool], c: float = 0.05, pools=("image", "text", "last"),
               seed: int = 0) -> Probe:
     """An L1 logistic probe of ``right`` from the codes of ``pools`` side by side (``c``: inverse
     penalty; smaller keeps fewer features)."""
@@ -43,6 +43,7 @@ def fit_probe(codes: dict[str, torch.Tensor], right: list[bool], c: float = 0.05
         from sklearn.linear_model import LogisticRegression
     except ImportError:
         raise ProbeUnavailable("preset fit needs scikit-learn: pip install 'lmm-steer[fit]'") from None
+    pools = [p for p in pools if p in codes]
     x = torch.cat([codes[p] for p in pools], dim=1)
     scale = x.abs().amax(0).clamp_min(1e-6)
     y = [int(r) for r in right]
@@ -61,7 +62,7 @@ C_PATH = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def sparsest_probe(codes: dict[str, torch.Tensor], right: list[bool], min_features: int = 8, path=C_PATH,
-                   pools=("image", "text")) -> Probe:
+                   pools=("image", "text", "last")) -> Probe:
     """The probe at the smallest penalty weight of ``path`` (the strongest penalty) that keeps at
     least ``min_features`` features; the last one's when none does. Few labelled examples need a
     weak penalty before any feature survives; many can afford a strong one."""
