@@ -292,3 +292,8 @@ def test_a_body_the_published_schema_allows_is_accepted_and_one_it_refuses_is_re
             assert r.status_code == 200, (extra, r.text)
         else:
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    tool_call = [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}, *hi]
+    for path, body in (("/v1/chat/completions", {"messages": tool_call, "max_tokens": 1}),
+                       ("/v1/inspect", {"messages": tool_call})):
+        error = client.post(path, json=body).json()["error"]
+        assert (error["param"], error["code"]) == ("messages[0].tool_calls", "unsupported_parameter"), path

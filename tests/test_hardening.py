@@ -233,7 +233,7 @@ def test_unsupported_fields_are_refused_by_name(server, name, extra, param):
     r = server.post("/v1/chat/completions", {"messages": _msgs(), "max_tokens": 2, **extra})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param and "not supported" in err["message"]
+    assert err["param"] == param and "not supported" in err["message"] and err["code"] == "unsupported_parameter"
 
 
 def test_harmless_values_of_those_fields_are_accepted(server):

@@ -96,13 +96,6 @@ class Message(Request):
     tool_calls: refused_unless(NULL, "not supported: absent or null (a non-empty value is refused, 400)") = None
     function_call: refused_unless(NULL, "not supported: absent or null (a non-empty value is refused, 400)") = None
 
-    @field_validator("tool_calls", "function_call")
-    @classmethod
-    def _no_tool_calls(cls, value, info):
-        if value:  # refused under its own name: messages[i].tool_calls
-            raise ValueError(f"{info.field_name} is not supported: this server has no tool calling")
-        return value
-
 
 class SteeringFeature(Request):
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -247,6 +240,15 @@ def unsupported_field(body: ChatCompletionRequest) -> str | None:
         if value is None or value in harmless.get(name, ()) or (name == "logit_bias" and value == {}):
             continue
         return name
+    return unsupported_in_messages(body.messages)
+
+
+def unsupported_in_messages(messages: list[Message]) -> str | None:
+    """A message's tool call, named as ``messages[i].tool_calls``: this server has no tool calling."""
+    for i, message in enumerate(messages):
+        for name in ("tool_calls", "function_call"):
+            if getattr(message, name):
+                return f"messages[{i}].{name}"
     return None
 
 

@@ -10,7 +10,7 @@ from ..deps import ServiceDep, SettingsDep, explanation, model_preset
 from ..errors import APIError
 from ..messages import template_messages
 from ..openapi import POST_ERRORS, error_responses
-from ..schemas import Inspection, InspectRequest
+from ..schemas import Inspection, InspectRequest, unsupported_in_messages
 
 router = APIRouter()
 
@@ -29,6 +29,10 @@ async def inspect(body: InspectRequest, service: ServiceDep,
     from ...engine.inspect import inspect_prompt
 
     model_preset(body.model, service, settings)  # a 404 for a model not served
+    unsupported = unsupported_in_messages(body.messages)
+    if unsupported is not None:
+        raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported,
+                       code="unsupported_parameter")
     if service.engine.sae is None:
         raise APIError(400, "this server has no SAE loaded", code="steering_unavailable")
     for i, f in enumerate(body.features or []):
