@@ -207,7 +207,7 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     model = ["--model", "builtin:tiny-llava-next", "--sae", "builtin:random-topk:latents=64,k=8"]
     out, trials = tmp_path / "p.json", tmp_path / "trials.json"
     code = main(["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "select"), "--out", str(out),
-                 "--json", str(trials), "--k", "2", "--modes", "scale", "--diffmean-strengths", "2",
+                 "--json", str(trials), "--k", "2", "--modes", "scale", "--scopes", "image", "--diffmean-strengths", "2",
                  "--fit-cache", str(tmp_path / "fit-pass.safetensors"), *model])
     said = capsys.readouterr()
     assert "read from" not in said.err and (tmp_path / "fit-pass.safetensors").exists()

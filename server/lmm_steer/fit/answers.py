@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine import SteeringSpec
 from ..effects.clamps import ImageAnswers
+from ..engine import SteeringSpec
 from .codes import batched_answers, request
 
 MAX_TOKENS = 6

@@ -27,11 +27,11 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-c", type=float, help="the probes' inverse L1 penalty (smaller: fewer features); default: "
                                                 "the smallest of a path that keeps --top features")
     p.add_argument("--top", type=int, default=16, help="features per side kept from each probe")
-    p.add_argument("--k", default="4,12", help="features per side tried (comma-separated)")
+    p.add_argument("--k", default="16", help="features per side tried (comma-separated)")
     p.add_argument("--modes", default="scale,add", help="scale: x strength where a feature fires (/ for suppressed); "
                                                         "add: strength x its typical activation everywhere in scope")
     p.add_argument("--strengths", default="2", help="strengths tried (comma-separated)")
-    p.add_argument("--scopes", default="image", help="scopes tried (comma-separated: image, all, prompt, generated)")
+    p.add_argument("--scopes", default="image,all", help="scopes tried (comma-separated: image, all, prompt, generated)")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
                    help="multiples of the difference-of-means direction tried for that control (comma-separated)")
     p.add_argument("--screen-images", type=int, default=40,
@@ -55,12 +55,12 @@ def command_line(args) -> str:
 
 def fit_command(args) -> int:
     from ..engine import EngineConfig
+    from ..eval.preset import tally
     from ..scenes.commands import scene_engine
     from ..scenes.evaluate import normalise
-    from ..eval.preset import tally
-    from .candidates import build, confusions, mean_active
     from .answers import SplitAnswers
     from .cache import cache_key, load_pass, save_pass
+    from .candidates import build, confusions, mean_active
     from .codes import answers_and_codes, image_answers_and_codes
     from .diffmean import choose_strength, direction
     from .examples import load_examples
