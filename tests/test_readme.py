@@ -49,7 +49,7 @@ def test_the_readme_has_its_tour():
 def test_the_default_server_serves_the_scenes_model_with_its_presets(server):
     ids = [m["id"] for m in server.get("/v1/models").json()["data"]]
     assert ids == ["builtin:scenes-llava-next", "builtin:scenes-llava-next:circle-not-hexagon",
-                   "builtin:scenes-llava-next:circle-not-hexagon-gated"]
+                   "builtin:scenes-llava-next:circle-not-hexagon-gated", "builtin:scenes-llava-next:fitted"]
 
 
 def test_the_readme_examples_print_what_they_show(server, tmp_path):

@@ -67,7 +67,7 @@ def test_the_default_serves_the_scenes_model_with_its_presets_and_a_shipped_sear
     sources = sources_for(DEFAULT_MODEL)
     assert sources.presets == str(SHIPPED_SCENES.presets)
     assert sorted(p.stem for p in SHIPPED_SCENES.presets.glob("*.json")) == ["circle-not-hexagon",
-                                                                             "circle-not-hexagon-gated"]
+                                                                             "circle-not-hexagon-gated", "fitted"]
     assert sources_for(DEFAULT_MODEL, presets="none").presets == "none"
     assert sources_for(DEFAULT_MODEL, sae="builtin:random-topk").presets is None  # presets belong to their SAE
     assert sources_for("builtin:smollm2-135m-instruct").presets is None

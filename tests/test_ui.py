@@ -316,7 +316,7 @@ def test_the_page_on_the_scenes_model_shows_real_heatmaps_and_steers_an_answer(b
         assert page.text_content("#verdict-unsteered") == "· right"
         # the shipped presets' descriptions run to 450 characters: names in the list, nothing overflows
         assert page.eval_on_selector_all("#play-preset option", "os => os.map(o => o.value)") == [
-            "", "circle-not-hexagon", "circle-not-hexagon-gated"]
+            "", "circle-not-hexagon", "circle-not-hexagon-gated", "fitted"]
         page.select_option("#play-preset", "circle-not-hexagon-gated")
         assert page.text_content("#play-preset-description").startswith("circle-not-hexagon, gated")
         assert no_overflow(page)
