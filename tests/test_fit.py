@@ -90,6 +90,22 @@ def test_a_planted_confusion_is_found_fixed_on_held_out_questions_and_random_fea
     assert summary(held_out)["all"]["error_reduction"] == 1.0
 
 
+def test_the_random_control_can_draw_features_that_fire_as_often_as_the_presets():
+    from lmm_steer.engine import FeatureEdit
+
+    density = {f: 10 ** (-6 + f / 20) for f in range(100)}  # 1e-6 (feature 0) up to ~1e-1 (feature 99)
+    spec = SteeringSpec(edits=[FeatureEdit(90, 2.0, "scale"), FeatureEdit(91, 0.5, "scale"),
+                               FeatureEdit(30, 2.0, "scale")])
+    for seed in range(5):
+        drawn = random_like(spec, list(range(100)), random.Random(seed), density, near=6)
+        features = [e.feature for e in drawn.edits]
+        assert len(set(features)) == 3 and not {90, 91, 30} & set(features)
+        assert all(abs(f - e.feature) <= 6 for f, e in zip(features, spec.edits, strict=True))  # within the 6 nearest
+        assert [(e.value, e.mode) for e in drawn.edits] == [(2.0, "scale"), (0.5, "scale"), (2.0, "scale")]
+    unmatched = {e.feature for s in range(5) for e in random_like(spec, list(range(100)), random.Random(s)).edits}
+    assert any(abs(f - 90) > 12 and abs(f - 30) > 12 for f in unmatched)  # without rates: anywhere in the pool
+
+
 def test_a_point_that_breaks_a_type_beyond_the_bound_is_never_chosen():
     fit = _items(90, 0)
     answers = _planted(fit, None)

@@ -338,8 +338,10 @@ def fitted_command(args) -> int:
         catalog.merge(FeatureCatalog.load(path))
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0] or list(
         range(engine.sae.num_latents))
+    density = {f: catalog.get(f).extras.get("density") or 0.0 for f in pool if catalog.get(f) is not None}
     result = run(engine, root, items, feature_spec(preset.steering), pool=pool, diffmean=fit.get("diffmean"),
                  seed=args.seed, rows=rows, random_draws=args.random_draws,
+                 density=density if any(density.values()) else None,
                  progress=lambda name, cell: print(f"{name}: fixed {cell['fixed']}, broken {cell['broken']}",
                                                    file=sys.stderr, flush=True))
     result.update({"preset": preset.name, "data": str(args.data), "types": list(types)})

@@ -6,6 +6,7 @@ the net share of the base model's errors."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +26,23 @@ def by_type_and_difficulty(item: dict) -> tuple[str, ...]:
     return ("all", item["type"], *(f"tag:{t}" for t in item.get("difficulty") or ["none"]))
 
 
-def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random) -> SteeringSpec:
-    """The same edits (modes, values, gates, scope) on features drawn from ``pool``, none of the spec's own."""
+def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random, density: dict[int, float] | None = None,
+                near: int = 10) -> SteeringSpec:
+    """The same edits (modes, values, gates, scope) on features drawn from ``pool``, none of the spec's own.
+
+    With ``density`` (each feature's firing rate), each edit's feature is drawn from the ``near``
+    pool features whose rate is closest to its own on a log scale: a scaled feature acts only where
+    it fires, so a control drawn from rarely firing features would change nothing by construction."""
     own = {e.feature for e in spec.edits}
-    drawn = rng.sample([f for f in pool if f not in own], len(spec.edits))
+    free = [f for f in pool if f not in own]
+    drawn: list[int] = []
+    for edit in spec.edits:
+        left = [f for f in free if f not in drawn]
+        rate = (density or {}).get(edit.feature)
+        if rate and rate > 0:
+            rated = [f for f in left if (density.get(f) or 0) > 0]
+            left = sorted(rated, key=lambda f: abs(math.log(density[f] / rate)))[:near] or left
+        drawn.append(rng.choice(left))
     return replace(spec, edits=[FeatureEdit(f, e.value, e.mode, e.source, e.where) for f, e in zip(drawn, spec.edits,
                                                                                                   strict=True)])
 
@@ -43,10 +57,12 @@ def summary(result: dict) -> dict:
 
 
 def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list[int], diffmean: dict | None,
-        seed: int = 0, rows=ROWS, random_draws: int = 1, progress=None) -> dict:
+        seed: int = 0, rows=ROWS, random_draws: int = 1, density: dict[int, float] | None = None,
+        progress=None) -> dict:
     steerings = {"base": None, "preset": spec}
     for draw in range(random_draws):  # the same edits on other features: random, random-2, ...
-        steerings["random" + (f"-{draw + 1}" if draw else "")] = random_like(spec, pool, random.Random(seed + draw))
+        steerings["random" + (f"-{draw + 1}" if draw else "")] = random_like(spec, pool, random.Random(seed + draw),
+                                                                                density)
     if diffmean:
         steerings["diffmean"] = torch.tensor(diffmean["vector"]) * diffmean["strength"]
     names = [n for n in steerings if n == "base" or n.split("-")[0] in rows]
@@ -57,7 +73,8 @@ def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list
         answers["prompting"] = SplitAnswers(engine, root, system=LOOK_CAREFULLY)(items, [None])[0]
     out = {"questions": len(items), "base_right": tally(items, base, base)["all"]["kept right"], "rows": {},
            "random_features": {n: [e.feature for e in s.edits] for n, s in steerings.items() if n.startswith("random")
-                               and n in answers}}
+                               and n in answers},
+           "random_matched": "firing rate" if density else "none"}
     for name, got in answers.items():
         out["rows"][name] = summary(tally(items, base, got, by_type_and_difficulty))
         if progress:
