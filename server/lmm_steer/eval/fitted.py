@@ -1,5 +1,6 @@
 """``lmm-steer eval fitted``: a fitted preset on a held-out split beside its controls, all from
-the same run: the base model, random features at the same modes, values and scope, a prompt
+the same run: the base model, random features at the same modes, values and scope (firing about
+as often as the preset's, where the catalog knows each feature's rate), a prompt
 asking the model to look carefully, and the difference-of-means direction ``preset fit`` fitted
 and chose on the same data. Per question type and difficulty: accuracy, fixed, broken, net, and
 the net share of the base model's errors."""
