@@ -2,11 +2,16 @@
 
 Splits a preset written by `preset fit` by the pool its probe found each feature in (the image's
 positions or the question's) and answers a split's questions with the whole preset and with each
-part alone, through the same per-image fast path `preset fit` uses. Run it on the selection split,
-never on the test split: it is for choosing what to try next.
+part alone, through the same per-image fast path `preset fit` uses. With the fit split's cached pass
+(`--fit-data`, `--fit-cache`), also the question features that fire on at most `--exclusive` of the
+fit split's questions of every type but existence, and the whole preset gated (``where``) on the feature
+that best tells the fit split's existence questions from the rest, in the question's pool and at the
+final position. Run it on the selection split, never on the test
+split: it is for choosing what to try next.
 
     python experiments/probes/fit_pool_split.py sae_weights/scenes-llava-next/presets/fitted.json \
-        experiments/results/fit-scenes-seed31-seed32-2026-12-07.json scenes-32
+        experiments/results/fit-scenes-seed31-seed32-2026-12-07.json scenes-32 \
+        --fit-data scenes-31 --fit-cache fit-31-pass.safetensors
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+
+import torch
 
 from lmm_steer.engine import EngineConfig
 from lmm_steer.eval.preset import tally
@@ -30,6 +37,9 @@ def main() -> None:
     parser.add_argument("fit", help="that fit's --json record (its candidates name each feature's pool)")
     parser.add_argument("data", help="a split to answer (the selection split)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--fit-data", help="the fit split")
+    parser.add_argument("--fit-cache", help="the pass `preset fit --fit-cache` kept for it")
+    parser.add_argument("--exclusive", type=float, default=0.2)
     args = parser.parse_args()
     preset = next(iter(load_presets(args.preset).values()))
     record = json.loads(open(args.fit).read())
@@ -40,6 +50,28 @@ def main() -> None:
     parts = {"whole preset": spec}
     for pool in sorted({pool_of.get(e.feature, "?") for e in spec.edits}):
         parts[f"{pool} features only"] = replace(spec, edits=[e for e in spec.edits if pool_of.get(e.feature) == pool])
+    if args.fit_data and args.fit_cache:
+        from safetensors.torch import load_file
+
+        _, fit_items = load_examples(args.fit_data, None, tuple(record.get("types") or ("colour", "shape", "exist")))
+        text = load_file(args.fit_cache)["text"]
+        others = {q["type"] for q in fit_items} - {"exist"}
+
+        def rarely_elsewhere(feature: int) -> bool:
+            return all(float((text[[i for i, q in enumerate(fit_items) if q["type"] == t], feature] > 0).float().mean())
+                       <= args.exclusive for t in others)
+
+        parts[f"question features firing on at most {args.exclusive:.0%} of other types"] = replace(
+            spec, edits=[e for e in spec.edits if pool_of.get(e.feature) == "text" and rarely_elsewhere(e.feature)])
+        for pool in ("text", "last"):  # the feature that fires most on existence questions and least elsewhere
+            fires = load_file(args.fit_cache)[pool] > 0
+            rate = {t: fires[[i for i, q in enumerate(fit_items) if q["type"] == t]].float().mean(0)
+                    for t in {*others, "exist"}}
+            margin = rate["exist"] - torch.stack([rate[t] for t in others]).amax(0)
+            gate = int(margin.argmax())
+            parts[f"whole preset gated on {gate} ({pool} pool: fires on {rate['exist'][gate]:.0%} of existence, "
+                  f"{max(float(rate[t][gate]) for t in others):.0%} of others)"] = replace(
+                spec, edits=[replace(e, where=gate) for e in spec.edits])
     root, items = load_examples(args.data, None, tuple(record.get("types") or ("colour", "shape", "exist")))
     engine = scene_engine(args.model, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
     said = SplitAnswers(engine, root)(items, [None, *parts.values()])
