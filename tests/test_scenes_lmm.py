@@ -245,6 +245,19 @@ def test_a_budget_shortens_the_schedule_to_the_steps_that_fit_and_never_lengthen
     assert steps_within_budget(step=50, total=700, pace_s=6.0, left_s=11.9) == 51
 
 
+def test_the_forward_runs_in_bfloat16_only_where_the_hardware_makes_it_faster(monkeypatch):
+    from lmm_steer.scenes.train import autocast_dtype
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert autocast_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert autocast_dtype("auto") is None  # no fast bf16 kernels: float32
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16
+    assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16")
+
+
 def test_a_run_over_its_budget_stops_after_warm_up_and_stays_stopped_when_resumed(train_split, tmp_path):
     cfg = SceneTrainConfig(**{**TINY_RUN, "warmup": 2}, budget_minutes=0.001)  # spent before stage 3 begins
     summary = train_scenes_lmm(train_split, tmp_path / "run", cfg)
@@ -272,6 +285,8 @@ def test_a_resumed_run_equals_one_run_and_the_merged_model_equals_the_trained_on
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith(".lora_B"))  # the delta moved from zero
     assert once["steps"] == 4 and (tmp_path / "once" / "clip" / "config.json").exists()
+    assert once["forward_dtype"] == ("bfloat16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+                                     else "float32")
     assert (tmp_path / "once" / "grounding.safetensors").exists()
     # grounding has rates of its own: the LMM stage's default of 0 for the projector does not stop it
     grounded = load_file(tmp_path / "once" / "grounding.safetensors")

@@ -29,14 +29,14 @@ def generate_command(args) -> int:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from .train import SceneTrainConfig
+    from .train import PRECISIONS, SceneTrainConfig
 
     p.add_argument("--data", required=True, help="a `scenes generate` directory (the training split)")
     p.add_argument("--out", required=True,
                    help="run directory: checkpoint, log, CLIP model and the trained weights; an existing one resumes")
     for f in fields(SceneTrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"default {f.default}")
+                       choices=PRECISIONS if f.name == "precision" else None, help=f"default {f.default}")
 
 
 def train_command(args) -> int:

@@ -10,8 +10,9 @@
    language model learns (SmolLM2 itself stays frozen). A scene's questions are packed into one
    multi-turn conversation ending with its caption, so its 336 image tokens are paid once per
    scene; the format hint ("Answer in a word or a short phrase.") is kept on the first turn only,
-   the turn that is served. The forward pass runs under bfloat16 autocast (1.75x faster on a
-   2-core AVX-512 CPU); the trained parameters and the optimiser stay float32.
+   the turn that is served. The forward pass runs under bfloat16 autocast where the CPU has
+   AVX-512 (1.75x faster on 2 such cores) and in float32 on AVX2-only CPUs (25x faster there than
+   emulated bfloat16); ``precision`` overrides. The trained parameters and the optimiser stay float32.
 
 Stage 3 saves a checkpoint (trained tensors and AdamW state, safetensors; step and elapsed time,
 JSON) every ``checkpoint_every`` steps; a run started again with the same ``--out`` resumes from
@@ -96,6 +97,23 @@ class SceneTrainConfig:
     # are both in the scene but on different objects (``binding_negatives``) and a "yes" to an object
     # that is there. Runs 10 and 11 (0) answered "yes" to such pairs: most of their easy existence errors
     binding_turns: int = 1
+    # stage 3's forward pass: "bf16" (autocast), "fp32", or "auto": bf16 on CUDA and on CPUs with
+    # AVX-512 (1.75x faster there), fp32 elsewhere (an AVX2-only CPU has no fast bf16 kernels: a step
+    # took 76 s under bf16 against 3 s in fp32)
+    precision: str = "auto"
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(precision: str, device_type: str = "cpu") -> torch.dtype | None:
+    """The dtype stage 3's forward runs under (None: no autocast, float32) for ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        fast = device_type == "cuda" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        precision = "bf16" if fast else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 # seconds the budget keeps back after stage 3's last step: the final save, the process's start and exit
@@ -572,6 +590,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
         if cfg.budget_minutes > 0 and budgeted:
             steps = min(steps, budgeted)
     model.train()
+    half = autocast_dtype(cfg.precision)
     started = time.monotonic() - elapsed
     # the pace is the mean of this invocation's recent steps (run 10's slowed from 5.1 s to 6.4 s)
     recent = deque([(step, time.monotonic())], maxlen=cfg.checkpoint_every + 1)
@@ -583,7 +602,7 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
             group["lr"] = warmup_cosine(step, rates[group["name"]], cfg.warmup, steps)
             if group["name"] == "low_rank" and step < cfg.low_rank_from:
                 group["lr"] = 0.0
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
             loss = answer_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -610,7 +629,8 @@ def train_scenes_lmm(data_dir: Path, out: Path, cfg: SceneTrainConfig, progress=
     clip_seconds = None if cfg.init else json.loads((out / "clip" / "stage.json").read_text())["seconds"]
     summary = {"steps": steps, "lmm_seconds": round(total, 1), "clip_seconds": clip_seconds,
                "data": str(data_dir), "scenes": len(data.scenes), "regions": len(data.regions),
-               "highlights": len(data.highlights), "wall_seconds": round(wall.seconds(), 1)}
+               "highlights": len(data.highlights), "wall_seconds": round(wall.seconds(), 1),
+               "forward_dtype": str(half or torch.float32).removeprefix("torch.")}
     metadata = {"architecture": json.dumps(architecture), "config": json.dumps(asdict(cfg)),
                 "summary": json.dumps(summary)}
     save_file(trained_state(model, wrapped), str(out / TRAINED_FILE), metadata=metadata)
