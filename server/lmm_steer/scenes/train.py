@@ -11,7 +11,7 @@
    multi-turn conversation ending with its caption, so its 336 image tokens are paid once per
    scene; the format hint ("Answer in a word or a short phrase.") is kept on the first turn only,
    the turn that is served. The forward pass runs under bfloat16 autocast where the CPU has
-   AVX-512 (1.75x faster on 2 such cores) and in float32 on AVX2-only CPUs (25x faster there than
+   AVX-512 (1.75x faster on 2 such cores) and in float32 on AVX2-only CPUs (22x faster there than
    emulated bfloat16); ``precision`` overrides. The trained parameters and the optimiser stay float32.
 
 Stage 3 saves a checkpoint (trained tensors and AdamW state, safetensors; step and elapsed time,
@@ -99,7 +99,7 @@ class SceneTrainConfig:
     binding_turns: int = 1
     # stage 3's forward pass: "bf16" (autocast), "fp32", or "auto": bf16 on CUDA and on CPUs with
     # AVX-512 (1.75x faster there), fp32 elsewhere (an AVX2-only CPU has no fast bf16 kernels: a step
-    # took 76 s under bf16 against 3 s in fp32)
+    # took 59.5 s under bf16 against 2.7 s in fp32)
     precision: str = "auto"
 
 
