@@ -50,29 +50,31 @@ def main() -> None:
     parts = {"whole preset": spec}
     for pool in sorted({pool_of.get(e.feature, "?") for e in spec.edits}):
         parts[f"{pool} features only"] = replace(spec, edits=[e for e in spec.edits if pool_of.get(e.feature) == pool])
+    types = tuple(record.get("types") or ("colour", "shape", "exist"))
     if args.fit_data and args.fit_cache:
         from safetensors.torch import load_file
 
-        _, fit_items = load_examples(args.fit_data, None, tuple(record.get("types") or ("colour", "shape", "exist")))
-        text = load_file(args.fit_cache)["text"]
-        others = {q["type"] for q in fit_items} - {"exist"}
+        _, fit_items = load_examples(args.fit_data, None, types)
+        cached = load_file(args.fit_cache)
+        others = sorted({q["type"] for q in fit_items} - {"exist"})
 
-        def rarely_elsewhere(feature: int) -> bool:
-            return all(float((text[[i for i, q in enumerate(fit_items) if q["type"] == t], feature] > 0).float().mean())
-                       <= args.exclusive for t in others)
+        def fire_rates(pool: str) -> dict[str, torch.Tensor]:
+            """Per question type, the share of the fit split's questions each feature fires on in ``pool``."""
+            fires = cached[pool] > 0
+            return {t: fires[[i for i, q in enumerate(fit_items) if q["type"] == t]].float().mean(0)
+                    for t in [*others, "exist"]}
 
+        rates = {pool: fire_rates(pool) for pool in ("text", "last")}
+        elsewhere = {pool: torch.stack([r[t] for t in others]).amax(0) for pool, r in rates.items()}
         parts[f"question features firing on at most {args.exclusive:.0%} of other types"] = replace(
-            spec, edits=[e for e in spec.edits if pool_of.get(e.feature) == "text" and rarely_elsewhere(e.feature)])
+            spec, edits=[e for e in spec.edits if pool_of.get(e.feature) == "text"
+                         and float(elsewhere["text"][e.feature]) <= args.exclusive])
         for pool in ("text", "last"):  # the feature that fires most on existence questions and least elsewhere
-            fires = load_file(args.fit_cache)[pool] > 0
-            rate = {t: fires[[i for i, q in enumerate(fit_items) if q["type"] == t]].float().mean(0)
-                    for t in {*others, "exist"}}
-            margin = rate["exist"] - torch.stack([rate[t] for t in others]).amax(0)
-            gate = int(margin.argmax())
-            parts[f"whole preset gated on {gate} ({pool} pool: fires on {rate['exist'][gate]:.0%} of existence, "
-                  f"{max(float(rate[t][gate]) for t in others):.0%} of others)"] = replace(
+            gate = int((rates[pool]["exist"] - elsewhere[pool]).argmax())
+            parts[f"whole preset gated on {gate} ({pool} pool: fires on {rates[pool]['exist'][gate]:.0%} of existence, "
+                  f"{elsewhere[pool][gate]:.0%} of others)"] = replace(
                 spec, edits=[replace(e, where=gate) for e in spec.edits])
-    root, items = load_examples(args.data, None, tuple(record.get("types") or ("colour", "shape", "exist")))
+    root, items = load_examples(args.data, None, types)
     engine = scene_engine(args.model, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
     said = SplitAnswers(engine, root)(items, [None, *parts.values()])
     base = said[0]
