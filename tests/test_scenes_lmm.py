@@ -252,7 +252,6 @@ def test_the_forward_runs_in_bfloat16_only_where_the_hardware_makes_it_faster(mo
     assert autocast_dtype("auto") is torch.bfloat16
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert autocast_dtype("auto") is None  # no fast bf16 kernels: float32
-    assert autocast_dtype("auto", "cuda") is torch.bfloat16
     assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype("fp16")

@@ -97,8 +97,8 @@ class SceneTrainConfig:
     # are both in the scene but on different objects (``binding_negatives``) and a "yes" to an object
     # that is there. Runs 10 and 11 (0) answered "yes" to such pairs: most of their easy existence errors
     binding_turns: int = 1
-    # stage 3's forward pass: "bf16" (autocast), "fp32", or "auto": bf16 on CUDA and on CPUs with
-    # AVX-512 (1.75x faster there), fp32 elsewhere (an AVX2-only CPU has no fast bf16 kernels: a step
+    # stage 3's forward pass (stage 3 runs on the CPU): "bf16" (autocast), "fp32", or "auto": bf16 on
+    # CPUs with AVX-512 (1.75x faster there), fp32 elsewhere (an AVX2-only CPU has no fast bf16 kernels: a step
     # took 59.5 s under bf16 against 2.7 s in fp32)
     precision: str = "auto"
 
@@ -106,13 +106,12 @@ class SceneTrainConfig:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def autocast_dtype(precision: str, device_type: str = "cpu") -> torch.dtype | None:
-    """The dtype stage 3's forward runs under (None: no autocast, float32) for ``precision``."""
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype stage 3's forward runs under on the CPU (None: no autocast, float32) for ``precision``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        fast = device_type == "cuda" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-        precision = "bf16" if fast else "fp32"
+        precision = "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 
