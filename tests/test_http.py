@@ -107,6 +107,31 @@ def test_an_edits_extra_field_is_echoed_on_it_alone_and_equals_the_sdks(client, 
     assert again.text == steered.choices[0].message.content
 
 
+def test_a_conditioned_edit_acts_only_on_prompts_where_its_condition_fires(client, server):
+    """``when``: with a feature that fires somewhere in the prompt (inspect lists every active one),
+    the answer is the unconditioned edit's and the echo says it acted; with one silent there, the
+    plain model's, and the echo says it did not; the SDK sends the same."""
+    from lmm_steer_client import Client, Steering
+
+    prompt = "Tell me a story"
+    out = server.post("/v1/inspect", {"messages": [{"role": "user", "content": prompt}], "top_k": 50}).json()
+    active = {f["id"] for p in out["positions"] for f in p["features"]}
+    fires, silent = min(active - {11}), min(set(range(64)) - active - {11})
+    texts = {}
+    for name, extra in (("plain", {}), ("ungated", {}), ("fires", {"when": fires}), ("silent", {"when": silent})):
+        body = {} if name == "plain" else {"steering": {"features": [{"id": 11, "value": 40.0, **extra}]}}
+        reply = _chat(client, extra_body=body)
+        texts[name] = reply.choices[0].message.content
+        if extra:
+            echoed = reply.model_extra["steering"]["features"][0]
+            assert echoed["when"] == extra["when"] and echoed["acted"] is (name == "fires")
+    assert texts["fires"] == texts["ungated"] != texts["plain"] == texts["silent"]
+    with Client(server.url) as sdk_client:
+        again = sdk_client.chat(prompt=prompt, max_tokens=12, temperature=0,
+                                steering=Steering().clamp(11, 40.0, when=fires))
+    assert again.text == texts["fires"]
+
+
 def test_openai_streaming_equals_non_streaming(client):
     body = {"steering": {"features": [{"id": 7, "value": 5.0, "mode": "add"}], "scope": "generated"}}
     whole = _chat(client, extra_body=body).choices[0].message.content
@@ -286,6 +311,11 @@ ERROR_CASES = [
      400, "steering.features[0].where", "where must be a feature id"),
     ("gate not an id", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "where": "red"}]}},
      400, "steering.features[0].where", "integer"),
+    ("condition out of range", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 9999}]}},
+     400, "steering.features[0].when", "when must be a feature id"),
+    ("condition under paper", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 2}],
+                                                                 "semantics": "paper"}},
+     400, "steering.features[0].when", "delta semantics"),
     ("gate under paper", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "where": 2}],
                                                             "semantics": "paper"}},
      400, "steering.features[0].where", "delta semantics"),

@@ -20,8 +20,8 @@ class Steering:
         self._preset: str | None = None
 
     def _edit(self, feature: int, value: float, mode: str, source: int | None = None,
-              where: int | None = None) -> Steering:
-        for name, fid in (("feature", feature), ("source", source), ("where", where)):
+              where: int | None = None, when: int | None = None) -> Steering:
+        for name, fid in (("feature", feature), ("source", source), ("where", where), ("when", when)):
             if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int) or fid < 0):
                 raise ValueError(f"{name} id must be a non-negative integer, got {fid!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -33,28 +33,33 @@ class Steering:
             edit["source"] = source
         if where is not None:
             edit["where"] = where
+        if when is not None:
+            edit["when"] = when
         self._features.append(edit)
         return self
 
-    # ``where``: a gate feature; the edit then acts only at positions where that feature fires
-    def clamp(self, feature: int, value: float, where: int | None = None) -> Steering:
-        return self._edit(feature, value, "clamp", where=where)
+    # ``where``: a gate feature; the edit then acts only at positions where that feature fires.
+    # ``when``: a condition feature; the edit then acts on a request only if that feature fires
+    # somewhere in its prompt (e.g. a feature of colour questions)
+    def clamp(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
+        return self._edit(feature, value, "clamp", where=where, when=when)
 
-    def add(self, feature: int, value: float, where: int | None = None) -> Steering:
-        return self._edit(feature, value, "add", where=where)
+    def add(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
+        return self._edit(feature, value, "add", where=where, when=when)
 
-    def scale(self, feature: int, value: float, where: int | None = None) -> Steering:
-        return self._edit(feature, value, "scale", where=where)
+    def scale(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
+        return self._edit(feature, value, "scale", where=where, when=when)
 
-    def ablate(self, feature: int, where: int | None = None) -> Steering:
-        return self._edit(feature, 0.0, "clamp", where=where)
+    def ablate(self, feature: int, where: int | None = None, when: int | None = None) -> Steering:
+        return self._edit(feature, 0.0, "clamp", where=where, when=when)
 
-    def transfer(self, feature: int, value: float, source: int, where: int | None = None) -> Steering:
+    def transfer(self, feature: int, value: float, source: int, where: int | None = None,
+                 when: int | None = None) -> Steering:
         """Write ``value`` times ``source``'s activation along ``feature``'s direction, wherever
         ``source`` fires (and nowhere else)."""
         if source is None or source == feature:
             raise ValueError(f"a transfer needs another feature as its source, got {source!r}")
-        return self._edit(feature, value, "transfer", source, where)
+        return self._edit(feature, value, "transfer", source, where, when)
 
     def swap(self, source: int, feature: int, value: float = 1.0) -> Steering:
         """Where ``source`` fires, the model reads ``feature`` instead: ``source`` ablated, and

@@ -107,6 +107,10 @@ class SteeringFeature(Request):
         "direction wherever it fires (clamp the source at 0 beside it to swap one for the other)"))] = None
     where: Annotated[Int | None, Field(strict=True, ge=0, description=(
         "a gate: the edit acts only at positions where this feature fires (delta semantics)"))] = None
+    when: Annotated[Int | None, Field(strict=True, ge=0, description=(
+        "a condition on the request: the edit acts (on every position in scope, decode steps too) only if "
+        "this feature fires somewhere in the prompt's unedited block output, e.g. a feature of colour "
+        "questions (delta semantics)"))] = None
 
 
 class SteeringConcept(Request):
@@ -294,6 +298,9 @@ class AppliedFeature(BaseModel):
     mode: str
     source: int | None = Field(None, description="a transfer's source feature (present for transfers only)")
     where: int | None = Field(None, description="a gated edit's gate feature (present for gated edits only)")
+    when: int | None = Field(None, description="a conditioned edit's condition feature (present for those only)")
+    acted: bool | None = Field(None, description=(
+        "a conditioned edit's outcome: whether its condition fired in this prompt (present for those only)"))
     explanation: str | None = None
     concept: str | None = Field(None, description="the concept this edit came from, if any")
 

@@ -120,8 +120,9 @@ def param_for(field: str, body: ChatCompletionRequest, resolved: ResolvedSteerin
     return field
 
 
-def applied(resolved: ResolvedSteering, service: SteeringService) -> dict | None:
-    """The response's ``steering``: what was applied, with catalog explanations."""
+def applied(resolved: ResolvedSteering, service: SteeringService, idle: list[int] = ()) -> dict | None:
+    """The response's ``steering``: what was applied, with catalog explanations; ``idle``: the
+    conditioned edits whose condition did not fire in the prompt (the result's ``idle_features``)."""
     spec = resolved.spec
     if spec is None:
         return None
@@ -133,6 +134,8 @@ def applied(resolved: ResolvedSteering, service: SteeringService) -> dict | None
             feature["source"] = e.source
         if e.where is not None:  # a gated edit's
             feature["where"] = e.where
+        if e.when is not None:  # a conditioned edit's, with whether it acted on this request
+            feature["when"], feature["acted"] = e.when, e.feature not in idle
         features.append(feature)
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}

@@ -87,6 +87,8 @@ class GenerationResult:
     logprobs: list[float] | None = None
     timings: dict = field(default_factory=dict)
     steered_features: list[int] = field(default_factory=list)  # the features this request edited
+    # edits conditioned on the prompt (``when``) whose condition failed: they changed nothing
+    idle_features: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
         if spec is None:
             continue
         in_scope = s.decode_in_scope
+        acts = s.steering_row.open or [True] * len(spec.edits)
         for j, e in enumerate(spec.edits):
             # a transfer's slot measures the source and aims at no value of its own; a gated edit aims
             # at its target only where its gate fires, which this measure does not read
@@ -177,7 +180,7 @@ def _clamp_effects(seqs: list[_Sequence], effect: torch.Tensor) -> list[ClampEff
                 continue
             before, after = float(effect[0, i, j]), float(effect[1, i, j])
             # the edit adds a z + b along the feature's direction: it aims at z + a z + b
-            a, b = delta_coefficients(e) if in_scope else (0.0, 0.0)
+            a, b = delta_coefficients(e) if in_scope and acts[j] else (0.0, 0.0)
             found.append(ClampEffect(e.feature, e.mode, before, after, before + a * before + b))
     return found
 
@@ -414,6 +417,8 @@ class Engine:
     def _admit(self, seq: _Sequence, events, done) -> None:
         seq.t_start = time.perf_counter()
         pre = self._prefill(seq)
+        if pre.steering_row is not None:  # its ``when`` conditions, decided on the prompt, hold for every step
+            seq.steering_row = pre.steering_row
         seq.row = len(self.active)
         self.cache.load(seq.row, pre.keys, pre.values)
         seq.length, seq.rope_pos = pre.length, pre.next_rope_pos
@@ -427,7 +432,8 @@ class Engine:
 
     def _prefill(self, seq: _Sequence):
         spec = seq.req.steering
-        untouched = spec is None or not spec.active or (spec.semantics == "delta" and spec.effective_scope == "generated")
+        untouched = spec is None or not spec.active or (spec.semantics == "delta" and spec.effective_scope == "generated"
+                                                        and not seq.steering_row.conditional)
         budget = self.config.prefill_cache_tokens
         key = None
         if untouched and budget and set(seq.inputs) <= {"input_ids", "attention_mask"} and seq.prompt_len <= budget:
@@ -537,8 +543,15 @@ class Engine:
             done.append(GenerationResult(
                 seq.req.request_id, list(seq.generated), seq.text, reason, seq.prompt_len,
                 list(seq.logprobs) if p.logprobs else None,
-                self._timings(seq), list(seq.steering_row.ids),
+                self._timings(seq), list(seq.steering_row.ids), self._idle_features(seq),
             ))
+
+    @staticmethod
+    def _idle_features(seq: _Sequence) -> list[int]:
+        opened = seq.steering_row.open
+        if opened is None or seq.req.steering is None:
+            return []
+        return [e.feature for e, acts in zip(seq.req.steering.edits, opened, strict=True) if not acts]
 
     def kv_usage(self) -> float:
         """Share of the KV cache's positions holding live sequences' tokens."""

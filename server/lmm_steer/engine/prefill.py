@@ -2,7 +2,8 @@
 
 Using the HF forward keeps every family's image handling (AnyRes tiling, M-RoPE, pixel shuffle)
 exact. A forward hook on the hook block applies the request's steering to the positions in its
-scope; a pre-hook on the rotary module records the last rotary position, from which decode
+scope (a request-conditioned edit, ``when``, is decided there first, on the unedited output of
+the whole prompt); a pre-hook on the rotary module records the last rotary position, from which decode
 continues (for M-RoPE models it is not the token count). The keys and values come back from the
 dynamic cache for the static cache to copy.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .hookpoint import block_hidden, language_model, with_block_hidden
-from .steering import SteeringRow, SteeringTable, StepVariant, apply_steering, variant_for
+from .steering import SteeringRow, SteeringTable, StepVariant, apply_steering, fires_in, variant_for
 
 
 @dataclass
@@ -24,6 +25,7 @@ class PrefillResult:
     logits: torch.Tensor  # [vocab], fp32, at the last prompt position
     length: int  # T
     next_rope_pos: int
+    steering_row: SteeringRow | None = None  # the row with its ``when`` conditions decided (None: it had none)
 
 
 def scope_mask(input_ids: torch.Tensor, scope: str, image_token_id: int | None) -> torch.Tensor:
@@ -62,6 +64,7 @@ def run_prefill(
     t_len = int(input_ids.shape[1])
     handles = []
     seen_pos: list[int] = []
+    decided: dict[str, SteeringRow] = {}
 
     def record_positions(module, args, kwargs):
         pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
@@ -72,7 +75,7 @@ def run_prefill(
     if sae is not None and row is not None and (row.ids or row.paper):
         in_scope = scope_mask(input_ids[0], scope, image_token_id(model)).to(sae.W_dec.device)
         handles.append(decoder.layers[hook_index].register_forward_hook(
-            _steering_hook(sae, row, in_scope, max(table_width, len(row.ids), 1))
+            _steering_hook(sae, row, in_scope, max(table_width, len(row.ids), 1), decided)
         ))
     try:
         with torch.inference_mode():
@@ -89,19 +92,28 @@ def run_prefill(
         keys.append(k[0])
         values.append(v[0])
     next_pos = (max(seen_pos) + 1) if seen_pos else t_len
-    return PrefillResult(keys, values, out.logits[0, -1].float(), t_len, next_pos)
+    return PrefillResult(keys, values, out.logits[0, -1].float(), t_len, next_pos, decided.get("row"))
 
 
-def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int):
+def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int, decided: dict):
     t_len = int(in_scope.shape[0])
-    table = SteeringTable(2, width, sae.W_dec.device, sae.W_dec.dtype)
-    table.write(0, row, True)
-    table.write(1, row, False)
     which = (~in_scope).long()  # per position: row 0 of the table in scope, row 1 out of scope
-    variant: StepVariant = variant_for([(row, bool(in_scope.any()))])
+
+    def tables(r: SteeringRow) -> tuple[SteeringTable, StepVariant]:
+        table = SteeringTable(2, width, sae.W_dec.device, sae.W_dec.dtype)
+        table.write(0, r, True)
+        table.write(1, r, False)
+        return table, variant_for([(r, bool(in_scope.any()))])
+
+    ready = None if row.conditional else tables(row)
 
     def hook(module, args, output):
         h = block_hidden(output)
+        if ready is None:  # the conditions read the unedited output of the whole prompt, then the edits apply
+            decided["row"] = row.opened(fires_in(sae, h[0], row.whens))
+            table, variant = tables(decided["row"])
+        else:
+            table, variant = ready
         steered = apply_steering(
             h[0], sae, table.ids[which], table.delta_a[which], table.delta_b[which], table.paper_c[which],
             table.paper_d[which], table.paper[which], variant, dirs=table.dirs[which], gates=table.gates[which],

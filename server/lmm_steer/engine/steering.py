@@ -11,6 +11,10 @@ Every edit of feature j becomes two coefficient pairs:
   Any delta edit may be gated by another feature g (``where``): its update is multiplied by
   ``1[z_g(h) > 0]``, so it acts only at positions where g fires (e.g. paint a shape only on the
   patches of the object whose colour names it), and nowhere else.
+  Any delta edit may also be conditioned on the request (``when``, as conditional activation
+  steering, CAST, conditions on the prompt): it acts on a request only if feature c fires at some
+  position of its prompt in the unedited block output (e.g. steer colour only in prompts that ask
+  about colour); decided once, at prefill, for every position of the request, decode steps too.
   With a=b=0 the update is exactly zero, so an unsteered row is bit-identical to the plain model.
 * paper semantics (arXiv 2411.14982's code): the latent's pre-activation is rewritten,
   ``p_j <- c_j p_j + d_j`` (clamp: 0, v;  add: 1, v;  scale: v, 0), TopK is re-applied and the
@@ -24,7 +28,7 @@ slot or c=1, d=0).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +53,13 @@ class FeatureEdit:
     mode: str = "clamp"
     source: int | None = None  # mode "transfer": the feature whose activation is written into this one
     where: int | None = None  # the edit acts only at positions where this feature fires
+    when: int | None = None  # the edit acts on a request only if this feature fires somewhere in its prompt
 
     @classmethod
     def of(cls, feature) -> FeatureEdit:
-        """From a request's steering feature (anything with its fields: id, value, mode, source, where)."""
-        return cls(feature.id, float(feature.value), feature.mode, feature.source, feature.where)
+        """From a request's steering feature (anything with its fields: id, value, mode, source, where, when)."""
+        return cls(feature.id, float(feature.value), feature.mode, feature.source, feature.where,
+                   getattr(feature, "when", None))
 
 
 @dataclass
@@ -115,6 +121,13 @@ class SteeringSpec:
                 if self.semantics == "paper":
                     raise SteeringError("a gated edit ('where') edits the block output (delta semantics); paper "
                                         "semantics rewrites every position's pre-activations", f"{where}.where")
+            if e.when is not None:
+                if isinstance(e.when, bool) or not isinstance(e.when, int) or not 0 <= e.when < num_latents:
+                    raise SteeringError(f"when must be a feature id of the SAE (0..{num_latents - 1}), got "
+                                        f"{e.when!r}", f"{where}.when")
+                if self.semantics == "paper":
+                    raise SteeringError("a conditioned edit ('when') edits the block output (delta semantics); "
+                                        "paper semantics rewrites every position's pre-activations", f"{where}.when")
             if e.mode != "transfer":
                 if e.source is not None:
                     raise SteeringError(f"source is for mode 'transfer' only (feature {e.feature} is {e.mode!r})",
@@ -145,7 +158,9 @@ def paper_coefficients(edit: FeatureEdit) -> tuple[float, float]:
 class SteeringRow:
     """One request's table row, as Python lists of width ``len(edits)`` (padded when written);
     ``dirs``: each slot's decoder direction where it is not its ``ids`` entry (a transfer's);
-    ``gates``: each slot's ``where`` feature, -1 for an ungated slot (None: no slot is gated)."""
+    ``gates``: each slot's ``where`` feature, -1 for an ungated slot (None: no slot is gated);
+    ``whens``: each slot's ``when`` feature, -1 for an unconditioned slot (None: none is conditioned),
+    until the prefill decides them (``opened``), after which ``open`` says which slots act."""
 
     ids: list[int]
     delta_a: list[float]
@@ -155,6 +170,8 @@ class SteeringRow:
     paper: bool
     dirs: list[int] | None = None
     gates: list[int] | None = None
+    whens: list[int] | None = None
+    open: list[bool] | None = None
 
     @classmethod
     def from_spec(cls, spec: SteeringSpec | None) -> SteeringRow:
@@ -176,7 +193,21 @@ class SteeringRow:
             dirs=[e.feature for e in edits] if transfers else None,
             gates=[-1 if e.where is None else e.where for e in edits] if any(e.where is not None for e in edits)
             else None,
+            whens=[-1 if e.when is None else e.when for e in edits] if any(e.when is not None for e in edits)
+            else None,
         )
+
+    @property
+    def conditional(self) -> bool:
+        """Some slot acts only if its ``when`` feature fires in the prompt, not yet decided."""
+        return self.whens is not None
+
+    def opened(self, fired: list[bool]) -> SteeringRow:
+        """This row once the prompt is known: ``fired[i]``, whether slot i's ``when`` feature fired
+        somewhere in it; a slot whose condition failed keeps its place with a zero update (a=b=0)."""
+        keep = [w < 0 or f for w, f in zip(self.whens or [-1] * len(self.ids), fired, strict=True)]
+        return replace(self, delta_a=[a if k else 0.0 for a, k in zip(self.delta_a, keep, strict=True)],
+                       delta_b=[b if k else 0.0 for b, k in zip(self.delta_b, keep, strict=True)], whens=None, open=keep)
 
     @property
     def gated(self) -> bool:
@@ -310,6 +341,16 @@ def activations_of(sae, pre: torch.Tensor, ids: torch.Tensor, rank_by_count: boo
     else:
         z = chosen
     return chosen, z
+
+
+def fires_in(sae, h: torch.Tensor, ids: list[int]) -> list[bool]:
+    """Whether each feature of ``ids`` (-1: none, counted as fired) is active at some position of
+    ``h [T, D]`` (a prompt's unedited block output): a ``when`` condition."""
+    wanted = torch.tensor([max(i, 0) for i in ids], dtype=torch.long, device=h.device)
+    x = h.to(sae.W_dec.dtype)
+    z = activations_of(sae, F.relu(sae.pre_activations(x)), wanted.expand(x.shape[0], -1))[1]
+    anywhere = (z > 0).any(0).tolist()
+    return [i < 0 or bool(f) for i, f in zip(ids, anywhere, strict=True)]
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
