@@ -217,6 +217,38 @@ def test_every_steering_the_fit_tries_gets_the_engines_answers_on_the_fast_path(
     assert len({tuple(f) for f in fast}) > 1  # the scopes differ in what they change
 
 
+def test_conditioned_steerings_get_the_engines_answers_on_the_fast_path(splits):
+    """``when``: the fast path decides each question's conditions on its own prompt, as the engine's
+    prefill does; with a condition that fires on some questions' prompts and not others', the answers
+    are the engine's, and differ from both the unsteered and the unconditioned ones."""
+    from lmm_steer.engine import EngineConfig, FeatureEdit
+    from lmm_steer.engine.factory import engine_for
+    from lmm_steer.fit.answers import SplitAnswers, ask
+    from lmm_steer.fit.examples import load_examples
+    from lmm_steer.models.loader import load_model
+
+    engine = engine_for(load_model("builtin:tiny-llava-next"), "builtin:random-topk:latents=512,k=8",
+                        hookpoint="model.layers.1", config=EngineConfig(max_batch=8, max_seq_len=1024))
+    root, items = load_examples(splits / "fit", 2)
+    split = SplitAnswers(engine, root)
+    fired = []
+    for image in dict.fromkeys(q["image"] for q in items):
+        asked = [q for q in items if q["image"] == image]
+        entry = split.fast.prepare(root, image, asked)
+        fired += [split.fast._fired(entry, k) for k in range(len(asked))]
+    share = torch.stack(fired).float().mean(0)
+    some = ((share > 0.2) & (share < 0.8)).nonzero().flatten()
+    assert len(some), "no feature fires on some prompts and not others: pick another SAE"
+    condition = int(some[0])
+    edits = [FeatureEdit(3, 8.0, "scale"), FeatureEdit(5, 20.0, "add")]
+    specs = [SteeringSpec([FeatureEdit(e.feature, e.value, e.mode, when=condition) for e in edits], scope=scope)
+             for scope in ("image", "all")]
+    mixed = SteeringSpec([FeatureEdit(3, 8.0, "scale", when=condition), FeatureEdit(5, 20.0, "add")], scope="all")
+    fast = split(items, [None, *specs, mixed, SteeringSpec(edits, scope="all")])
+    assert fast[1:4] == [ask(engine, root, items, s) for s in (*specs, mixed)]
+    assert fast[2] != fast[0] and fast[2] != fast[4]  # the condition opens on some questions and closes on others
+
+
 def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path, capsys):
     from lmm_steer.cli import main
 

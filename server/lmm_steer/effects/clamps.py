@@ -16,6 +16,9 @@ decoder is causal, so for one image:
 An edit whose scope also covers the question (``prompt``, ``all``) or the decoded tokens
 (``generated``, ``all``) is applied there as well, between the hook block and the next, as the
 engine does; the blocks up to the hook still never see an edit, so the shared work stays shared.
+An edit conditioned on the request (``when``) is decided per question on the unedited hook-block
+output of its whole prompt (the prefix's and the question's), as the engine's prefill decides it;
+each steering then becomes, per question, the steering of its edits that act.
 
 On the scenes model (block 15 of 30, 339 prefix tokens, questions of about 22) an edit costs
 about a seventh of the engine's per-question prefills for an image's four colour and shape
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ from PIL import Image
 from ..engine import SteeringSpec
 from ..engine.hookpoint import language_model
 from ..engine.prefill import image_token_id
-from ..engine.steering import SteeringRow, SteeringTable, apply_steering, variant_for
+from ..engine.steering import SteeringRow, SteeringTable, activations_of, apply_steering, variant_for
 from ..models.inputs import build_inputs
 
 
@@ -87,6 +90,7 @@ class _Image:
     low_kv: list[dict] | None = None  # per question: block -> (keys, values) over its text only, blocks <= hook
     base_patches: torch.Tensor | None = None  # [rows * cols, latents] SAE activations of the base grid
     grid: tuple[int, int] | None = None
+    fired: list[torch.Tensor] | None = None  # per question, [latents] bool: fires somewhere in its prompt
 
 
 class ImageAnswers:
@@ -276,9 +280,47 @@ class ImageAnswers:
                 out[b] = self._steer(out[b], spec, on_image)
         return out
 
+    def _fired(self, entry: _Image, q: int) -> torch.Tensor:
+        """``[latents]`` bool: which features fire somewhere in question ``q``'s prompt (unedited)."""
+        if entry.fired is None:
+            entry.fired = [None] * len(entry.questions)
+        if entry.fired[q] is None:
+            h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]]).to(self.sae.W_dec.dtype)
+            pre = torch.relu(self.sae.pre_activations(h))
+            every = torch.arange(pre.shape[1], device=pre.device).expand(pre.shape[0], -1)
+            entry.fired[q] = (activations_of(self.sae, pre, every, rank_by_count=False)[1] > 0).any(0).cpu()
+        return entry.fired[q]
+
+    def _decided(self, entry: _Image, spec, q: int):
+        """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there, the
+        condition dropped (None when no edit is left)."""
+        if not isinstance(spec, SteeringSpec) or all(e.when is None for e in spec.edits):
+            return spec
+        fired = self._fired(entry, q)
+        acting = [replace(e, when=None) for e in spec.edits if e.when is None or bool(fired[e.when])]
+        return replace(spec, edits=acting) if acting else None
+
     @torch.inference_mode()
     def answer_image(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> list[list[str]]:
-        """``[spec][question]``: the greedy answer to each of the image's questions under each spec."""
+        """``[spec][question]``: the greedy answer to each of the image's questions under each spec
+        (a conditioned spec answered, per question, as the spec of its acting edits)."""
+        if not any(isinstance(s, SteeringSpec) and any(e.when is not None for e in s.edits) for s in specs):
+            return self._answer_image(entry, specs)
+
+        def key(spec):
+            if spec is None or (isinstance(spec, SteeringSpec) and not spec.edits):
+                return ("none",)
+            if isinstance(spec, torch.Tensor):
+                return ("vector", id(spec))
+            return ("spec", tuple(spec.edits), spec.effective_scope, spec.semantics)
+
+        decided = [[self._decided(entry, s, q) for q in range(len(entry.questions))] for s in specs]
+        unique = {key(d): d for row in decided for d in row}
+        order = {k: i for i, k in enumerate(unique)}
+        got = self._answer_image(entry, list(unique.values()))
+        return [[got[order[key(d)]][q] for q, d in enumerate(row)] for row in decided]
+
+    def _answer_image(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> list[list[str]]:
         out: list[list[str]] = []
         high = range(self.hook + 1, len(self.decoder.layers))
         for start in range(0, len(specs), self.batch):
