@@ -254,6 +254,9 @@ def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model(
     assert len({r["feature"] for r in rows}) == len(rows) > 15
     for row in rows:
         _check_row(row)
+    # each steering row carries its question type's condition (`sae conditions`), one per type
+    when = {(r["effect"]["type"], r["steer"]["when"]) for r in rows if "steer" in r}
+    assert sorted(t for t, _ in when) == ["colour", "shape"] and len({w for _, w in when}) == 2
     merged = FeatureCatalog()
     for path in sources.catalogs:
         merged.merge(FeatureCatalog.load(path))
@@ -269,4 +272,5 @@ def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model(
         top, _ = index.search(word, 1)[0]
         assert top.feature == row["feature"], word
         edit, = resolve_concept(index, word)
-        assert (edit.feature, edit.value, edit.scope) == (row["feature"], row["steer"]["value"], "image")
+        assert (edit.feature, edit.value, edit.scope, edit.when) == (row["feature"], row["steer"]["value"], "image",
+                                                                     row["steer"]["when"])

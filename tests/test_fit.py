@@ -115,6 +115,49 @@ def test_a_point_that_breaks_a_type_beyond_the_bound_is_never_chosen():
     assert choose(_answer, _items(60, 1), [harmful], mean_active(codes))["chosen"] is None
 
 
+COLOUR_PROMPTS = 21  # the condition feature of the planted model: it fires on colour questions' prompts alone
+
+
+def _planted_side_effect(items: list[dict], spec: SteeringSpec | None) -> list[str]:
+    """A planted model where suppressing the confused feature fixes the purple objects but, on a shape
+    question, makes it say gray: unless the edit is conditioned on colour prompts, where it never acts
+    on a shape question."""
+    out = []
+    for q in items:
+        acting = {e.feature for e in (spec.edits if spec else [])
+                  if e.when is None or (e.when == COLOUR_PROMPTS and q["type"] == "colour")}
+        if CONFUSED in acting and q["type"] == "shape":
+            out.append("gray")
+        elif q["confused"]:
+            out.append("purple" if CONFUSED in acting else "blue")
+        else:
+            out.append(q["answer"])
+    return out
+
+
+def test_a_confusion_candidate_conditioned_on_its_question_type_keeps_the_other_types():
+    from lmm_steer.fit.candidates import Candidate
+    from lmm_steer.fit.search import grid_points
+
+    fit, select, test = _items(90, 0), _items(60, 1), _items(60, 2)
+    typical = mean_active(_codes(fit, 0))
+    cands = [Candidate("confusion:colour:purple->blue", [], [CONFUSED]), Candidate("probe", [RIGHT], [CONFUSED])]
+    grid = {"k": (1,), "mode": ("scale",), "strength": (2.0,), "scope": ("image",), "condition": ("none", "type")}
+    points = grid_points(cands, typical, grid, {"colour": COLOUR_PROMPTS})
+    assert [(p.family, p.when) for p in points] == [("confusion:colour:purple->blue", None),
+                                                    ("confusion:colour:purple->blue", COLOUR_PROMPTS), ("probe", None)]
+    assert all(e.when == COLOUR_PROMPTS for e in points[1].spec.edits)
+    answer = lambda items, steerings: [_planted_side_effect(items, s) for s in steerings]  # noqa: E731
+    chosen = choose(answer, select, cands[:1], typical, grid=grid, conditions={"colour": COLOUR_PROMPTS})["chosen"]
+    assert chosen is not None and chosen.when == COLOUR_PROMPTS  # unconditioned it breaks every shape answer
+    base = _planted_side_effect(test, None)
+    held_out = tally(test, base, _planted_side_effect(test, chosen.spec))
+    assert held_out["all"]["fixed"] == 20 and held_out["all"]["broken"] == 0
+    unconditioned = tally(test, base, _planted_side_effect(test, points[0].spec))
+    assert unconditioned["shape"]["broken"] == 20
+    assert choose(answer, select, cands[:1], typical, grid={**grid, "condition": ("none",)})["chosen"] is None
+
+
 def test_screening_takes_every_question_about_a_seeded_sample_of_images():
     items = [{**q, "image": f"{i % 10}.png"} for i, q in enumerate(_items(60, 3))]
     screen = screening_set(items, images=4)
@@ -235,7 +278,7 @@ def test_conditioned_steerings_get_the_engines_answers_on_the_fast_path(splits):
     for image in dict.fromkeys(q["image"] for q in items):
         asked = [q for q in items if q["image"] == image]
         entry = split.fast.prepare(root, image, asked)
-        fired += [split.fast._fired(entry, k) for k in range(len(asked))]
+        fired += [split.fast.prompt_peaks(entry, k) > 0 for k in range(len(asked))]
     share = torch.stack(fired).float().mean(0)
     some = ((share > 0.2) & (share < 0.8)).nonzero().flatten()
     assert len(some), "no feature fires on some prompts and not others: pick another SAE"

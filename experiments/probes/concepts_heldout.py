@@ -1,5 +1,5 @@
 """Probe for issue #41 part 3: does naming a colour or shape in ``steering.concepts`` make the scenes
-model give it, on the held-out test split (seed 33, which no calibration reads)?
+model give it, on a held-out test split (seed 33, then 35 for conditioned rows; no calibration reads either)?
 
 For each of the 15 values, ``{"steering": {"concepts": [{"text": value}]}}`` is resolved exactly as
 the server resolves a chat request (``api.steering_request.resolve_steering`` over the search index
@@ -11,7 +11,8 @@ one conversation per question, as ``eval.fix.ask`` asks):
   the share now answered with it;
 * kept: of the other type's questions answered right unsteered, the share still right.
 
-Also reported per value: the feature, value and scope the server chose, search's top hit for the
+Also reported per value: the feature, value, scope and condition (``when``) the server chose, the
+share of each kind's prompts its condition held on (the edit acted there), search's top hit for the
 value and whether it is the feature with the best measured effect in the catalog (by
 ``effects.rank.rank_key``). Questions are the split's first ``--scenes`` scenes', in order; each
 value takes its first ``--per-value`` eligible questions of each kind.
@@ -39,6 +40,7 @@ from lmm_steer.effects.rank import measured_word, rank_key
 from lmm_steer.engine import EngineConfig
 from lmm_steer.eval.fix import ask
 from lmm_steer.eval.tested import VALUE_KEYS
+from lmm_steer.fit.codes import request
 from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.evaluate import normalise, questions
 from sae_weights import FeatureCatalog
@@ -99,12 +101,15 @@ def main() -> int:
         other = [i for i, q in enumerate(items)
                  if q["type"] == OTHER[kind] and plain[i] == normalise(q["answer"])][:args.per_value]
         asked = same + other
-        said = [normalise(a) for a in ask(engine, data, [items[i] for i in asked], [spec] * len(asked),
-                                          max_tokens=args.max_tokens)]
+        results = engine.generate([request(data, items[i], spec, args.max_tokens) for i in asked])
+        said = [normalise(r.text) for r in results]
+        acted = [not r.idle_features for r in results]
         turned = sum(s == word for s in said[:len(same)])
         kept = sum(s == normalise(items[i]["answer"]) for i, s in zip(other, said[len(same):], strict=True))
         top = index.search(word, 1)[0][0].feature
         row = {"value": key, "feature": [e.feature for e in spec.edits], "clamp": [e.value for e in spec.edits],
+               "when": [e.when for e in spec.edits], "acted": round(sum(acted[:len(same)]) / len(same), 4)
+               if same else None, "acted_other": round(sum(acted[len(same):]) / len(other), 4) if other else None,
                "scope": spec.effective_scope, "rate": round(turned / len(same), 4) if same else None, "n": len(same),
                "kept": round(kept / len(other), 4) if other else None, "n_other": len(other),
                "top_hit": top, "best_measured": best.get(word, (None,))[0],
@@ -118,12 +123,14 @@ def main() -> int:
                "kept_mean": round(sum(r["kept"] for r in rows) / len(rows), 4),
                "top_is_best": sum(r["top_is_best"] for r in rows), "questions": len(items),
                "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), "catalogs": paths}
-    print("| value | feature | clamp | scope | rate (n) | other type kept (n) | top hit = best measured |")
-    print("|---|---|---|---|---|---|---|")
+    print("| value | feature | clamp | scope | when | acted: own / other type | rate (n) | other type kept (n) "
+          "| top hit = best measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['value'].split(':')[1]} | {', '.join(map(str, r['feature']))} | "
-              f"{', '.join(f'{v:g}' for v in r['clamp'])} | {r['scope']} | {r['rate']:.2f} ({r['n']}) | "
-              f"{r['kept']:.2f} ({r['n_other']}) | {'yes' if r['top_is_best'] else 'no'} |")
+              f"{', '.join(f'{v:g}' for v in r['clamp'])} | {r['scope']} | "
+              f"{', '.join('-' if w is None else str(w) for w in r['when'])} | {r['acted']:.2f} / {r['acted_other']:.2f} | "
+              f"{r['rate']:.2f} ({r['n']}) | {r['kept']:.2f} ({r['n_other']}) | {'yes' if r['top_is_best'] else 'no'} |")
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps({"command": "python experiments/probes/concepts_heldout.py "

@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
          concepts.calibrate_command),
         ("effects", "measure what clamping features on the image makes a scenes model answer, into catalog rows",
          effects.add_effects_arguments, effects.effects_command),
+        ("conditions", "give effect rows the condition of their question type: a feature firing on such prompts "
+                       "alone", effects.add_conditions_arguments, effects.conditions_command),
         ("bench-train", "training step rate against the dense encoder matmul alone", train_bench.add_arguments,
          train_bench.main),
         ("bench-quality", "recovery of a known sparse dictionary, against sparsify for equal tokens",

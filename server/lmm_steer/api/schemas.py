@@ -119,6 +119,9 @@ class SteeringConcept(Request):
     strength: Annotated[float, Field(ge=-4, le=4, allow_inf_nan=False, description=(
         "multiple of each chosen feature's calibrated value; negative pushes against the concept"))] = 1.0
     max_features: Annotated[Int, Field(ge=1, le=8, description="features the concept may resolve to")] = 1
+    condition: bool = Field(True, description=(
+        "keep the condition a measured feature's value comes with (its 'when': e.g. act only on prompts asking "
+        "about colour, where the value was measured); false: act on every prompt"))
 
 
 class Steering(Request):

@@ -56,7 +56,7 @@ def _add_concepts(out: ResolvedSteering, edits: list[FeatureEdit], concepts, ser
                                      exclude={e.feature for e in edits})
         except ConceptNotFound as e:
             raise APIError(400, str(e), param=param_of(i), code="concept_not_found") from None
-        edits += [FeatureEdit(ce.feature, ce.value) for ce in chosen]
+        edits += [FeatureEdit(ce.feature, ce.value, when=ce.when if c.condition else None) for ce in chosen]
         out.params += [param_of(i)] * len(chosen)
         out.concepts.append({"text": c.text, "strength": c.strength, "features": [ce.feature for ce in chosen]})
         out.concept_of.update({ce.feature: c.text for ce in chosen})

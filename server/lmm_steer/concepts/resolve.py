@@ -2,6 +2,10 @@
 the model say a word it names, then the nearest by meaning), clamped at their calibrated value
 times the requested strength, on the scope that value was measured in.
 
+A measured row may carry a condition (``when``: the feature that fires on prompts asking about the
+type its value was measured on, e.g. colour questions); the edit then acts only on such prompts
+unless the request turns conditions off.
+
 A feature without a calibrated value is passed over when its catalog was calibrated (calibration
 found no value where the concept shows before the text breaks); a catalog never calibrated falls
 back to the README's recipe, three times the feature's largest activation. Negative strengths
@@ -36,6 +40,7 @@ class ConceptEdit:
     text: str
     calibrated: bool
     scope: str | None = None  # where the value was measured (None: never calibrated)
+    when: int | None = None  # the condition its value was measured under (None: none)
 
 
 def steer_value(entry) -> tuple[float | None, bool]:
@@ -56,6 +61,13 @@ def steer_scope(entry) -> str | None:
     return steer["scope"] if steer.get("scope") in SCOPES else CALIBRATED_SCOPE
 
 
+def steer_condition(entry) -> int | None:
+    """The ``when`` feature a row's value was measured under (``effects.conditions``), else None."""
+    steer = entry.extras.get("steer")
+    when = steer.get("when") if isinstance(steer, dict) else None
+    return when if isinstance(when, int) and not isinstance(when, bool) else None
+
+
 def candidates(index, text: str, limit: int = CANDIDATES) -> list[ConceptEdit]:
     """Search's first features for the concept and their strength-1 values (None where calibration
     found none)."""
@@ -63,7 +75,7 @@ def candidates(index, text: str, limit: int = CANDIDATES) -> list[ConceptEdit]:
     for entry, score in index.search(text, limit):
         value, calibrated = steer_value(entry)
         out.append(ConceptEdit(entry.feature, value, round(float(score), 4), feature_text(entry)[:200], calibrated,
-                               steer_scope(entry)))
+                               steer_scope(entry), steer_condition(entry)))
     return out
 
 
@@ -87,7 +99,7 @@ def choose(near: list[ConceptEdit], text: str, strength: float = 1.0, max_featur
         if c.value is None or c.feature in exclude:
             continue
         chosen.append(ConceptEdit(c.feature, round(strength * c.value, 4), c.similarity, c.text, c.calibrated,
-                                  c.scope))
+                                  c.scope, c.when))
         if len(chosen) == max_features:
             break
     if not chosen:

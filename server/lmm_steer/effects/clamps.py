@@ -90,7 +90,7 @@ class _Image:
     low_kv: list[dict] | None = None  # per question: block -> (keys, values) over its text only, blocks <= hook
     base_patches: torch.Tensor | None = None  # [rows * cols, latents] SAE activations of the base grid
     grid: tuple[int, int] | None = None
-    fired: list[torch.Tensor] | None = None  # per question, [latents] bool: fires somewhere in its prompt
+    peaks: list[torch.Tensor] | None = None  # per question, [latents]: each feature's largest activation in its prompt
 
 
 class ImageAnswers:
@@ -280,24 +280,26 @@ class ImageAnswers:
                 out[b] = self._steer(out[b], spec, on_image)
         return out
 
-    def _fired(self, entry: _Image, q: int) -> torch.Tensor:
-        """``[latents]`` bool: which features fire somewhere in question ``q``'s prompt (unedited)."""
-        if entry.fired is None:
-            entry.fired = [None] * len(entry.questions)
-        if entry.fired[q] is None:
+    @torch.inference_mode()
+    def prompt_peaks(self, entry: _Image, q: int) -> torch.Tensor:
+        """``[latents]``: each feature's largest SAE activation over question ``q``'s whole prompt, in
+        the unedited hook-block output (positive: a ``when`` condition on it holds there)."""
+        if entry.peaks is None:
+            entry.peaks = [None] * len(entry.questions)
+        if entry.peaks[q] is None:
             h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]]).to(self.sae.W_dec.dtype)
             pre = torch.relu(self.sae.pre_activations(h))
             every = torch.arange(pre.shape[1], device=pre.device).expand(pre.shape[0], -1)
-            entry.fired[q] = (activations_of(self.sae, pre, every, rank_by_count=False)[1] > 0).any(0).cpu()
-        return entry.fired[q]
+            entry.peaks[q] = activations_of(self.sae, pre, every, rank_by_count=False)[1].amax(0).float().cpu()
+        return entry.peaks[q]
 
     def _decided(self, entry: _Image, spec, q: int):
         """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there, the
         condition dropped (None when no edit is left)."""
         if not isinstance(spec, SteeringSpec) or all(e.when is None for e in spec.edits):
             return spec
-        fired = self._fired(entry, q)
-        acting = [replace(e, when=None) for e in spec.edits if e.when is None or bool(fired[e.when])]
+        peaks = self.prompt_peaks(entry, q)
+        acting = [replace(e, when=None) for e in spec.edits if e.when is None or bool(peaks[e.when] > 0)]
         return replace(spec, edits=acting) if acting else None
 
     @torch.inference_mode()

@@ -1,5 +1,6 @@
 """``lmm-steer sae effects``: measure what each candidate feature's clamp on the image makes a scenes
-model say, and write the catalog rows (effect and steering value) that serve merges."""
+model say, and write the catalog rows (effect and steering value) that serve merges;
+``lmm-steer sae conditions``: give those rows the condition of their question type (``when``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+CONDITION_SCENES = 40
+CONDITION_TYPES = ("colour", "shape", "exist", "count", "left", "right")
 
 
 def add_effects_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +46,8 @@ def add_effects_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of questions a chosen value should turn; where no value keeping --kept-bound reaches "
                         "it, the value with the best rate x kept is chosen")
     p.add_argument("--batch", type=int, default=16, help="clamps run together on one image")
+    p.add_argument("--condition-scenes", type=int, default=CONDITION_SCENES,
+                   help="scenes whose prompts the rows' conditions by question type are read on (0: no conditions)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--json", metavar="PATH", help="write the whole measurement (every candidate's effect) here")
     p.add_argument("--markdown", metavar="PATH")
@@ -113,6 +119,8 @@ def effects_command(args) -> int:
     meta = {"data": info.get("description", str(args.data)), "command": "lmm-steer sae effects " + " ".join(called),
             "date": datetime.date.today().isoformat()}
     rows = [catalog_row(f, e, meta) for f, e in sorted(result["features"].items())]
+    if args.condition_scenes > 0:
+        rows, _ = _conditioned(engine, Path(args.data), rows, args.condition_scenes, meta)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = markdown(result)
     print(table)
@@ -123,4 +131,62 @@ def effects_command(args) -> int:
         Path(args.markdown).write_text(table)
     print(json.dumps({"written": args.out, "features": len(rows), "steering": sum("steer" in r for r in rows),
                       "seconds": result["timing"]["total_s"]}))
+    return 0
+
+
+def _conditioned(engine, data: Path, rows: list[dict], scenes: int, meta: dict):
+    """``rows`` with their conditions by question type, read on ``data``'s first ``scenes`` scenes."""
+    from ..scenes.evaluate import questions
+    from .clamps import ImageAnswers
+    from .conditions import find_conditions, with_conditions
+
+    conditions = find_conditions(ImageAnswers(engine), data, questions(data, scenes, CONDITION_TYPES))
+    return with_conditions(rows, conditions, meta), conditions
+
+
+def add_conditions_arguments(p: argparse.ArgumentParser) -> None:
+    from ..scenes.commands import add_scene_engine_arguments
+
+    add_scene_engine_arguments(p)
+    p.add_argument("--data", required=True, help="a `scenes generate` split of a seed never used for training or "
+                                                 "testing (its questions' prompts are read)")
+    p.add_argument("--effects", required=True, help="effect rows (JSONL, from `sae effects`) to give conditions")
+    p.add_argument("--out", help="where to write the rows (default: --effects, rewritten)")
+    p.add_argument("--scenes", type=int, default=CONDITION_SCENES, help="scenes whose prompts are read")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def conditions_command(args) -> int:
+    import torch
+
+    from ..engine import EngineConfig
+    from ..eval.commands import fail, split_error
+    from ..scenes.commands import scene_engine
+    from .clamps import ImageAnswers
+
+    if error := split_error("data", args.data):
+        return fail(error)
+    if args.scenes < 1:
+        return fail(f"--scenes must be at least 1, got {args.scenes}")
+    try:
+        rows = [json.loads(line) for line in Path(args.effects).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        return fail(f"--effects: {args.effects}: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16))
+    if not ImageAnswers.supported(engine):
+        return fail(f"--model: {args.model}: conditions are read block by block, on LLaVA-family models only")
+    called = sys.argv[sys.argv.index("conditions") + 1:] if "conditions" in sys.argv else ["--data", args.data, "..."]
+    info = json.loads((Path(args.data) / "annotations.json").read_text()).get("info", {})
+    meta = {"data": info.get("description", str(args.data)), "command": "lmm-steer sae conditions " + " ".join(called),
+            "date": datetime.date.today().isoformat()}
+    rows, conditions = _conditioned(engine, Path(args.data), rows, args.scenes, meta)
+    out = Path(args.out or args.effects)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps({"written": str(out), "conditions": {k: {**c.record(), "usable": c.usable}
+                                                           for k, c in conditions.items()},
+                      "rows_conditioned": sum("when" in (r.get("steer") or {}) for r in rows),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import FeatureEdit, SteeringSpec
+from ..engine import SteeringSpec
 from ..fit.answers import SplitAnswers
 from .preset import tally
 
@@ -29,7 +29,7 @@ def by_type_and_difficulty(item: dict) -> tuple[str, ...]:
 
 def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random, density: dict[int, float] | None = None,
                 near: int = 10) -> SteeringSpec:
-    """The same edits (modes, values, gates, scope) on features drawn from ``pool``, none of the spec's own.
+    """The same edits (modes, values, gates, conditions, scope) on features drawn from ``pool``, none of the spec's own.
 
     With ``density`` (each feature's firing rate), each edit's feature is drawn from the ``near``
     pool features whose rate is closest to its own on a log scale: a scaled feature acts only where
@@ -44,8 +44,7 @@ def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random, density
             rated = [f for f in left if (density.get(f) or 0) > 0]
             left = sorted(rated, key=lambda f: abs(math.log(density[f] / rate)))[:near] or left
         drawn.append(rng.choice(left))
-    return replace(spec, edits=[FeatureEdit(f, e.value, e.mode, e.source, e.where) for f, e in zip(drawn, spec.edits,
-                                                                                                  strict=True)])
+    return replace(spec, edits=[replace(e, feature=f) for f, e in zip(drawn, spec.edits, strict=True)])
 
 
 def summary(result: dict) -> dict:

@@ -81,17 +81,26 @@ def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def steering(cand: Candidate, k: int, mode: str, strength: float, scope: str, typical: torch.Tensor) -> SteeringSpec:
+def question_type(family: str) -> str | None:
+    """The question type a candidate's family was fitted on (``confusion:<type>:...``), else None."""
+    parts = family.split(":")
+    return parts[1] if parts[0] == "confusion" and len(parts) > 2 else None
+
+
+def steering(cand: Candidate, k: int, mode: str, strength: float, scope: str, typical: torch.Tensor,
+             when: int | None = None) -> SteeringSpec:
     """The top ``k`` features of each side as edits: ``scale`` multiplies an amplified feature by
     ``strength`` where it fires and a suppressed one by 1/``strength``; ``add`` adds ``strength`` x the
     feature's typical activation along an amplified feature at every position in scope (SAVE's
-    steering) and clamps a suppressed one at 0."""
+    steering) and clamps a suppressed one at 0. ``when``: every edit acts only on prompts where that
+    feature fires (e.g. the condition of the confusion's question type)."""
     edits = []
     for f in cand.up[:k]:
         if mode == "scale":
-            edits.append(FeatureEdit(f, float(strength), "scale"))
+            edits.append(FeatureEdit(f, float(strength), "scale", when=when))
         else:
-            edits.append(FeatureEdit(f, round(float(strength * typical[f]), 4), "add"))
+            edits.append(FeatureEdit(f, round(float(strength * typical[f]), 4), "add", when=when))
     for f in cand.down[:k]:
-        edits.append(FeatureEdit(f, round(1.0 / strength, 4), "scale") if mode == "scale" else FeatureEdit(f, 0.0))
+        edits.append(FeatureEdit(f, round(1.0 / strength, 4), "scale", when=when) if mode == "scale"
+                     else FeatureEdit(f, 0.0, when=when))
     return SteeringSpec(edits, scope=scope)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..scenes.commands import add_scene_engine_arguments
+from .search import CONDITIONS
 
 FIT_TYPES = ("colour", "shape", "exist")
 
@@ -32,6 +33,11 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
                                                         "add: strength x its typical activation everywhere in scope")
     p.add_argument("--strengths", default="2", help="strengths tried (comma-separated)")
     p.add_argument("--scopes", default="image,all", help="scopes tried (comma-separated: image, all, prompt, generated)")
+    p.add_argument("--conditions", default="none,type",
+                   help="conditions tried (comma-separated): none (every prompt), type (a confusion's candidate acts "
+                        "only on prompts of its question type, where a feature fires on those alone)")
+    p.add_argument("--condition-images", type=int, default=40,
+                   help="images of --data whose prompts the conditions by question type are read on")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
                    help="multiples of the difference-of-means direction tried for that control (comma-separated)")
     p.add_argument("--screen-images", type=int, default=40,
@@ -65,7 +71,7 @@ def fit_command(args) -> int:
     from .diffmean import choose_strength, direction
     from .examples import load_examples
     from .probe import ProbeUnavailable
-    from .search import choose
+    from .search import choose, screening_set
 
     def fail(message: str) -> int:
         print(f"lmm-steer: error: {message}", file=sys.stderr)
@@ -76,7 +82,8 @@ def fit_command(args) -> int:
         grid = {"k": tuple(int(v) for v in args.k.split(",") if v),
                 "mode": tuple(v for v in args.modes.split(",") if v),
                 "strength": tuple(float(v) for v in args.strengths.split(",") if v),
-                "scope": tuple(v for v in args.scopes.split(",") if v)}
+                "scope": tuple(v for v in args.scopes.split(",") if v),
+                "condition": tuple(v for v in args.conditions.split(",") if v)}
         diffmean_strengths = tuple(float(v) for v in args.diffmean_strengths.split(",") if v)
     except ValueError:
         return fail("--k, --strengths and --diffmean-strengths take comma-separated numbers")
@@ -84,6 +91,9 @@ def fit_command(args) -> int:
         return fail("--diffmean-strengths: give at least one")
     if args.screen_images < 1:
         return fail("--screen-images: at least 1")
+    if set(grid["condition"]) - set(CONDITIONS) or args.condition_images < 1:
+        return fail(f"--conditions: {args.conditions!r}: choose from {', '.join(CONDITIONS)}; --condition-images: "
+                    "at least 1")
     if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
             or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
         return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
@@ -125,13 +135,27 @@ def fit_command(args) -> int:
         return fail(str(e))
     say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
 
+    conditions = {}
+    if "type" in grid["condition"]:
+        from ..effects.conditions import find_conditions
+
+        fast = SplitAnswers(engine, root).fast
+        if fast is None:
+            return fail(f"--conditions type: conditions are read block by block, on LLaVA-family models only; "
+                        f"give --conditions none for {args.model}")
+        sample = [items[i] for i in screening_set(items, args.condition_images)]
+        conditions = find_conditions(fast, root, sample)
+        say("conditions: " + ", ".join(f"{k} {c.feature} (fires on {c.recall:.0%} of its prompts, "
+                                        f"{c.leak:.1%} of the others')" for k, c in conditions.items()))
+
     def progress(t) -> None:
-        say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope}: fixed {t.result['all']['fixed']}, "
+        say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope} when={t.when}: fixed {t.result['all']['fixed']}, "
             f"broken {t.result['all']['broken']} (screened)")
 
     select_answers = SplitAnswers(engine, select_root)
     chosen = choose(select_answers, select_items, candidates, mean_active(codes), grid=grid,
-                    screen_images=args.screen_images, progress=progress)
+                    screen_images=args.screen_images, progress=progress,
+                    conditions={k: c.feature for k, c in conditions.items() if c.usable})
     say(f"chosen: {chosen['chosen'].row() if chosen['chosen'] else None}")
     vector = direction(codes["residual"], [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)])
     control = choose_strength(select_answers, select_items, chosen["base"], vector, strengths=diffmean_strengths,
@@ -148,6 +172,7 @@ def fit_command(args) -> int:
         "select_base": {g: round(r["accuracy_before"], 4)
                         for g, r in tally(select_items, chosen["base"], chosen["base"]).items()},
         "candidates": [{"family": c.family, **c.why} for c in candidates],
+        "conditions": {k: {**c.record(), "usable": c.usable} for k, c in conditions.items()},
         "steps": chosen["steps"],
         "diffmean": {**control, "block": engine.hookpoint, "norm": round(float(vector.norm()), 4),
                      "vector": [round(float(v), 5) for v in vector]},
@@ -163,9 +188,11 @@ def fit_command(args) -> int:
     best = trial.result["all"]
     description = (f"Fitted by `preset fit` on {len(items)} labelled {'/'.join(types)} questions of "
                    f"{Path(args.data).name}: {trial.family}, {len(trial.spec.edits)} edits ({trial.mode}, x"
-                   f"{trial.strength:g}, scope {trial.scope}); on {len(select_items)} questions of "
+                   f"{trial.strength:g}, scope {trial.scope}"
+                   + (f", on prompts where feature {trial.when} fires" if trial.when is not None else "") + "); on {len(select_items)} questions of "
                    f"{Path(args.select).name} it fixed {best['fixed']} and broke {best['broken']}.")
-    steering = {"features": [{"id": e.feature, "value": e.value, "mode": e.mode} for e in trial.spec.edits],
+    steering = {"features": [{"id": e.feature, "value": e.value, "mode": e.mode,
+                              **({"when": e.when} if e.when is not None else {})} for e in trial.spec.edits],
                 "scope": trial.scope}
     preset = {"name": args.name, "description": description[:500], "steering": steering,
               "fit": {**record, "chosen": trial.row()}}

@@ -1,7 +1,9 @@
 """Choosing among candidates on the selection split: every candidate at every point of a grid of
 sizes, modes, strengths and scopes, scored by fixed minus broken answers against the unsteered
 model's, under the constraint that no question type loses more than ``max_loss`` of accuracy; then
-the best of other families added while they add to the net.
+the best of other families added while they add to the net. A candidate fitted on one question
+type's confusion is also tried conditioned on that type (every edit's ``when`` the feature that
+fires on such prompts alone, ``effects.conditions``), so it acts on those questions only.
 
 Trying every point on every selection question costs most of a fit. An image's questions share
 its prefix (the fast answerer computes it once per image and steering), so points are screened on
@@ -18,9 +20,10 @@ import torch
 
 from ..engine import SteeringSpec
 from ..eval.preset import tally
-from .candidates import Candidate, steering
+from .candidates import Candidate, question_type, steering
 
-GRID = {"k": (4, 12), "mode": ("scale", "add"), "strength": (2.0,), "scope": ("image",)}
+GRID = {"k": (4, 12), "mode": ("scale", "add"), "strength": (2.0,), "scope": ("image",), "condition": ("none",)}
+CONDITIONS = ("none", "type")  # every prompt; the prompts of the candidate's question type alone
 MAX_LOSS = 0.01  # a type may lose at most one point of accuracy
 CONFIRM = 3  # screened points asked on the whole selection split
 SCREEN_IMAGES = 40  # images of the selection split every point is screened on
@@ -35,6 +38,7 @@ class Trial:
     scope: str
     spec: SteeringSpec
     result: dict  # eval.preset.tally over the selection questions
+    when: int | None = None  # the condition every edit carries (None: none)
 
     @property
     def net(self) -> int:
@@ -52,7 +56,7 @@ class Trial:
             return {k: round(r[k], 1) for k in ("fixed", "broken", "net")}
 
         return {"family": self.family, "k": self.k, "mode": self.mode, "strength": self.strength, "scope": self.scope,
-                **counts(self.result["all"]), "worst_type_loss": round(self.worst_loss(), 4),
+                "when": self.when, **counts(self.result["all"]), "worst_type_loss": round(self.worst_loss(), 4),
                 "by_type": {g: counts(v) for g, v in self.result.items() if g != "all"}}
 
 
@@ -70,9 +74,28 @@ def merged(a: SteeringSpec, b: SteeringSpec) -> SteeringSpec:
     return replace(a, edits=[*a.edits, *(e for e in b.edits if e.feature not in mine)])
 
 
+def grid_points(candidates: list[Candidate], typical: torch.Tensor, grid: dict,
+                conditions: dict[str, int] | None = None) -> list[Trial]:
+    """Every candidate at every point of ``grid``; condition ``type`` applies to candidates fitted
+    on one question type that has a condition in ``conditions`` (type -> feature)."""
+    points = []
+    for cand in candidates:
+        for k, mode, strength, scope, condition in itertools.product(
+                grid["k"], grid["mode"], grid["strength"], grid["scope"], grid.get("condition", ("none",))):
+            when = None
+            if condition == "type":
+                when = (conditions or {}).get(question_type(cand.family))
+                if when is None:
+                    continue
+            spec = steering(cand, k, mode, strength, scope, typical, when)
+            if spec.edits:
+                points.append(Trial(cand.family, k, mode, strength, scope, spec, {}, when))
+    return points
+
+
 def choose(answer, items: list[dict], candidates: list[Candidate], typical: torch.Tensor, *,
            grid: dict = GRID, max_loss: float = MAX_LOSS, confirm: int = CONFIRM, screen_images: int = SCREEN_IMAGES,
-           progress=None) -> dict:
+           conditions: dict[str, int] | None = None, progress=None) -> dict:
     """``{"base": answers, "screened": [...rows], "trials": [...rows], "chosen": Trial | None,
     "steps": [...]}``: ``screened`` holds every point's counts on the screening questions,
     ``trials`` the whole-split counts of the ``confirm`` best. ``answer(items, steerings)``: the
@@ -81,12 +104,7 @@ def choose(answer, items: list[dict], candidates: list[Candidate], typical: torc
     base = answer(items, [None])[0]
     screen = screening_set(items, screen_images)
     few, few_base = [items[i] for i in screen], [base[i] for i in screen]
-    points = []
-    for cand in candidates:
-        for k, mode, strength, scope in itertools.product(grid["k"], grid["mode"], grid["strength"], grid["scope"]):
-            spec = steering(cand, k, mode, strength, scope, typical)
-            if spec.edits:
-                points.append(Trial(cand.family, k, mode, strength, scope, spec, {}))
+    points = grid_points(candidates, typical, grid, conditions)
     screened = []
     for point, said in zip(points, answer(few, [p.spec for p in points]) if points else [], strict=True):
         screened.append(replace(point, result=tally(few, few_base, said)))
@@ -111,7 +129,7 @@ def choose(answer, items: list[dict], candidates: list[Candidate], typical: torc
             spec = merged(chosen.spec, other.spec)
             result = tally(items, base, answer(items, [spec])[0])
             both = Trial(f"{chosen.family}+{other.family}", chosen.k, chosen.mode, chosen.strength, chosen.scope, spec,
-                         result)
+                         result, chosen.when if chosen.when == other.when else None)
             kept = both.feasible(max_loss) and both.net > chosen.net
             steps.append({"tried": other.row(), "net_together": both.net, "kept": kept})
             if kept:
