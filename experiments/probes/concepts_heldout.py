@@ -70,6 +70,8 @@ def main() -> int:
     p.add_argument("--per-value", type=int, default=20, help="questions of each kind per value")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--effects", help="an effects file to merge instead of the shipped one (default: the model's shipped catalogs)")
+    p.add_argument("--no-condition", action="store_true",
+                   help="name each concept with condition false (its edit acts on every prompt), as a baseline")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
@@ -95,7 +97,8 @@ def main() -> int:
         word = key.split(":", 1)[1]
         kind = WORD_TYPE[word]
         body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": word}],
-                                                     "steering": {"concepts": [{"text": word}]}})
+                                                     "steering": {"concepts": [{"text": word,
+                                                                                 "condition": not args.no_condition}]}})
         spec = resolve_steering(body, service).spec
         same = [i for i, q in enumerate(items) if q["type"] == kind and plain[i] != word][:args.per_value]
         other = [i for i, q in enumerate(items)
