@@ -34,13 +34,24 @@ def test_each_type_gets_the_feature_that_fires_on_its_prompts_alone():
 def test_rows_get_their_types_condition_and_lose_a_stale_one():
     conditions = {"colour": Condition("colour", 7, 1.0, 0.0, 10, 30, 3.0),
                   "shape": Condition("shape", 9, 0.8, 0.0, 10, 30, 3.0)}  # not usable
-    rows = [{"feature": 1, "effect": {"type": "colour"}, "steer": {"value": 75.0, "scope": "image"}},
-            {"feature": 2, "effect": {"type": "shape"}, "steer": {"value": 100.0, "scope": "image", "when": 4}},
+    grid = [{"value": 50.0, "rate": 0.5, "kept_other": 0.9}, {"value": 75.0, "rate": 0.8, "kept_other": 0.9},
+            {"value": 100.0, "rate": 1.0, "kept_other": 0.5}, {"value": 150.0, "rate": 1.0, "kept_other": 0.1}]
+    rows = [{"feature": 1, "effect": {"type": "colour", "grid": grid},
+             "steer": {"value": 75.0, "scope": "image", "rate": 0.8, "kept_other": 0.9}},
+            {"feature": 2, "effect": {"type": "shape", "grid": grid[:1]},
+             "steer": {"value": 50.0, "scope": "image", "when": 4}},
             {"feature": 3, "effect": {"type": "colour"}}]
     out = with_conditions(rows, conditions, {"data": "seed 34"})
-    assert out[0]["steer"]["when"] == 7 and out[0]["steer"]["condition"]["data"] == "seed 34"
+    first = out[0]["steer"]
+    assert first["when"] == 7 and first["condition"]["data"] == "seed 34"
+    # conditioned, the other type's answers are kept by the condition: the smallest value of the best rate
+    assert (first["value"], first["rate"], first["kept_other"]) == (100.0, 1.0, 0.5)
+    assert first["unconditioned"] == {"value": 75.0, "rate": 0.8, "kept_other": 0.9}
     assert "when" not in out[1]["steer"] and out[2] == rows[2]
     assert "when" not in rows[0]["steer"]  # the input rows are left as they were
+    # read again without a usable condition, a row is restored to its unconditioned record
+    again = with_conditions(out, {}, {})
+    assert again[0]["steer"] == rows[0]["steer"] and with_conditions(out, conditions, {"data": "seed 34"}) == out
 
 
 def test_a_concept_takes_its_rows_condition_unless_the_request_turns_it_off():

@@ -232,7 +232,12 @@ def _check_row(row, data="seed 34"):
     assert e["value"] in [g["value"] for g in e["grid"]]
     if e["rate"] > 0:
         assert e["best"] in WORDS
-        assert row["steer"]["value"] == e["value"] and row["steer"]["scope"] == "image"
+        steer = row["steer"]
+        chosen = steer.get("unconditioned", steer)  # a conditioned row may steer at another grid value
+        assert chosen["value"] == e["value"] and steer["scope"] == "image"
+        assert steer["value"] in [g["value"] for g in e["grid"]]
+        if "unconditioned" in steer:
+            assert "when" in steer and steer["rate"] == max(g["rate"] for g in e["grid"])
         assert row["steer"]["word"] == e["best"]
     else:
         assert e["best"] is None and "steer" not in row

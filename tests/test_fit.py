@@ -308,6 +308,7 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     assert sum(e["n"] for e in record["fit_errors"]) <= record["fit_questions"] - record["fit_right"]
     assert record["diffmean"]["vector"] and record["diffmean"]["block"].startswith("model.layers.")
     assert record["command"].startswith("lmm-steer preset fit --data")
+    assert set(record["conditions"]) <= {"colour", "shape", "exist"} and record["conditions"]  # read on the fit split
     if code == 1:
         # a random tiny model may answer nothing right, or its SAE offer nothing that helps: no
         # preset, and the run says why; the controls are still measured, on a preset written here
@@ -318,6 +319,10 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
                                                 "scope": "image"}}))
     else:
         assert code == 0 and record["candidates"][0]["family"] == "probe" and record["screened"]
+        written = json.loads(out.read_text())
+        assert "{" not in written["description"] and f"on {record['select_questions']} questions" in written["description"]
+        chosen = written["fit"]["chosen"]
+        assert all(f.get("when") == chosen["when"] for f in written["steering"]["features"])
     preset = load_presets(out)["fitted"]
     assert preset.fit["select"] == str(splits / "select") and preset.steering.features
     report = tmp_path / "eval.json"

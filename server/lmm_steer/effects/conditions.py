@@ -75,19 +75,40 @@ def find_conditions(fast, root: Path, items: list[dict]) -> dict[str, Condition]
     return by_type(items, prompt_peaks(fast, root, items)) if items else {}
 
 
+CONDITIONED_RULE = "conditioned: the smallest grid value reaching the best rate"
+_CHOSEN = ("when", "condition", "rule", "unconditioned")
+
+
+def conditioned_value(effect: dict) -> dict | None:
+    """The grid point a conditioned row steers at: the smallest value reaching the best rate. The
+    unconditioned choice gives up rate to keep the other type's answers, which a condition on the
+    row's own type keeps by itself. None for a row measured at one value (nothing to choose)."""
+    grid = effect.get("grid") or []
+    if len(grid) < 2:
+        return None
+    best = max(g["rate"] for g in grid)
+    return min((g for g in grid if g["rate"] >= best), key=lambda g: g["value"])
+
+
 def with_conditions(rows: list[dict], conditions: dict[str, Condition], meta: dict) -> list[dict]:
     """Effect rows whose ``steer`` record carries the condition of its question type (``when``:
     the value then acts only on prompts asking about that type, as it was measured), where that
-    type has a usable one; a row of a type without one loses any condition it had."""
+    type has a usable one, at the value ``conditioned_value`` chooses (the unconditioned choice kept
+    beside it); a row of a type without one is restored to its unconditioned record."""
     out = []
     for row in rows:
         row = {**row}
-        steer, kind = row.get("steer"), (row.get("effect") or {}).get("type")
+        steer, effect = row.get("steer"), row.get("effect") or {}
         if isinstance(steer, dict):
-            steer = {k: v for k, v in steer.items() if k not in ("when", "condition")}
-            cond = conditions.get(kind)
+            steer = {k: v for k, v in steer.items() if k not in _CHOSEN} | (steer.get("unconditioned") or {})
+            cond = conditions.get(effect.get("type"))
             if cond is not None and cond.usable:
-                steer |= {"when": cond.feature, "condition": {**cond.record(), **meta}}
+                point = conditioned_value(effect)
+                if point is not None and point["value"] != steer.get("value"):
+                    steer = {**steer, "unconditioned": {k: steer[k] for k in ("value", "rate", "kept_other")
+                                                        if k in steer},
+                             "value": point["value"], "rate": point["rate"], "kept_other": point["kept_other"]}
+                steer |= {"when": cond.feature, "rule": CONDITIONED_RULE, "condition": {**cond.record(), **meta}}
             row["steer"] = steer
         out.append(row)
     return out

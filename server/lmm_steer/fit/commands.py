@@ -186,10 +186,10 @@ def fit_command(args) -> int:
         print(json.dumps({"chosen": None, "why": why, "screened": len(chosen["screened"])}))
         return 1
     best = trial.result["all"]
+    condition = f", on prompts where feature {trial.when} fires" if trial.when is not None else ""
     description = (f"Fitted by `preset fit` on {len(items)} labelled {'/'.join(types)} questions of "
                    f"{Path(args.data).name}: {trial.family}, {len(trial.spec.edits)} edits ({trial.mode}, x"
-                   f"{trial.strength:g}, scope {trial.scope}"
-                   + (f", on prompts where feature {trial.when} fires" if trial.when is not None else "") + "); on {len(select_items)} questions of "
+                   f"{trial.strength:g}, scope {trial.scope}{condition}); on {len(select_items)} questions of "
                    f"{Path(args.select).name} it fixed {best['fixed']} and broke {best['broken']}.")
     steering = {"features": [{"id": e.feature, "value": e.value, "mode": e.mode,
                               **({"when": e.when} if e.when is not None else {})} for e in trial.spec.edits],
