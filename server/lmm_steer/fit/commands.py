@@ -32,7 +32,8 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="scale,add", help="scale: x strength where a feature fires (/ for suppressed); "
                                                         "add: strength x its typical activation everywhere in scope")
     p.add_argument("--strengths", default="2", help="strengths tried (comma-separated)")
-    p.add_argument("--scopes", default="image,all", help="scopes tried (comma-separated: image, all, prompt, generated)")
+    p.add_argument("--scopes", default="all", help="scopes tried (comma-separated: image, all, prompt, generated); "
+                                                      "default all (on the scenes model, points on the image alone changed few answers)")
     p.add_argument("--conditions", default="none,type",
                    help="conditions tried (comma-separated): none (every prompt), type (a confusion's candidate acts "
                         "only on prompts of its question type, where a feature fires on those alone)")
