@@ -4,29 +4,12 @@ edit without a condition would; otherwise the request is the plain model's, bit 
 
 import pytest
 import torch
+from test_engine import _engine
 
-from lmm_steer.engine import (
-    Engine,
-    EngineConfig,
-    EngineError,
-    FeatureEdit,
-    GenerationRequest,
-    SamplingParams,
-    SteeringSpec,
-)
+from lmm_steer.engine import EngineError, FeatureEdit, GenerationRequest, SamplingParams, SteeringSpec
 from lmm_steer.models.inputs import build_inputs
-from lmm_steer.models.loader import load_model
-from sae_weights import load_sae
 
-HOOK = "model.layers.2"
 PROMPTS = ("Tell me a story about Alice and Bob.", "What colour is the sky over the sea?")
-
-
-@pytest.fixture(scope="module")
-def llava():
-    lm = load_model("builtin:tiny-llava-next")
-    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, hookpoint=HOOK)
-    return lm, sae
 
 
 def _request(lm, text, steering=None, max_tokens=6):
@@ -37,10 +20,6 @@ def _request(lm, text, steering=None, max_tokens=6):
     return GenerationRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
                              images=[image], steering=steering,
                              sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=True))
-
-
-def _engine(lm, sae, max_batch=4):
-    return Engine(lm, sae, HOOK, EngineConfig(max_batch=max_batch, max_seq_len=512, max_clamps=8))
 
 
 def _fires(lm, sae, text) -> torch.Tensor:

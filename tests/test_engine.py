@@ -40,13 +40,6 @@ def _request(lm, text="Tell me a story about Alice and Bob.", steering=None, max
     )
 
 
-@pytest.fixture(scope="module")
-def llava():
-    lm = load_model("builtin:tiny-llava-next")
-    sae = load_sae("builtin:random-topk:latents=256,k=8,seed=3", d_in=64, hookpoint=HOOK)
-    return lm, sae
-
-
 def _engine(lm, sae=None, max_batch=4, **cfg):
     return Engine(lm, sae, HOOK if sae is not None else None,
                   EngineConfig(max_batch=max_batch, max_seq_len=512, max_clamps=8, **cfg))

@@ -114,20 +114,8 @@ class SteeringSpec:
                                     f"{where}.value")
             if e.mode not in MODES:
                 raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
-            if e.where is not None:
-                if isinstance(e.where, bool) or not isinstance(e.where, int) or not 0 <= e.where < num_latents:
-                    raise SteeringError(f"where must be a feature id of the SAE (0..{num_latents - 1}), got "
-                                        f"{e.where!r}", f"{where}.where")
-                if self.semantics == "paper":
-                    raise SteeringError("a gated edit ('where') edits the block output (delta semantics); paper "
-                                        "semantics rewrites every position's pre-activations", f"{where}.where")
-            if e.when is not None:
-                if isinstance(e.when, bool) or not isinstance(e.when, int) or not 0 <= e.when < num_latents:
-                    raise SteeringError(f"when must be a feature id of the SAE (0..{num_latents - 1}), got "
-                                        f"{e.when!r}", f"{where}.when")
-                if self.semantics == "paper":
-                    raise SteeringError("a conditioned edit ('when') edits the block output (delta semantics); "
-                                        "paper semantics rewrites every position's pre-activations", f"{where}.when")
+            for name, kind in (("where", "a gated edit"), ("when", "a conditioned edit")):
+                self._check_feature_ref(getattr(e, name), name, kind, num_latents, f"{where}.{name}")
             if e.mode != "transfer":
                 if e.source is not None:
                     raise SteeringError(f"source is for mode 'transfer' only (feature {e.feature} is {e.mode!r})",
@@ -141,6 +129,16 @@ class SteeringSpec:
             if not 0 <= e.source < num_latents or e.source == e.feature:
                 raise SteeringError(f"source {e.source} must be another feature of the SAE (0..{num_latents - 1})",
                                     f"{where}.source")
+
+    def _check_feature_ref(self, feature, name: str, kind: str, num_latents: int, field: str) -> None:
+        """An edit's ``where`` or ``when``: absent, or a feature of the SAE under delta semantics."""
+        if feature is None:
+            return
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < num_latents:
+            raise SteeringError(f"{name} must be a feature id of the SAE (0..{num_latents - 1}), got {feature!r}", field)
+        if self.semantics == "paper":
+            raise SteeringError(f"{kind} ('{name}') edits the block output (delta semantics); paper semantics "
+                                "rewrites every position's pre-activations", field)
 
 
 def delta_coefficients(edit: FeatureEdit) -> tuple[float, float]:
