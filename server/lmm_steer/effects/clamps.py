@@ -40,7 +40,7 @@ from PIL import Image
 from ..engine import SteeringSpec
 from ..engine.hookpoint import language_model
 from ..engine.prefill import image_token_id
-from ..engine.steering import SteeringRow, SteeringTable, activations_of, apply_steering, variant_for
+from ..engine.steering import SteeringRow, SteeringTable, apply_steering, prompt_peaks, variant_for
 from ..models.inputs import build_inputs
 
 
@@ -287,16 +287,15 @@ class ImageAnswers:
         if entry.peaks is None:
             entry.peaks = [None] * len(entry.questions)
         if entry.peaks[q] is None:
-            h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]]).to(self.sae.W_dec.dtype)
-            pre = torch.relu(self.sae.pre_activations(h))
-            every = torch.arange(pre.shape[1], device=pre.device).expand(pre.shape[0], -1)
-            entry.peaks[q] = activations_of(self.sae, pre, every, rank_by_count=False)[1].amax(0).float().cpu()
+            h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]])
+            every = torch.arange(self.sae.num_latents, device=self.sae.W_dec.device)
+            entry.peaks[q] = prompt_peaks(self.sae, h, every, rank_by_count=False).float().cpu()
         return entry.peaks[q]
 
     def _decided(self, entry: _Image, spec, q: int):
         """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there, the
         condition dropped (None when no edit is left)."""
-        if not isinstance(spec, SteeringSpec) or all(e.when is None for e in spec.edits):
+        if not isinstance(spec, SteeringSpec) or not spec.conditional:
             return spec
         peaks = self.prompt_peaks(entry, q)
         acting = [replace(e, when=None) for e in spec.edits if e.when is None or bool(peaks[e.when] > 0)]
@@ -306,7 +305,7 @@ class ImageAnswers:
     def answer_image(self, entry: _Image, specs: list[SteeringSpec | torch.Tensor | None]) -> list[list[str]]:
         """``[spec][question]``: the greedy answer to each of the image's questions under each spec
         (a conditioned spec answered, per question, as the spec of its acting edits)."""
-        if not any(isinstance(s, SteeringSpec) and any(e.when is not None for e in s.edits) for s in specs):
+        if not any(isinstance(s, SteeringSpec) and s.conditional for s in specs):
             return self._answer_image(entry, specs)
 
         def key(spec):

@@ -76,6 +76,11 @@ class SteeringSpec:
     def active(self) -> bool:
         return bool(self.edits) or self.semantics == "paper"
 
+    @property
+    def conditional(self) -> bool:
+        """Some edit acts only on prompts where its ``when`` feature fires."""
+        return any(e.when is not None for e in self.edits)
+
     def validate(self, num_latents: int | None, max_edits: int, activation: str = "topk",
                  max_value: float = math.inf) -> None:
         """Raise SteeringError naming the field at fault. ``max_value`` bounds ``|value|``: the
@@ -191,8 +196,7 @@ class SteeringRow:
             dirs=[e.feature for e in edits] if transfers else None,
             gates=[-1 if e.where is None else e.where for e in edits] if any(e.where is not None for e in edits)
             else None,
-            whens=[-1 if e.when is None else e.when for e in edits] if any(e.when is not None for e in edits)
-            else None,
+            whens=[-1 if e.when is None else e.when for e in edits] if spec.conditional else None,
         )
 
     @property
@@ -341,14 +345,18 @@ def activations_of(sae, pre: torch.Tensor, ids: torch.Tensor, rank_by_count: boo
     return chosen, z
 
 
+def prompt_peaks(sae, h: torch.Tensor, ids: torch.Tensor, rank_by_count: bool | None = None) -> torch.Tensor:
+    """``[C]``: each feature of ``ids`` its largest SAE activation over the positions of ``h [T, D]``
+    (a prompt's unedited block output: positive where a ``when`` condition on it holds)."""
+    x = h.to(sae.W_dec.dtype)
+    return activations_of(sae, F.relu(sae.pre_activations(x)), ids.expand(x.shape[0], -1), rank_by_count)[1].amax(0)
+
+
 def fires_in(sae, h: torch.Tensor, ids: list[int]) -> list[bool]:
     """Whether each feature of ``ids`` (-1: none, counted as fired) is active at some position of
-    ``h [T, D]`` (a prompt's unedited block output): a ``when`` condition."""
-    wanted = torch.tensor([max(i, 0) for i in ids], dtype=torch.long, device=h.device)
-    x = h.to(sae.W_dec.dtype)
-    z = activations_of(sae, F.relu(sae.pre_activations(x)), wanted.expand(x.shape[0], -1))[1]
-    anywhere = (z > 0).any(0).tolist()
-    return [i < 0 or bool(f) for i, f in zip(ids, anywhere, strict=True)]
+    ``h [T, D]``: a ``when`` condition."""
+    peaks = prompt_peaks(sae, h, torch.tensor([max(i, 0) for i in ids], dtype=torch.long, device=h.device))
+    return [i < 0 or p > 0 for i, p in zip(ids, peaks.tolist(), strict=True)]
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,
