@@ -105,6 +105,44 @@ def test_calibration_ranks_the_planted_causal_feature_first_at_its_smallest_work
     assert (edit.feature, edit.value, edit.scope, edit.calibrated) == (40, 100.0, "image", True)
 
 
+def test_finalists_come_from_every_screened_candidate_and_a_condition_spares_what_a_clamp_breaks(tmp_path):
+    generate(tmp_path, 10, seed=25)
+    answers = EngineAnswers(PlantedModel(_truth(tmp_path)))
+    base = dict(grid=(100.0, 250.0), screen_value=150.0, hits=3, localised=0, screen_scenes=3, finalists=2,
+                grid_scenes=4, keys=("colour:red", "shape:star"))
+    # 40 is a candidate for "star" alone (by its patches); it turns colours red, so it is a red finalist
+    result = measure_effects(answers, _catalog(), tmp_path, EffectConfig(**base), localised={"shape:star": [40]})
+    assert 40 not in result["candidates"]["colour:red"] and 41 in result["candidates"]["colour:red"]
+    assert result["finalists"]["colour:red"] == [40]  # 41 breaks every shape answer: not worth the grid
+    assert result["features"][40]["stage"] == "grid" and result["features"][40]["word"] == "red"
+    # rows conditioned on colour questions whose condition fires on no shape prompt: 41's breakage is spared
+    spared = measure_effects(answers, _catalog(), tmp_path, EffectConfig(**base, leaks={"colour": 0.0}),
+                             localised={"shape:star": [40]})
+    assert sorted(spared["finalists"]["colour:red"]) == [40, 41] and spared["features"][41]["stage"] == "grid"
+
+
+def test_a_conditioned_row_ranks_by_the_point_it_steers_at_and_what_its_condition_spares():
+    from lmm_steer.effects.rank import kept_under, rank_key
+
+    plain = {"best": "red", "rate": 0.9, "n": 20, "kept_other": 0.95, "stage": "grid"}
+    breaker = {"best": "red", "rate": 0.6, "n": 20, "kept_other": 0.2, "stage": "grid"}
+
+    def steer(leak):
+        return {"value": 250.0, "rate": 1.0, "kept_other": 0.1, "when": 7, "condition": {"feature": 7, "leak": leak}}
+
+    assert kept_under(0.1, 0.0) == 1.0 and kept_under(0.1, 1.0) == pytest.approx(0.1)
+    assert rank_key(breaker) < rank_key(plain) < rank_key(breaker, steer(0.0))  # the condition spares its breakage
+    assert rank_key(breaker, steer(0.5)) < rank_key(plain)  # one that fires on half the others' prompts does not
+    assert rank_key(breaker, {"value": 250.0, "rate": 1.0, "kept_other": 0.1}) == rank_key(breaker)  # unconditioned
+    catalog = FeatureCatalog([
+        FeatureEntry(1, "red", extras={"effect": plain, "steer": {"value": 100.0, "scope": "image"}}),
+        FeatureEntry(2, "red", extras={"effect": breaker, "steer": {**steer(0.0), "scope": "image"}}),
+    ])
+    assert [e.feature for e, _ in SemanticIndex(catalog, WordEmbedder()).search("red", 2)] == [2, 1]
+    edit, = resolve_concept(SemanticIndex(catalog, WordEmbedder()), "red")
+    assert (edit.feature, edit.value, edit.when) == (2, 250.0, 7)
+
+
 def test_tallies_and_the_choice_of_value():
     def tally(colour_said, shape_said):
         t = Tally()
@@ -270,8 +308,9 @@ def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model(
     best = {}
     for row in rows:
         word = measured_word(row)
-        if word is not None and rank_key(row["effect"]) > best.get(word, (None, (-1, -1.0)))[1]:
-            best[word] = (row, rank_key(row["effect"]))
+        key = rank_key(row["effect"], row.get("steer"))  # a conditioned row by its conditioned point
+        if word is not None and key > best.get(word, (None, (-1, -1.0)))[1]:
+            best[word] = (row, key)
     assert len(best) >= 10
     for word, (row, _) in best.items():
         top, _ = index.search(word, 1)[0]

@@ -1,5 +1,5 @@
 """Probe for issue #41 part 3: does naming a colour or shape in ``steering.concepts`` make the scenes
-model give it, on a held-out test split (seed 33, then 35 for conditioned rows; no calibration reads either)?
+model give it, on a held-out test split (seed 33, then 35, 36, 37 for conditioned rows; no calibration reads them)?
 
 For each of the 15 values, ``{"steering": {"concepts": [{"text": value}]}}`` is resolved exactly as
 the server resolves a chat request (``api.steering_request.resolve_steering`` over the search index
@@ -57,7 +57,7 @@ def best_measured(catalog: FeatureCatalog) -> dict[str, tuple[int, tuple]]:
         extras = catalog.get(fid).extras
         word = measured_word(extras)
         if word is not None:
-            key = rank_key(extras["effect"])
+            key = rank_key(extras["effect"], extras.get("steer"))  # a conditioned row by its conditioned point
             if word not in best or key > best[word][1]:
                 best[word] = (fid, key)
     return best

@@ -136,9 +136,10 @@ def measured_features(catalog: FeatureCatalog) -> dict[str, list[tuple[FeatureEn
         entry = catalog.get(fid)
         word = measured_word(entry.extras)
         if word is not None:
-            out.setdefault(word, []).append((entry, measured_score(entry.extras["effect"])))
+            out.setdefault(word, []).append((entry, measured_score(entry.extras["effect"], entry.extras.get("steer"))))
     for ranked in out.values():
-        ranked.sort(key=lambda es: (tuple(-k for k in rank_key(es[0].extras["effect"])), es[0].feature))
+        ranked.sort(key=lambda es: (tuple(-k for k in rank_key(es[0].extras["effect"], es[0].extras.get("steer"))),
+                                     es[0].feature))
     return out
 
 

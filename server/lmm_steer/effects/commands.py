@@ -64,6 +64,7 @@ def effects_command(args) -> int:
     from ..eval.commands import fail, split_error
     from ..scenes.commands import scene_engine
     from .clamps import answerer
+    from .conditions import with_conditions
     from .measure import EffectConfig, catalog_row, markdown, measure_effects
 
     if error := split_error("data", args.data):
@@ -99,13 +100,17 @@ def effects_command(args) -> int:
     for path in paths:
         catalog.merge(FeatureCatalog.load(path))
     searcher = index_or_none(catalog, paths, warn=lambda m: print(f"lmm-steer: {m}", file=sys.stderr)) or catalog
+    t0 = time.perf_counter()
+    engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
+    # the conditions first: a row conditioned on its type breaks the other type only where the
+    # condition fires, which decides which screened features are worth the grid
+    conditions = _conditions(engine, Path(args.data), args.condition_scenes) if args.condition_scenes > 0 else {}
     cfg = EffectConfig(grid=grid, screen_value=args.screen_value, hits=args.hits, localised=args.localised,
                        neighbours=args.neighbours,
                        localise_scenes=args.localise_scenes, screen_scenes=args.screen_scenes,
                        finalists=args.finalists, grid_scenes=args.grid_scenes, kept_bound=args.kept_bound,
-                       rate_target=args.rate_target, keys=keys)
-    t0 = time.perf_counter()
-    engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
+                       rate_target=args.rate_target, keys=keys,
+                       leaks={t: c.leak for t, c in conditions.items() if c.usable})
 
     def progress(stage, done, total, seconds):
         print(f"\reffects: {stage} {done}/{total}, {seconds:.0f} s", end="", file=sys.stderr, flush=True)
@@ -119,10 +124,10 @@ def effects_command(args) -> int:
     meta = {"data": info.get("description", str(args.data)), "command": "lmm-steer sae effects " + " ".join(called),
             "date": datetime.date.today().isoformat()}
     rows = [catalog_row(f, e, meta) for f, e in sorted(result["features"].items())]
-    if args.condition_scenes > 0:
-        rows, _ = _conditioned(engine, Path(args.data), rows, args.condition_scenes, meta)
+    if conditions:
+        rows = with_conditions(rows, conditions, meta)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = markdown(result)
+    table = markdown(result, rows)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": meta["command"], "date": meta["date"], **{
@@ -134,14 +139,13 @@ def effects_command(args) -> int:
     return 0
 
 
-def _conditioned(engine, data: Path, rows: list[dict], scenes: int, meta: dict):
-    """``rows`` with their conditions by question type, read on ``data``'s first ``scenes`` scenes."""
+def _conditions(engine, data: Path, scenes: int):
+    """The conditions by question type, read on ``data``'s first ``scenes`` scenes."""
     from ..scenes.evaluate import questions
     from .clamps import ImageAnswers
-    from .conditions import find_conditions, with_conditions
+    from .conditions import find_conditions
 
-    conditions = find_conditions(ImageAnswers(engine), data, questions(data, scenes, CONDITION_TYPES))
-    return with_conditions(rows, conditions, meta), conditions
+    return find_conditions(ImageAnswers(engine), data, questions(data, scenes, CONDITION_TYPES))
 
 
 def add_conditions_arguments(p: argparse.ArgumentParser) -> None:
@@ -163,6 +167,7 @@ def conditions_command(args) -> int:
     from ..eval.commands import fail, split_error
     from ..scenes.commands import scene_engine
     from .clamps import ImageAnswers
+    from .conditions import with_conditions
 
     if error := split_error("data", args.data):
         return fail(error)
@@ -182,7 +187,8 @@ def conditions_command(args) -> int:
     info = json.loads((Path(args.data) / "annotations.json").read_text()).get("info", {})
     meta = {"data": info.get("description", str(args.data)), "command": "lmm-steer sae conditions " + " ".join(called),
             "date": datetime.date.today().isoformat()}
-    rows, conditions = _conditioned(engine, Path(args.data), rows, args.scenes, meta)
+    conditions = _conditions(engine, Path(args.data), args.scenes)
+    rows = with_conditions(rows, conditions, meta)
     out = Path(args.out or args.effects)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(json.dumps({"written": str(out), "conditions": {k: {**c.record(), "usable": c.usable}

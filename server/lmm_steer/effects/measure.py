@@ -14,7 +14,11 @@ Candidates, per colour and shape value: the top search hits of its word (by mean
 whose firing patches best overlap its objects on the split (``scenes.localise``'s IoU, from the
 split's ground-truth masks; calibration reads this split only), and the features whose decoder
 directions are nearest the best-overlapping one's. Each is screened at one value on a few scenes;
-each value's best few are then measured over the grid on other scenes.
+each value's best few by what the screen measured, drawn from every screened candidate (a search
+hit for "red" that turns shapes into triangles is a triangle finalist), are then measured over the
+grid on other scenes. Where a value's rows will be conditioned on its question type (``leaks``,
+read first by ``sae effects``), a clamp's breakage of the other type counts only on the share of
+prompts its condition fires on (``rank.kept_under``).
 
 A feature's effect is the word it turns most answers into (at any value), and the value chosen for
 it: the smallest grid value reaching the best rate among those keeping ``kept_bound`` of the other
@@ -41,7 +45,7 @@ from ..eval.tested import VALUE_KEYS, effect_rates
 from ..scenes.evaluate import normalise, questions
 from ..scenes.generate import COLOURS, SHAPES
 from .clamps import group_by_image
-from .rank import rank_key, strength
+from .rank import kept_under, rank_key, strength
 
 TYPES = ("colour", "shape")
 WORD_TYPE = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
@@ -64,6 +68,9 @@ class EffectConfig:
     kept_bound: float = 0.9  # share of the other type's right answers a chosen value should keep
     rate_target: float = 0.8  # share of questions a chosen value should turn into its word
     keys: tuple[str, ...] = VALUE_KEYS
+    # question type -> share of the other types' prompts its condition fires on, for the types whose
+    # rows will be conditioned (``effects.conditions``; empty: none)
+    leaks: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -216,6 +223,14 @@ def feature_effect(tallies: dict[float, Tally], words, kept_bound: float, prefer
     return {**best, "says": t.says(best["type"]), "says_other": t.says(OTHER[best["type"]])}
 
 
+def screen_strength(t: Tally, word: str, cfg: EffectConfig) -> float:
+    """How strongly a screened clamp steers to ``word`` (``rank.strength``), its breakage of the
+    other type counted under its type's condition where the rows will have one (``cfg.leaks``)."""
+    effect = word_effect({cfg.screen_value: t}, word, cfg.kept_bound, cfg.rate_target)
+    leak = cfg.leaks.get(effect["type"])
+    return strength(effect if leak is None else {**effect, "kept_other": kept_under(effect["kept_other"], leak)})
+
+
 def tally_json(t: Tally) -> dict:
     return {"said": t.said, "plain": t.plain, "truth": t.truth}
 
@@ -282,13 +297,14 @@ def measure_effects(answerer, searcher, data: Path, cfg: EffectConfig, *, progre
         report("screen", min(start + step, len(unique)), len(unique))
     t_screen = time.perf_counter()
 
-    # finalists: each value's best screened candidates, measured over the grid on other scenes
+    # finalists: each value's best screened features (its own candidates first on a tie), measured
+    # over the grid on other scenes
     finalists: dict[str, list[int]] = {}
     for key in cfg.keys:
         word = key.split(":", 1)[1]
-        scored = [(strength(word_effect({cfg.screen_value: screened[f]}, word, cfg.kept_bound, cfg.rate_target)), f)
-                  for f in candidates[key]]
-        finalists[key] = [f for s, f in sorted(scored, key=lambda sf: (-sf[0], candidates[key].index(sf[1])))
+        pool = candidates[key] + [f for f in unique if f not in candidates[key]]
+        scored = [(screen_strength(screened[f], word, cfg), f) for f in pool]
+        finalists[key] = [f for s, f in sorted(scored, key=lambda sf: (-sf[0], pool.index(sf[1])))
                           if s > 0][:cfg.finalists]
     measured = sorted({f for fs in finalists.values() for f in fs})
     grid_items = subset(grid_images)
@@ -331,21 +347,25 @@ def catalog_row(feature: int, effect: dict, meta: dict) -> dict:
     return row
 
 
-def markdown(result: dict) -> str:
-    """Per value, its best-measured feature (as search ranks them) and that feature's effect."""
-    lines = ["| value | feature | clamp | rate | n | other type kept | stage |", "|---|---|---|---|---|---|---|"]
-    by_word: dict[str, list[tuple[int, dict]]] = {}
-    for f, e in result["features"].items():
-        if e["rate"] > 0:
-            by_word.setdefault(e["word"], []).append((f, e))
+def markdown(result: dict, rows: list[dict]) -> str:
+    """Per value, the catalog row search ranks first for its word (``rows``: ``catalog_row``s, with
+    their conditions where they have them) and the point it steers at."""
+    lines = ["| value | feature | clamp | when | rate | n | other type kept | stage |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_word: dict[str, list[dict]] = {}
+    for row in rows:
+        if "steer" in row:
+            by_word.setdefault(row["steer"]["word"], []).append(row)
     for key in VALUE_KEYS:
         word = key.split(":", 1)[1]
-        ranked = sorted(by_word.get(word, []), key=lambda fe: (tuple(-k for k in rank_key(fe[1])), fe[0]))
+        ranked = sorted(by_word.get(word, []),
+                        key=lambda r: (tuple(-k for k in rank_key(r["effect"], r["steer"])), r["feature"]))
         if not ranked:
-            lines.append(f"| {word} | none | | | | | |")
+            lines.append(f"| {word} | none | | | | | | |")
             continue
-        f, e = ranked[0]
-        lines.append(f"| {word} | {f} | {e['value']:g} | {e['rate']:.2f} | {e['n']} | {e['kept_other']:.2f} | {e['stage']} |")
+        e, steer = ranked[0]["effect"], ranked[0]["steer"]
+        lines.append(f"| {word} | {ranked[0]['feature']} | {steer['value']:g} | {steer.get('when', '')} | "
+                     f"{steer['rate']:.2f} | {e['n']} | {steer['kept_other']:.2f} | {e['stage']} |")
     t = result["timing"]
     lines.append(f"\n{t['clamps']} clamps in {t['total_s']:.0f} s (candidates {t['candidates_s']:.0f} s, screen "
                  f"{t['screen_s']:.0f} s, grid {t['grid_s']:.0f} s).")

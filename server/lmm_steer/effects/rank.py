@@ -3,7 +3,9 @@ names the word its clamp makes the model say (``best``), how often where the mod
 (``rate``, of ``n`` questions) and the share of the other question type's right answers it keeps
 (``kept_other``). Search and concept steering put the features measured to say the word a query
 names first: those measured over the grid of values (``stage`` "grid") before those only screened
-at one value on a few scenes, each group strongest first."""
+at one value on a few scenes, each group strongest first. A row conditioned on its question type
+(its ``steer`` carries ``when`` and the condition read by ``sae conditions``) ranks by the point it
+steers at, and what its clamp breaks counts only on the other prompts its condition fires on."""
 
 from __future__ import annotations
 
@@ -34,14 +36,32 @@ def strength(effect: dict) -> float:
         1.0 if kept is None else float(kept))
 
 
-def rank_key(effect: dict) -> tuple[int, float]:
-    """(measured over the grid, strength): the larger ranks first."""
-    return int(effect.get("stage") == "grid"), round(strength(effect), 4)
+def kept_under(kept: float, leak: float) -> float:
+    """The share of the other type's right answers a clamp keeps when it acts only on prompts its
+    condition fires on: it breaks ``1 - kept`` of them on the ``leak`` share where it fires."""
+    return 1.0 - float(leak) * (1.0 - float(kept))
 
 
-def measured_score(effect: dict) -> float:
+def steered(effect: dict, steer: dict | None = None) -> dict:
+    """The effect a row steers with: ``effect`` itself, or for a row conditioned on its question type
+    (``steer`` with ``when`` and its ``condition``'s ``leak``) the rate at the point it steers at and
+    the answers kept under the condition (``kept_under``)."""
+    condition = (steer or {}).get("condition")
+    if not isinstance(condition, dict) or steer.get("when") is None or condition.get("leak") is None:
+        return effect
+    kept = steer.get("kept_other", effect.get("kept_other"))
+    return {**effect, "rate": steer.get("rate", effect.get("rate")),
+            "kept_other": None if kept is None else kept_under(kept, condition["leak"])}
+
+
+def rank_key(effect: dict, steer: dict | None = None) -> tuple[int, float]:
+    """(measured over the grid, strength of what the row steers with): the larger ranks first."""
+    return int(effect.get("stage") == "grid"), round(strength(steered(effect, steer)), 4)
+
+
+def measured_score(effect: dict, steer: dict | None = None) -> float:
     """A measured feature's search score (``MEASURED_SCORE`` plus its ``rank_key``)."""
-    grid, s = rank_key(effect)
+    grid, s = rank_key(effect, steer)
     return round(MEASURED_SCORE + grid + s, 4)
 
 
