@@ -158,6 +158,58 @@ def test_a_confusion_candidate_conditioned_on_its_question_type_keeps_the_other_
     assert choose(answer, select, cands[:1], typical, grid={**grid, "condition": ("none",)})["chosen"] is None
 
 
+VALUES = {"star": 20, "cross": 21}  # the shape values' best-measured features (the catalog's effect rows)
+SHAPE_PROMPTS = 30  # fires on shape questions' prompts alone
+
+
+def _planted_misread(items: list[dict], spec: SteeringSpec | None) -> list[str]:
+    """``_planted``, and a shape misread (``misread``) answered right only where the shape values'
+    features are amplified at least twofold."""
+    loud = {e.feature for e in (spec.edits if spec else []) if e.mode == "scale" and e.value >= 2}
+    return [q["answer"] if q.get("misread") and loud >= set(VALUES.values()) else
+            ("circle" if q.get("misread") else said) for q, said in zip(items, _planted(items, spec), strict=True)]
+
+
+def test_the_values_family_amplifies_each_values_feature_on_its_types_prompts_and_adds_to_another_family():
+    from sae_weights import FeatureCatalog, FeatureEntry
+
+    from lmm_steer.fit.candidates import Candidate, from_values, question_type
+    from lmm_steer.fit.search import grid_points
+
+    def row(word, kind, rate):
+        return {"effect": {"best": word, "type": kind, "rate": rate, "n": 20, "kept_other": 1.0, "stage": "grid"},
+                "steer": {"value": 100.0, "scope": "image", "word": word}}
+
+    catalog = FeatureCatalog([FeatureEntry(20, extras=row("star", "shape", 0.9)),
+                              FeatureEntry(21, extras=row("cross", "shape", 0.8)),
+                              FeatureEntry(22, extras=row("star", "shape", 0.5)),  # star's weaker feature
+                              FeatureEntry(23, extras=row("red", "colour", 0.9)),
+                              FeatureEntry(24, "star")])  # explained, nothing measured
+    values = from_values(catalog, ("colour", "shape"))
+    assert [(c.family, c.up, c.down) for c in values] == [("values:colour", [23], []), ("values:shape", [20, 21], [])]
+    assert values[1].why["values"] == {"cross": 21, "star": 20} and question_type("values:shape") == "shape"
+    assert from_values(catalog, ("exist",)) == [] and from_values(FeatureCatalog(), ("shape",)) == []
+    select = [{**q, "misread": q["type"] == "shape" and i % 2 == 0} for i, q in enumerate(_items(60, 1))]
+    typical = mean_active(_codes(select, 1))
+    grid = {"k": (4,), "mode": ("scale", "add"), "strength": (2.0,), "scope": ("all",), "condition": ("none", "type"),
+            "value_strength": (2.0, 4.0)}
+    points = grid_points(values[1:], typical, grid, {"shape": SHAPE_PROMPTS})
+    assert [(p.k, p.mode, p.strength, p.when) for p in points] == [(2, "scale", 2.0, SHAPE_PROMPTS),
+                                                                    (2, "scale", 4.0, SHAPE_PROMPTS)]
+    assert all(e.mode == "scale" and e.when == SHAPE_PROMPTS for p in points for e in p.spec.edits)
+    assert [p.when for p in grid_points(values[1:], typical, grid, {})] == [None, None]  # no condition for shapes
+    confusion = Candidate("confusion:colour:purple->blue", [], [CONFUSED])
+    answer = lambda items, steerings: [_planted_misread(items, s) for s in steerings]  # noqa: E731
+    got = choose(answer, select, [confusion, values[1]], typical, grid=grid, confirm=2,
+                 conditions={"shape": SHAPE_PROMPTS})
+    chosen = got["chosen"]
+    assert chosen.family == "confusion:colour:purple->blue+values:shape"  # each family's best confirmed, then added
+    assert (chosen.result["all"]["fixed"], chosen.result["all"]["broken"]) == (30, 0)
+    assert {e.feature: e.when for e in chosen.spec.edits if e.feature in (20, 21)} == {20: SHAPE_PROMPTS,
+                                                                                      21: SHAPE_PROMPTS}
+    assert len({t["family"] for t in got["trials"]}) == 2  # one point a family, not two of the confusion's
+
+
 def test_screening_takes_every_question_about_a_seeded_sample_of_images():
     items = [{**q, "image": f"{i % 10}.png"} for i, q in enumerate(_items(60, 3))]
     screen = screening_set(items, images=4)
@@ -356,6 +408,9 @@ def test_bad_splits_are_refused_by_name(splits, tmp_path, capsys):
 
     same = ["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "fit"), "--out", str(tmp_path / "p")]
     assert main(same) == 2 and "--data and --select are the same" in capsys.readouterr().err
+    for bad in ("2,-1", "2,x"):
+        assert main(same[:5] + [str(splits / "select"), *same[6:], "--value-strengths", bad]) == 2
+        assert "--value-strengths" in capsys.readouterr().err
     (tmp_path / "p.json").write_text(json.dumps({"name": "p", "description": "d", "steering": {
         "features": [{"id": 1, "value": 2.0, "mode": "scale"}]}, "fit": {"data": str(splits / "test")}}))
     assert main(["eval", "fitted", "--presets", str(tmp_path / "p.json"), "--preset", "p",

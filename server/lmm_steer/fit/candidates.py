@@ -67,6 +67,23 @@ def build(codes: dict[str, torch.Tensor], items: list[dict], answers: list[str],
     return [cand for cand in out if cand.up or cand.down]
 
 
+def from_values(catalog, types) -> list[Candidate]:
+    """Per question type, ``values:<type>``: each of its values' best-measured feature (the one
+    ``steering.concepts`` clamps for that word: ``lmm-steer sae effects``), amplified where it
+    fires, so what the image already says about the asked attribute is said louder. Empty for a
+    catalog without measured effects."""
+    from ..concepts.semantic import measured_features
+
+    by_type: dict[str, dict[str, int]] = {}
+    for word, ranked in sorted(measured_features(catalog).items()):
+        entry = ranked[0][0]
+        kind = entry.extras["effect"].get("type")
+        if kind in types:
+            by_type.setdefault(kind, {})[word] = entry.feature
+    return [Candidate(f"values:{kind}", sorted(set(words.values())), [], {"values": words})
+            for kind, words in sorted(by_type.items())]
+
+
 def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per feature, its mean pooled activation where it fires at all (image pool; else text; else
     the final position)."""
@@ -82,8 +99,11 @@ def mean_active(codes: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def question_type(family: str) -> str | None:
-    """The question type a candidate's family was fitted on (``confusion:<type>:...``), else None."""
+    """The question type a candidate's family was fitted on (``confusion:<type>:...``,
+    ``values:<type>``), else None."""
     parts = family.split(":")
+    if parts[0] == "values" and len(parts) == 2:
+        return parts[1]
     return parts[1] if parts[0] == "confusion" and len(parts) > 2 else None
 
 

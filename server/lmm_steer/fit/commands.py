@@ -37,6 +37,10 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", default="none,type",
                    help="conditions tried (comma-separated): none (every prompt), type (a confusion's candidate acts "
                         "only on prompts of its question type, where a feature fires on those alone)")
+    p.add_argument("--value-strengths", default="none",
+                   help="factors tried for the values family: per question type, each value's best-measured feature "
+                        "(the catalog's `sae effects` rows) scaled where it fires, on that type's prompts (comma-"
+                        "separated; default none: no such family, as on the scenes model it fixed no more than it broke)")
     p.add_argument("--condition-images", type=int, default=40,
                    help="images of --data whose prompts the conditions by question type are read on")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
@@ -60,6 +64,17 @@ def command_line(args) -> str:
     return shlex.join(words)
 
 
+def measured_catalog(model: str, sae: str | None, hookpoint: str | None):
+    """The SAE's catalogs merged as ``serve`` merges them (measured effects included)."""
+    from sae_weights import FeatureCatalog
+    from sae_weights.default import sources_for
+
+    catalog = FeatureCatalog()
+    for path in sources_for(model, sae, hookpoint).catalogs:
+        catalog.merge(FeatureCatalog.load(path))
+    return catalog
+
+
 def fit_command(args) -> int:
     from ..engine import EngineConfig
     from ..eval.preset import tally
@@ -67,7 +82,7 @@ def fit_command(args) -> int:
     from ..scenes.evaluate import normalise
     from .answers import SplitAnswers
     from .cache import cache_key, load_pass, save_pass
-    from .candidates import build, confusions, mean_active
+    from .candidates import build, confusions, from_values, mean_active
     from .codes import answers_and_codes, image_answers_and_codes
     from .diffmean import choose_strength, direction
     from .examples import load_examples
@@ -86,8 +101,12 @@ def fit_command(args) -> int:
                 "scope": tuple(v for v in args.scopes.split(",") if v),
                 "condition": tuple(v for v in args.conditions.split(",") if v)}
         diffmean_strengths = tuple(float(v) for v in args.diffmean_strengths.split(",") if v)
+        value_strengths = () if args.value_strengths.strip().lower() == "none" else tuple(
+            float(v) for v in args.value_strengths.split(",") if v)
     except ValueError:
-        return fail("--k, --strengths and --diffmean-strengths take comma-separated numbers")
+        return fail("--k, --strengths, --value-strengths and --diffmean-strengths take comma-separated numbers")
+    if any(v <= 0 for v in value_strengths):
+        return fail(f"--value-strengths: {args.value_strengths!r}: every factor must be positive")
     if not diffmean_strengths:
         return fail("--diffmean-strengths: give at least one")
     if args.screen_images < 1:
@@ -98,6 +117,7 @@ def fit_command(args) -> int:
     if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
             or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
         return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
+    grid["value_strength"] = value_strengths
     if not types or set(types) - set(FIT_TYPES + ("count",)):
         return fail(f"--types: {args.types!r}: choose from {', '.join(FIT_TYPES + ('count',))}")
     if Path(args.data).resolve() == Path(args.select).resolve():
@@ -134,6 +154,8 @@ def fit_command(args) -> int:
         candidates = build(codes, items, answers, c=args.probe_c, top=args.top)
     except ProbeUnavailable as e:
         return fail(str(e))
+    if value_strengths:
+        candidates += from_values(measured_catalog(args.model, args.sae, args.hookpoint), types)
     say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
 
     conditions = {}

@@ -2,13 +2,15 @@
 sizes, modes, strengths and scopes, scored by fixed minus broken answers against the unsteered
 model's, under the constraint that no question type loses more than ``max_loss`` of accuracy; then
 the best of other families added while they add to the net. A candidate fitted on one question
-type's confusion is also tried conditioned on that type (every edit's ``when`` the feature that
-fires on such prompts alone, ``effects.conditions``), so it acts on those questions only.
+type (a confusion, or that type's values) is also tried conditioned on that type (every edit's
+``when`` the feature that fires on such prompts alone, ``effects.conditions``), so it acts on those
+questions only.
 
 Trying every point on every selection question costs most of a fit. An image's questions share
 its prefix (the fast answerer computes it once per image and steering), so points are screened on
 the questions about a seeded sample of the split's images, and only the best few by those counts
-are asked on the whole split, whose counts alone decide."""
+(the best point of each of the best few families) are asked on the whole split, whose counts alone
+decide."""
 
 from __future__ import annotations
 
@@ -77,11 +79,17 @@ def merged(a: SteeringSpec, b: SteeringSpec) -> SteeringSpec:
 def grid_points(candidates: list[Candidate], typical: torch.Tensor, grid: dict,
                 conditions: dict[str, int] | None = None) -> list[Trial]:
     """Every candidate at every point of ``grid``; condition ``type`` applies to candidates fitted
-    on one question type that has a condition in ``conditions`` (type -> feature)."""
+    on one question type that has a condition in ``conditions`` (type -> feature). A ``values``
+    candidate (one feature per value of its type) is tried whole, scaled where its features fire, at
+    ``grid["value_strength"]``, on its type's prompts alone where that type has a condition."""
     points = []
     for cand in candidates:
-        for k, mode, strength, scope, condition in itertools.product(
-                grid["k"], grid["mode"], grid["strength"], grid["scope"], grid.get("condition", ("none",))):
+        axes = (grid["k"], grid["mode"], grid["strength"], grid["scope"], grid.get("condition", ("none",)))
+        if cand.family.startswith("values:"):
+            kind = question_type(cand.family)
+            axes = ((len(cand.up),), ("scale",), grid.get("value_strength", grid["strength"]), grid["scope"],
+                    ("type",) if kind in (conditions or {}) and "type" in axes[4] else ("none",))
+        for k, mode, strength, scope, condition in itertools.product(*axes):
             when = None
             if condition == "type":
                 when = (conditions or {}).get(question_type(cand.family))
@@ -110,7 +118,13 @@ def choose(answer, items: list[dict], candidates: list[Candidate], typical: torc
         screened.append(replace(point, result=tally(few, few_base, said)))
         if progress:
             progress(screened[-1])
-    best = sorted((t for t in screened if t.feasible(max_loss) and t.net > 0), key=lambda t: (-t.net, t.k))[:confirm]
+    # the best point of each family, the best `confirm` families: another point of a family already
+    # confirmed could not be added to it, so a second family's best is worth the whole split more
+    best, families = [], set()
+    for t in sorted((t for t in screened if t.feasible(max_loss) and t.net > 0), key=lambda t: (-t.net, t.k)):
+        if t.family not in families and len(best) < confirm:
+            best.append(t)
+            families.add(t.family)
     if len(screen) == len(items):  # the screen was the whole split
         trials = best
     else:
