@@ -171,10 +171,9 @@ def _planted_misread(items: list[dict], spec: SteeringSpec | None) -> list[str]:
 
 
 def test_the_values_family_amplifies_each_values_feature_on_its_types_prompts_and_adds_to_another_family():
-    from sae_weights import FeatureCatalog, FeatureEntry
-
     from lmm_steer.fit.candidates import Candidate, from_values, question_type
     from lmm_steer.fit.search import grid_points
+    from sae_weights import FeatureCatalog, FeatureEntry
 
     def row(word, kind, rate):
         return {"effect": {"best": word, "type": kind, "rate": rate, "n": 20, "kept_other": 1.0, "stage": "grid"},
