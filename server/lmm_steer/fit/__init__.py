@@ -9,7 +9,9 @@ over the question's, are what the candidates are built from:
 - ``probe``: a sparse (L1) logistic probe on the codes that tells right answers from wrong ones;
   its features that predict "right" are amplified, those that predict "wrong" suppressed (SAVE);
 - ``confusion``: for each of the model's most frequent confusions (purple read as blue, "no" to an
-  object that is there), a probe on that confusion's questions alone, steered the same way.
+  object that is there), a probe on that confusion's questions alone, steered the same way;
+- ``values`` (opt-in, ``--value-strengths``): per question type, each of its values' best-measured
+  feature (the catalog's ``sae effects`` rows) amplified where it fires, on that type's prompts.
 
 Each candidate is tried at a grid of strengths, modes and scopes on a selection split, and the
 one with the most fixed minus broken answers is kept (then the next candidates are added while
