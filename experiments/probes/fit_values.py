@@ -1,0 +1,75 @@
+"""Does saying louder what the image already says fix the scenes model's colour and shape errors?
+
+`preset fit`'s opt-in values family (``--value-strengths``) scales, per question type, each value's
+best-measured feature (the shipped catalog's `sae effects` rows, as ``fit.candidates.from_values``
+picks them) where it fires, on that type's prompts alone (the type's condition: 770 colour, 2117
+shape). This asks every question of a selection split under that family at a few factors, under a
+fitted preset's edits, and under their union, against the unsteered answers: fixed, broken and net
+per question type (selection split only; no test split is read).
+
+    python experiments/probes/fit_values.py scenes-32 sae_weights/scenes-llava-next/presets/fitted.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.eval.preset import tally
+from lmm_steer.fit.answers import SplitAnswers
+from lmm_steer.fit.candidates import from_values, question_type
+from lmm_steer.fit.commands import measured_catalog
+from lmm_steer.fit.examples import load_examples
+from lmm_steer.scenes.commands import scene_engine
+
+MODEL = "builtin:scenes-llava-next"
+CONDITIONS = {"colour": 770, "shape": 2117}  # `sae conditions` on the calibration split (seed 34)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("select", help="a selection split (`scenes generate`)")
+    p.add_argument("preset", help="a fitted preset file (its steering is combined with the values family)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
+    values = {question_type(c.family): c.up for c in from_values(measured_catalog(MODEL, None, None),
+                                                                  ("colour", "shape"))}
+    steering = json.load(open(args.preset))["steering"]
+    preset = [FeatureEdit(f["id"], f["value"], f["mode"], when=f.get("when")) for f in steering["features"]]
+
+    def louder(kind: str, factor: float) -> list[FeatureEdit]:
+        return [FeatureEdit(f, factor, "scale", when=CONDITIONS[kind]) for f in values[kind]]
+
+    rows = {"preset": preset, "shape x4": louder("shape", 4.0), "shape x6": louder("shape", 6.0),
+            "colour x2": louder("colour", 2.0), "preset + shape x4": preset + louder("shape", 4.0),
+            "preset + shape x4 + colour x2": preset + louder("shape", 4.0) + louder("colour", 2.0)}
+    root, items = load_examples(args.select, None, ("colour", "shape", "exist"))
+    answers = SplitAnswers(engine, root)
+    base = answers(items, [None])[0]
+    said = answers(items, [SteeringSpec(edits, scope=steering.get("scope", "all")) for edits in rows.values()])
+    out = {}
+    print("| steering | fixed | broken | net | colour | shape | existence |\n|---|---|---|---|---|---|---|")
+    for name, got in zip(rows, said, strict=True):
+        r = tally(items, base, got)
+        out[name] = r
+        print(f"| {name} | {r['all']['fixed']} | {r['all']['broken']} | {r['all']['net']:+d} | "
+              + " | ".join(f"{r[t]['net']:+d}" for t in ("colour", "shape", "exist")) + " |")
+    record = {"command": f"python experiments/probes/fit_values.py {args.select} {args.preset}", "values": values,
+              "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"questions": len(items), "values": values, "seconds": record["seconds"]}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
