@@ -138,6 +138,16 @@ class FeatureCatalog:
     # -- reading ----------------------------------------------------------------------------
 
     @classmethod
+    def load_all(cls, paths: Iterable[str | Path]) -> FeatureCatalog:
+        """Every file of ``paths`` read and merged in order (``merge``: a later file's fields for a
+        feature are laid over the earlier ones'), as ``serve`` stacks a model's catalogs: statistics,
+        then explanations, then measured effects."""
+        catalog = cls()
+        for path in paths:
+            catalog.merge(cls.load(path))
+        return catalog
+
+    @classmethod
     def load(cls, path: str | Path) -> FeatureCatalog:
         """Read either format, told apart by content (a JSON array/object vs one object per line)."""
         path = Path(path)

@@ -39,6 +39,10 @@ def test_jsonl_rows_with_extras_and_merge(tmp_path):
     more.write_text('{"feature": 3, "top_contexts": ["an apple a day"]}\n')
     cat.merge(FeatureCatalog.load(more))
     assert cat.get(3).explanation == "red apples" and cat.get(3).extras["top_contexts"] == ["an apple a day"]
+    stacked = FeatureCatalog.load_all([path, more])  # the files merged in order, as serve stacks them
+    assert [(e.feature, e.explanation, e.extras) for e in map(stacked.get, stacked.ids())] == [
+        (f, cat.get(f).explanation, cat.get(f).extras) for f in cat.ids()]
+    assert FeatureCatalog.load_all([more, path]).get(3).extras == {"density": 0.01, "top_contexts": ["an apple a day"]}
 
 
 def test_custom_scorer_replaces_bm25(tmp_path):

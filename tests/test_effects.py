@@ -300,9 +300,7 @@ def test_the_shipped_effects_are_what_concept_steering_uses_on_the_scenes_model(
     # each steering row carries its question type's condition (`sae conditions`), one per type
     when = {(r["effect"]["type"], r["steer"]["when"]) for r in rows if "steer" in r}
     assert sorted(t for t, _ in when) == ["colour", "shape"] and len({w for _, w in when}) == 2
-    merged = FeatureCatalog()
-    for path in sources.catalogs:
-        merged.merge(FeatureCatalog.load(path))
+    merged = FeatureCatalog.load_all(sources.catalogs)
     index = SemanticIndex(merged, default_embedder(), list(sources.catalogs))
     assert index.vectors.shape[0] == 4096
     best = {}

@@ -22,9 +22,7 @@ def test_serve_merges_the_explanations_over_the_catalog_and_keeps_its_steering_v
     sources = sources_for("builtin:scenes-llava-next")
     assert sources.catalogs == (str(SHIPPED_SCENES.catalog), str(EXPLAINED), str(SHIPPED_SCENES.effects))
     plain = FeatureCatalog.load(sources.catalogs[0])
-    merged = FeatureCatalog()
-    for path in sources.catalogs:
-        merged.merge(FeatureCatalog.load(path))
+    merged = FeatureCatalog.load_all(sources.catalogs)
     assert len(merged) == len(plain) == 4096
     for row in ROWS:
         entry = merged.get(row["feature"])
@@ -79,8 +77,6 @@ def test_the_default_serves_the_scenes_model_with_its_presets_and_a_shipped_sear
             raise AssertionError(f"embedded {len(texts)} texts at start")
 
     monkeypatch.setenv("LMM_STEER_CACHE", str(tmp_path))  # no cached index to fall back on
-    merged = FeatureCatalog()
-    for path in sources.catalogs:
-        merged.merge(FeatureCatalog.load(path))
+    merged = FeatureCatalog.load_all(sources.catalogs)
     index = SemanticIndex(merged, NoEmbedding(), list(sources.catalogs))
     assert index.vectors.shape == (4096, 384)

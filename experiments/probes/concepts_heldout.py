@@ -82,9 +82,7 @@ def main() -> int:
     paths = list(sources_for(MODEL).catalogs)
     if args.effects:
         paths = [p for p in paths if not Path(p).name.startswith("effects")] + [args.effects]
-    catalog = FeatureCatalog()
-    for path in paths:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(paths)
     index = index_or_none(catalog, paths)
     service = SimpleNamespace(concepts=index)
     engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16))

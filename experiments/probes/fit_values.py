@@ -22,9 +22,10 @@ from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
 from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.candidates import from_values, question_type
-from lmm_steer.fit.commands import measured_catalog
 from lmm_steer.fit.examples import load_examples
 from lmm_steer.scenes.commands import scene_engine
+from sae_weights import FeatureCatalog
+from sae_weights.default import sources_for
 
 MODEL = "builtin:scenes-llava-next"
 CONDITIONS = {"colour": 770, "shape": 2117}  # `sae conditions` on the calibration split (seed 34)
@@ -40,8 +41,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
-    values = {question_type(c.family): c.up for c in from_values(measured_catalog(MODEL, None, None),
-                                                                  ("colour", "shape"))}
+    catalog = FeatureCatalog.load_all(sources_for(MODEL).catalogs)
+    values = {question_type(c.family): c.up for c in from_values(catalog, ("colour", "shape"))}
     steering = json.load(open(args.preset))["steering"]
     preset = [FeatureEdit(f["id"], f["value"], f["mode"], when=f.get("when")) for f in steering["features"]]
 

@@ -85,9 +85,7 @@ def build_app(args):
                             cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             clamp_effect_every=args.clamp_effect_every),
     )
-    catalog = FeatureCatalog()
-    for path in catalogs:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(catalogs)
     keys = []
     if args.api_key_file:
         with open(args.api_key_file) as f:

@@ -27,9 +27,7 @@ def embed_command(args) -> int:
     from .semantic import SemanticIndex
 
     paths = args.catalog or [str(TEXT_CATALOG)]
-    catalog = FeatureCatalog()
-    for path in paths:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(paths)
     index = SemanticIndex(catalog, SentenceEmbedder(args.embedder), paths)
     print(json.dumps({"written": str(index.write_beside(paths[-1])), "features": len(index.ids),
                       "model": index.embedder.name}))

@@ -96,9 +96,7 @@ def effects_command(args) -> int:
     paths = [p for p in sources.catalogs if not Path(p).name.startswith("effects")]  # candidates by meaning alone
     if not paths:
         return fail("--catalog: the SAE has no shipped catalog; name one")
-    catalog = FeatureCatalog()
-    for path in paths:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(paths)
     searcher = index_or_none(catalog, paths, warn=lambda m: print(f"lmm-steer: {m}", file=sys.stderr)) or catalog
     t0 = time.perf_counter()
     engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))

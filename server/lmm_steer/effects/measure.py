@@ -18,7 +18,7 @@ each value's best few by what the screen measured, drawn from every screened can
 hit for "red" that turns shapes into triangles is a triangle finalist), are then measured over the
 grid on other scenes. Where a value's rows will be conditioned on its question type (``leaks``,
 read first by ``sae effects``), a clamp's breakage of the other type counts only on the share of
-prompts its condition fires on (``rank.kept_under``).
+prompts its condition fires on (``rank.under_condition``).
 
 A feature's effect is the word it turns most answers into (at any value), and the value chosen for
 it: the smallest grid value reaching the best rate among those keeping ``kept_bound`` of the other
@@ -45,7 +45,7 @@ from ..eval.tested import VALUE_KEYS, effect_rates
 from ..scenes.evaluate import normalise, questions
 from ..scenes.generate import COLOURS, SHAPES
 from .clamps import group_by_image
-from .rank import kept_under, rank_key, strength
+from .rank import rank_key, strength, under_condition
 
 TYPES = ("colour", "shape")
 WORD_TYPE = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
@@ -228,7 +228,7 @@ def screen_strength(t: Tally, word: str, cfg: EffectConfig) -> float:
     other type counted under its type's condition where the rows will have one (``cfg.leaks``)."""
     effect = word_effect({cfg.screen_value: t}, word, cfg.kept_bound, cfg.rate_target)
     leak = cfg.leaks.get(effect["type"])
-    return strength(effect if leak is None else {**effect, "kept_other": kept_under(effect["kept_other"], leak)})
+    return strength(effect if leak is None else under_condition(effect, leak))
 
 
 def tally_json(t: Tally) -> dict:

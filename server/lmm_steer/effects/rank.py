@@ -42,16 +42,23 @@ def kept_under(kept: float, leak: float) -> float:
     return 1.0 - float(leak) * (1.0 - float(kept))
 
 
+def under_condition(effect: dict, leak: float) -> dict:
+    """``effect`` with its other type's answers kept as they are when its clamp acts only on prompts
+    a condition fires on (``kept_under``)."""
+    kept = effect.get("kept_other")
+    return {**effect, "kept_other": None if kept is None else kept_under(kept, leak)}
+
+
 def steered(effect: dict, steer: dict | None = None) -> dict:
     """The effect a row steers with: ``effect`` itself, or for a row conditioned on its question type
-    (``steer`` with ``when`` and its ``condition``'s ``leak``) the rate at the point it steers at and
-    the answers kept under the condition (``kept_under``)."""
+    (``steer`` with ``when`` and its ``condition``'s ``leak``) the rate and answers kept at the point
+    it steers at, under the condition (``under_condition``)."""
     condition = (steer or {}).get("condition")
     if not isinstance(condition, dict) or steer.get("when") is None or condition.get("leak") is None:
         return effect
-    kept = steer.get("kept_other", effect.get("kept_other"))
-    return {**effect, "rate": steer.get("rate", effect.get("rate")),
-            "kept_other": None if kept is None else kept_under(kept, condition["leak"])}
+    point = {**effect, "rate": steer.get("rate", effect.get("rate")),
+             "kept_other": steer.get("kept_other", effect.get("kept_other"))}
+    return under_condition(point, condition["leak"])
 
 
 def rank_key(effect: dict, steer: dict | None = None) -> tuple[int, float]:

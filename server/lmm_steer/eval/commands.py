@@ -168,9 +168,7 @@ def fix_command(args) -> int:
     sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog)
     if not sources.catalogs:
         return fail("--catalog: the SAE has no shipped catalog; name one")
-    catalog = FeatureCatalog()
-    for path in sources.catalogs:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(sources.catalogs)
     engine = scene_engine(args.model, args.weights, sources.sae, sources.hookpoint, EngineConfig(max_batch=16))
     searcher = index_or_none(catalog, list(sources.catalogs)) or catalog  # else search by words alone
     oracle = tested = None
@@ -333,9 +331,7 @@ def fitted_command(args) -> int:
         return fail("--random-draws: at least 1")
     root, items = load_examples(args.data, args.limit, types)
     engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512))
-    catalog = FeatureCatalog()
-    for path in sources_for(args.model, args.sae, args.hookpoint).catalogs:
-        catalog.merge(FeatureCatalog.load(path))
+    catalog = FeatureCatalog.load_all(sources_for(args.model, args.sae, args.hookpoint).catalogs)
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0] or list(
         range(engine.sae.num_latents))
     density = {f: catalog.get(f).extras.get("density") or 0.0 for f in pool if catalog.get(f) is not None}

@@ -64,17 +64,6 @@ def command_line(args) -> str:
     return shlex.join(words)
 
 
-def measured_catalog(model: str, sae: str | None, hookpoint: str | None):
-    """The SAE's catalogs merged as ``serve`` merges them (measured effects included)."""
-    from sae_weights import FeatureCatalog
-    from sae_weights.default import sources_for
-
-    catalog = FeatureCatalog()
-    for path in sources_for(model, sae, hookpoint).catalogs:
-        catalog.merge(FeatureCatalog.load(path))
-    return catalog
-
-
 def fit_command(args) -> int:
     from ..engine import EngineConfig
     from ..eval.preset import tally
@@ -155,7 +144,11 @@ def fit_command(args) -> int:
     except ProbeUnavailable as e:
         return fail(str(e))
     if value_strengths:
-        candidates += from_values(measured_catalog(args.model, args.sae, args.hookpoint), types)
+        from sae_weights import FeatureCatalog
+        from sae_weights.default import sources_for
+
+        catalog = FeatureCatalog.load_all(sources_for(args.model, args.sae, args.hookpoint).catalogs)
+        candidates += from_values(catalog, types)  # the catalogs as `serve` merges them, effects included
     say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
 
     conditions = {}
