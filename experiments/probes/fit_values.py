@@ -7,7 +7,12 @@ shape). This asks every question of a selection split under that family at a few
 fitted preset's edits, and under their union, against the unsteered answers: fixed, broken and net
 per question type (selection split only; no test split is read).
 
+With ``--cross`` it asks instead whether the other attribute's features help the model find the
+object a question names (a colour question names a shape: "What colour is the hexagon?"): the
+shape value features amplified on colour questions, the colour ones on shape questions.
+
     python experiments/probes/fit_values.py scenes-32 sae_weights/scenes-llava-next/presets/fitted.json
+    python experiments/probes/fit_values.py scenes-32 sae_weights/scenes-llava-next/presets/fitted.json --cross
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("select", help="a selection split (`scenes generate`)")
     p.add_argument("preset", help="a fitted preset file (its steering is combined with the values family)")
+    p.add_argument("--cross", action="store_true", help="each type's features on the other type's questions")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
@@ -46,24 +52,30 @@ def main() -> int:
     steering = json.load(open(args.preset))["steering"]
     preset = [FeatureEdit(f["id"], f["value"], f["mode"], when=f.get("when")) for f in steering["features"]]
 
-    def louder(kind: str, factor: float) -> list[FeatureEdit]:
-        return [FeatureEdit(f, factor, "scale", when=CONDITIONS[kind]) for f in values[kind]]
+    def louder(kind: str, factor: float, on: str | None = None) -> list[FeatureEdit]:
+        return [FeatureEdit(f, factor, "scale", when=CONDITIONS[on or kind]) for f in values[kind]]
 
-    rows = {"preset": preset, "shape x4": louder("shape", 4.0), "shape x6": louder("shape", 6.0),
-            "colour x2": louder("colour", 2.0), "preset + shape x4": preset + louder("shape", 4.0),
-            "preset + shape x4 + colour x2": preset + louder("shape", 4.0) + louder("colour", 2.0)}
-    root, items = load_examples(args.select, None, ("colour", "shape", "exist"))
+    if args.cross:
+        rows = {f"{kind} values x{factor:g} on {on} questions": louder(kind, factor, on)
+                for kind, on in (("shape", "colour"), ("colour", "shape")) for factor in (2.0, 4.0)}
+    else:
+        rows = {"preset": preset, "shape x4": louder("shape", 4.0), "shape x6": louder("shape", 6.0),
+                "colour x2": louder("colour", 2.0), "preset + shape x4": preset + louder("shape", 4.0),
+                "preset + shape x4 + colour x2": preset + louder("shape", 4.0) + louder("colour", 2.0)}
+    types = ("colour", "shape") if args.cross else ("colour", "shape", "exist")
+    root, items = load_examples(args.select, None, types)
     answers = SplitAnswers(engine, root)
     base = answers(items, [None])[0]
     said = answers(items, [SteeringSpec(edits, scope=steering.get("scope", "all")) for edits in rows.values()])
     out = {}
-    print("| steering | fixed | broken | net | colour | shape | existence |\n|---|---|---|---|---|---|---|")
+    print("| steering | fixed | broken | net | " + " | ".join(types) + " |\n" + "|---" * (4 + len(types)) + "|")
     for name, got in zip(rows, said, strict=True):
         r = tally(items, base, got)
         out[name] = r
         print(f"| {name} | {r['all']['fixed']} | {r['all']['broken']} | {r['all']['net']:+d} | "
-              + " | ".join(f"{r[t]['net']:+d}" for t in ("colour", "shape", "exist")) + " |")
-    record = {"command": f"python experiments/probes/fit_values.py {args.select} {args.preset}", "values": values,
+              + " | ".join(f"{r[t]['net']:+d}" for t in types) + " |")
+    record = {"command": f"python experiments/probes/fit_values.py {args.select} {args.preset}"
+              + (" --cross" if args.cross else ""), "values": values,
               "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"questions": len(items), "values": values, "seconds": record["seconds"]}))
     if args.json:

@@ -1,0 +1,151 @@
+"""Can a steering make the scenes model read the object a question names? Most of its colour errors
+name another object's colour (`attribute_readout.py`): the colour is there at the SAE's block, read
+off the wrong object. This probe lights the named object up: on a colour question about a hexagon,
+every colour's localised feature (chosen from ground truth on a fit split, `scenes localise`'s
+choice) is scaled where the hexagon's localised feature fires, on the image alone; on a shape
+question about the green object, every shape's feature where green's fires. The edit reads the
+question's named value, which a served request has, so it could be served per request. Control
+from the same run: the same edits lit where another value's feature fires (a wrong object).
+Selection split only; no test split is read.
+
+With ``--served`` the spotlight is asked as one steering for every question, the form a preset
+would serve: each named value's edits carry a ``when`` condition, the feature that fires on the
+prompts naming that value (`named_conditions.py`'s choice on the fit split's first 40 scenes), so
+the engine decides per request which object to light; existence questions are asked too, since
+a condition may leak onto them. It needs more edits than the engine's default table (32), so the
+engine here is built with a wider one.
+
+    python experiments/probes/fit_spotlight.py scenes-31 scenes-32 --factors 2,4 --json spotlight.json
+    python experiments/probes/fit_spotlight.py scenes-31 scenes-32 --factors 2 --served --json spotlight-served.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from lmm_steer.effects.clamps import ImageAnswers
+from lmm_steer.effects.conditions import find_conditions
+from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.eval.preset import tally
+from lmm_steer.fit.answers import SplitAnswers
+from lmm_steer.fit.examples import load_examples
+from lmm_steer.scenes.commands import scene_engine
+from lmm_steer.scenes.localise import best_features
+
+MODEL = "builtin:scenes-llava-next"
+NAMED = {"colour": re.compile(r"What colour is the (\w+)\?"), "shape": re.compile(r"What shape is the (\w+) object\?")}
+OTHER = {"colour": "shape", "shape": "colour"}
+
+
+def named(item: dict) -> str:
+    """A question's label by the value it names ("colour about hexagon"); existence kept whole."""
+    kind = item["type"]
+    return kind if kind not in NAMED else f"{kind} about {NAMED[kind].match(item['question']).group(1)}"
+
+
+def served(engine, args, features: dict, factors: list[float], t0: float) -> int:
+    """The spotlight as one conditioned steering for every question of the selection split."""
+    fit_root, fit_items = load_examples(args.fit, None, ("colour", "shape", "exist"))
+    images = list(dict.fromkeys(q["image"] for q in fit_items))[:40]
+    sample = [{**q, "type": named(q)} for q in fit_items if q["image"] in images]
+    conditions = find_conditions(ImageAnswers(engine), fit_root, sample)
+
+    def spec(factor: float) -> SteeringSpec:
+        edits = []
+        for label, cond in sorted(conditions.items()):
+            if label == "exist":
+                continue
+            attr, value = label.split(" about ")
+            edits += [FeatureEdit(f, factor, "scale", where=features[OTHER[attr]][value], when=cond.feature)
+                      for f in features[attr].values()]
+        return SteeringSpec(edits, scope="image")
+    types = ("colour", "shape", "exist")
+    root, items = load_examples(args.select, None, types)
+    answers = SplitAnswers(engine, root)
+    base, *said = answers(items, [None] + [spec(f) for f in factors])
+    out = {}
+    print("| steering | edits | fixed | broken | net | colour | shape | existence |\n|---|---|---|---|---|---|---|---|")
+    for factor, got in zip(factors, said, strict=True):
+        t = tally(items, base, got)
+        out[f"served x{factor:g}"] = t
+        print(f"| served spotlight x{factor:g} | {len(spec(factor).edits)} | {t['all']['fixed']} | {t['all']['broken']} | "
+              f"{t['all']['net']:+d} | " + " | ".join(f"{t[k]['fixed']} / {t[k]['broken']}" for k in types) + " |")
+    record = {"command": f"python experiments/probes/fit_spotlight.py {args.fit} {args.select} --factors {args.factors}"
+              " --served", "features": dict(features), "conditions": {k: c.record() for k, c in conditions.items()},
+              "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"seconds": record["seconds"]}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("fit", help="split the localised features are chosen on")
+    p.add_argument("select", help="a selection split whose colour and shape questions are asked")
+    p.add_argument("--factors", default="2,4")
+    p.add_argument("--scenes", type=int, default=100, help="fit scenes read to choose the features")
+    p.add_argument("--seed", type=int, default=0, help="the control's choice of another value")
+    p.add_argument("--served", action="store_true", help="one steering for every question, conditioned per named value")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512, max_clamps=256))
+    chosen = best_features(engine, Path(args.fit), args.scenes)
+    features = defaultdict(dict)
+    for key, f in chosen.items():
+        attr, value = key.split(":")
+        features[attr][value] = f
+    factors = [float(x) for x in args.factors.split(",")]
+    rng = random.Random(args.seed)
+    if args.served:
+        return served(engine, args, features, factors, t0)
+    root, items = load_examples(args.select, None, ("colour", "shape"))
+    groups = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[item["type"], NAMED[item["type"]].match(item["question"]).group(1)].append(i)
+    answers = SplitAnswers(engine, root)
+    rows = ["base"] + [f"lit x{f:g}" for f in factors] + [f"another lit x{f:g}" for f in factors]
+    said = {r: [None] * len(items) for r in rows}
+    for (attr, named), idx in sorted(groups.items()):
+        lit = features[OTHER[attr]]
+        other = rng.choice(sorted(v for v in lit if v != named))
+
+        def spec(factor: float, at: str, attr=attr, lit=lit) -> SteeringSpec:
+            return SteeringSpec([FeatureEdit(f, factor, "scale", where=lit[at]) for f in features[attr].values()],
+                                scope="image")
+        steerings = [None] + [spec(f, named) for f in factors] + [spec(f, other) for f in factors]
+        got = answers([items[i] for i in idx], steerings)
+        for r, g in zip(rows, got, strict=True):
+            for i, a in zip(idx, g, strict=True):
+                said[r][i] = a
+    out = {}
+    print("| steering | fixed | broken | net | colour | shape |\n|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        t = tally(items, said["base"], said[r])
+        out[r] = t
+        print(f"| {r} | {t['all']['fixed']} | {t['all']['broken']} | {t['all']['net']:+d} | "
+              f"{t['colour']['net']:+d} | {t['shape']['net']:+d} |")
+    record = {"command": f"python experiments/probes/fit_spotlight.py {args.fit} {args.select} --factors {args.factors}",
+              "features": dict(features), "questions": len(items), "rows": out,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"features": record["features"], "seconds": record["seconds"]}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

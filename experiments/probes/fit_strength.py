@@ -1,0 +1,67 @@
+"""How far does a fitted preset's strength go? Every edit of a preset of `scale` edits is raised to a
+power (x2 becomes x2**p, /2 becomes /2**p, each keeping its condition), and every question of a
+selection split is asked under each, against the unsteered answers: fixed, broken and net per
+question type (selection split only; no test split is read).
+
+    python experiments/probes/fit_strength.py scenes-32 sae_weights/scenes-llava-next/presets/fitted.json --powers 0.5,1,1.5,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.eval.preset import tally
+from lmm_steer.fit.answers import SplitAnswers
+from lmm_steer.fit.examples import load_examples
+from lmm_steer.scenes.commands import scene_engine
+
+MODEL = "builtin:scenes-llava-next"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("select", help="a selection split (`scenes generate`)")
+    p.add_argument("preset", help="a fitted preset file of `scale` edits")
+    p.add_argument("--powers", default="0.5,1,1.5,2,3", help="comma-separated powers of each edit's factor")
+    p.add_argument("--types", default="colour,shape,exist")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
+    steering = json.load(open(args.preset))["steering"]
+    if any(f["mode"] != "scale" for f in steering["features"]):
+        raise SystemExit("this probe takes presets of scale edits only")
+    powers = [float(x) for x in args.powers.split(",")]
+    types = tuple(args.types.split(","))
+    root, items = load_examples(args.select, None, types)
+    answers = SplitAnswers(engine, root)
+    base = answers(items, [None])[0]
+    specs = [SteeringSpec([FeatureEdit(f["id"], f["value"] ** pw, "scale", when=f.get("when"))
+                           for f in steering["features"]], scope=steering.get("scope", "all")) for pw in powers]
+    said = answers(items, specs)
+    rows = {}
+    print("| power | fixed | broken | net | " + " | ".join(types) + " |\n|---" * 1 + "|---" * (3 + len(types)) + "|")
+    for pw, got in zip(powers, said, strict=True):
+        r = tally(items, base, got)
+        rows[str(pw)] = r
+        print(f"| {pw:g} | {r['all']['fixed']} | {r['all']['broken']} | {r['all']['net']:+d} | "
+              + " | ".join(f"{r[t]['fixed']}/{r[t]['broken']}" for t in types) + " |")
+    record = {"command": f"python experiments/probes/fit_strength.py {args.select} {args.preset} --powers {args.powers}"
+              f" --types {args.types}", "questions": len(items), "rows": rows,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({"questions": len(items), "seconds": record["seconds"]}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
