@@ -15,31 +15,28 @@ answer's possible values (every value but the truth) that some other object of t
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import scenes_probe
 import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lmm_steer.engine import EngineConfig
 from lmm_steer.engine.hookpoint import block_hidden, language_model
 from lmm_steer.engine.inspect import image_grids
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.examples import load_examples
 from lmm_steer.models.inputs import build_inputs
-from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.evaluate import normalise
 from lmm_steer.scenes.generate import patch_shares, rle_decode
 from lmm_steer.scenes.localise import DESCRIBE
 
-MODEL = "builtin:scenes-llava-next"
 ATTRIBUTES = ("colour", "shape")
 
 
@@ -118,16 +115,13 @@ def binding(data: Path, items: list[dict], said: list[str], asked: dict) -> dict
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = scenes_probe.parser(__doc__)
     p.add_argument("fit", help="split the probes are fitted on (every object)")
     p.add_argument("test", help="split whose colour and shape questions are asked")
     p.add_argument("--layers", default="0,hook", help="decoder blocks, 'hook' for the SAE's")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
+    engine = scenes_probe.engine(args.threads)
     layers = sorted({engine.hook_index if x == "hook" else int(x) for x in args.layers.split(",")})
     fit_vec, fit_val = object_vectors(engine, Path(args.fit), layers)
     test_vec, test_val = object_vectors(engine, Path(args.test), layers)
@@ -171,10 +165,7 @@ def main() -> int:
         print(f"| {attr} | {b['wrong']} | {b['another_object']} | {b['chance']:.2f} |")
     record["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"seconds": record["seconds"], "fit_objects": len(fit_vec)}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return 0
+    return scenes_probe.save(args.json, record)
 
 
 if __name__ == "__main__":

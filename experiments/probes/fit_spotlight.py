@@ -21,41 +21,30 @@ engine here is built with a wider one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+import scenes_probe
 
 from lmm_steer.effects.clamps import ImageAnswers
 from lmm_steer.effects.conditions import find_conditions
-from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.engine import FeatureEdit, SteeringSpec
 from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.examples import load_examples
-from lmm_steer.scenes.commands import scene_engine
 from lmm_steer.scenes.localise import best_features
 
-MODEL = "builtin:scenes-llava-next"
-NAMED = {"colour": re.compile(r"What colour is the (\w+)\?"), "shape": re.compile(r"What shape is the (\w+) object\?")}
 OTHER = {"colour": "shape", "shape": "colour"}
-
-
-def named(item: dict) -> str:
-    """A question's label by the value it names ("colour about hexagon"); existence kept whole."""
-    kind = item["type"]
-    return kind if kind not in NAMED else f"{kind} about {NAMED[kind].match(item['question']).group(1)}"
 
 
 def served(engine, args, features: dict, factors: list[float], t0: float) -> int:
     """The spotlight as one conditioned steering for every question of the selection split."""
     fit_root, fit_items = load_examples(args.fit, None, ("colour", "shape", "exist"))
     images = list(dict.fromkeys(q["image"] for q in fit_items))[:40]
-    sample = [{**q, "type": named(q)} for q in fit_items if q["image"] in images]
+    sample = [{**q, "type": scenes_probe.named(q)} for q in fit_items if q["image"] in images]
     conditions = find_conditions(ImageAnswers(engine), fit_root, sample)
 
     def spec(factor: float) -> SteeringSpec:
@@ -82,26 +71,20 @@ def served(engine, args, features: dict, factors: list[float], t0: float) -> int
               " --served", "features": dict(features), "conditions": {k: c.record() for k, c in conditions.items()},
               "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"seconds": record["seconds"]}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return 0
+    return scenes_probe.save(args.json, record)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = scenes_probe.parser(__doc__)
     p.add_argument("fit", help="split the localised features are chosen on")
     p.add_argument("select", help="a selection split whose colour and shape questions are asked")
     p.add_argument("--factors", default="2,4")
     p.add_argument("--scenes", type=int, default=100, help="fit scenes read to choose the features")
     p.add_argument("--seed", type=int, default=0, help="the control's choice of another value")
     p.add_argument("--served", action="store_true", help="one steering for every question, conditioned per named value")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512, max_clamps=256))
+    engine = scenes_probe.engine(args.threads, max_clamps=256)
     chosen = best_features(engine, Path(args.fit), args.scenes)
     features = defaultdict(dict)
     for key, f in chosen.items():
@@ -114,7 +97,7 @@ def main() -> int:
     root, items = load_examples(args.select, None, ("colour", "shape"))
     groups = defaultdict(list)
     for i, item in enumerate(items):
-        groups[item["type"], NAMED[item["type"]].match(item["question"]).group(1)].append(i)
+        groups[item["type"], scenes_probe.named_value(item)].append(i)
     answers = SplitAnswers(engine, root)
     rows = ["base"] + [f"lit x{f:g}" for f in factors] + [f"another lit x{f:g}" for f in factors]
     said = {r: [None] * len(items) for r in rows}
@@ -141,10 +124,7 @@ def main() -> int:
               "features": dict(features), "questions": len(items), "rows": out,
               "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"features": record["features"], "seconds": record["seconds"]}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return 0
+    return scenes_probe.save(args.json, record)
 
 
 if __name__ == "__main__":

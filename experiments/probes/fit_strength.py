@@ -8,33 +8,26 @@ question type (selection split only; no test split is read).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-import torch
+import scenes_probe
 
-from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.engine import FeatureEdit, SteeringSpec
 from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.examples import load_examples
-from lmm_steer.scenes.commands import scene_engine
-
-MODEL = "builtin:scenes-llava-next"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = scenes_probe.parser(__doc__)
     p.add_argument("select", help="a selection split (`scenes generate`)")
     p.add_argument("preset", help="a fitted preset file of `scale` edits")
     p.add_argument("--powers", default="0.5,1,1.5,2,3", help="comma-separated powers of each edit's factor")
     p.add_argument("--types", default="colour,shape,exist")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
+    engine = scenes_probe.engine(args.threads)
     steering = json.load(open(args.preset))["steering"]
     if any(f["mode"] != "scale" for f in steering["features"]):
         raise SystemExit("this probe takes presets of scale edits only")
@@ -57,10 +50,7 @@ def main() -> int:
               f" --types {args.types}", "questions": len(items), "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"questions": len(items), "seconds": record["seconds"]}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return 0
+    return scenes_probe.save(args.json, record)
 
 
 if __name__ == "__main__":

@@ -17,37 +17,31 @@ shape value features amplified on colour questions, the colour ones on shape que
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-import torch
+import scenes_probe
 
-from lmm_steer.engine import EngineConfig, FeatureEdit, SteeringSpec
+from lmm_steer.engine import FeatureEdit, SteeringSpec
 from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.candidates import from_values, question_type
 from lmm_steer.fit.examples import load_examples
-from lmm_steer.scenes.commands import scene_engine
 from sae_weights import FeatureCatalog
 from sae_weights.default import sources_for
 
-MODEL = "builtin:scenes-llava-next"
 CONDITIONS = {"colour": 770, "shape": 2117}  # `sae conditions` on the calibration split (seed 34)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = scenes_probe.parser(__doc__)
     p.add_argument("select", help="a selection split (`scenes generate`)")
     p.add_argument("preset", help="a fitted preset file (its steering is combined with the values family)")
     p.add_argument("--cross", action="store_true", help="each type's features on the other type's questions")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512))
-    catalog = FeatureCatalog.load_all(sources_for(MODEL).catalogs)
+    engine = scenes_probe.engine(args.threads)
+    catalog = FeatureCatalog.load_all(sources_for(scenes_probe.MODEL).catalogs)
     values = {question_type(c.family): c.up for c in from_values(catalog, ("colour", "shape"))}
     steering = json.load(open(args.preset))["steering"]
     preset = [FeatureEdit(f["id"], f["value"], f["mode"], when=f.get("when")) for f in steering["features"]]
@@ -78,10 +72,7 @@ def main() -> int:
               + (" --cross" if args.cross else ""), "values": values,
               "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"questions": len(items), "values": values, "seconds": record["seconds"]}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return 0
+    return scenes_probe.save(args.json, record)
 
 
 if __name__ == "__main__":
