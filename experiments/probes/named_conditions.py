@@ -6,7 +6,13 @@ labelled by the shape it names and each shape question by the colour it names, e
 kept as one more group, and `effects.conditions.by_type` picks each label's best feature on a fit
 split's prompts: its recall on that label's prompts and its leak on every other prompt.
 
+The engine's `when` holds where the feature fires anywhere in the prompt, the image included, so a
+feature of the named word that also fires on that object in the image leaks onto every question
+about a scene holding one. With ``--text`` the features are read on the question's own positions
+(the text after the image) alone: what a condition on the words would give.
+
     python experiments/probes/named_conditions.py scenes-31 --scenes 40
+    python experiments/probes/named_conditions.py scenes-31 --scenes 40 --text
 """
 
 from __future__ import annotations
@@ -15,16 +21,31 @@ import json
 import time
 
 import scenes_probe
+import torch
 
-from lmm_steer.effects.clamps import ImageAnswers
-from lmm_steer.effects.conditions import find_conditions
+from lmm_steer.effects.clamps import ImageAnswers, group_by_image
+from lmm_steer.effects.conditions import by_type, prompt_peaks
+from lmm_steer.engine.steering import prompt_peaks as peaks_over
 from lmm_steer.fit.examples import load_examples
+
+
+def text_peaks(fast, root, items: list[dict]) -> torch.Tensor:
+    """``[question, latents]``: each feature's largest activation over the question's text alone."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    every = torch.arange(fast.sae.num_latents, device=fast.sae.W_dec.device)
+    for image, members in group_by_image(items).items():
+        entry = fast.prepare(root, image, [items[i] for i in members])
+        for k, i in enumerate(members):
+            out[i] = peaks_over(fast.sae, entry.hook_text[k][0], every, rank_by_count=False).float().cpu()
+        fast.forget(image)
+    return torch.stack(out)
 
 
 def main() -> int:
     p = scenes_probe.parser(__doc__)
     p.add_argument("data", help="a fit split (`scenes generate`)")
     p.add_argument("--scenes", type=int, default=40)
+    p.add_argument("--text", action="store_true", help="read features on the question's text alone")
     args = p.parse_args()
     t0 = time.perf_counter()
     engine = scenes_probe.engine(args.threads)
@@ -32,7 +53,8 @@ def main() -> int:
     images = list(dict.fromkeys(q["image"] for q in items))[:args.scenes]
     items = [q for q in items if q["image"] in images]
     labelled = [{**q, "type": scenes_probe.named(q)} for q in items]
-    conditions = find_conditions(ImageAnswers(engine), root, labelled)
+    fast = ImageAnswers(engine)
+    conditions = by_type(labelled, (text_peaks if args.text else prompt_peaks)(fast, root, labelled))
     print("| questions | feature | recall | leak | prompts |\n|---|---|---|---|---|")
     for label, c in sorted(conditions.items()):
         print(f"| {label} | {c.feature} | {c.recall:.2f} | {c.leak:.3f} | {c.n} |")
@@ -40,7 +62,8 @@ def main() -> int:
     print(json.dumps({"usable": usable, "named": len(conditions) - ("exist" in conditions),
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return scenes_probe.save(args.json, {
-        "command": f"python experiments/probes/named_conditions.py {args.data} --scenes {args.scenes}",
+        "command": f"python experiments/probes/named_conditions.py {args.data} --scenes {args.scenes}"
+                   + (" --text" if args.text else ""),
         "conditions": {k: c.record() for k, c in conditions.items()}, "usable": usable,
         "seconds": round(time.perf_counter() - t0, 1)})
 
