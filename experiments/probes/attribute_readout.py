@@ -132,13 +132,14 @@ def main() -> int:
               "layers": layers, "hook": engine.hook_index, "fit_objects": len(fit_vec), "rows": {}}
     print("| block | attribute | probe accuracy, test objects | model right: probe right | model wrong: probe reads the truth"
           " | probe reads the model's answer | probe reads another |\n|---|---|---|---|---|---|---|")
-    keys = sorted(fit_vec)
+    keys, tkeys = sorted(fit_vec), sorted(test_vec)
     for layer in layers:
+        x_fit = np.stack([fit_vec[k][layer] for k in keys])
+        x_test = np.stack([test_vec[k][layer] for k in tkeys])
         for attr in ATTRIBUTES:
             probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            probe.fit(np.stack([fit_vec[k][layer] for k in keys]), [fit_val[k][attr] for k in keys])
-            tkeys = sorted(test_vec)
-            pred = dict(zip(tkeys, probe.predict(np.stack([test_vec[k][layer] for k in tkeys])), strict=True))
+            probe.fit(x_fit, [fit_val[k][attr] for k in keys])
+            pred = dict(zip(tkeys, probe.predict(x_test), strict=True))
             accuracy = np.mean([pred[k] == test_val[k][attr] for k in tkeys])
             c = Counter()
             for item, s in zip(items, said, strict=True):

@@ -28,11 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import scenes_probe
+from named_conditions import named_conditions
 
-from lmm_steer.effects.clamps import ImageAnswers
-from lmm_steer.effects.conditions import find_conditions
 from lmm_steer.engine import FeatureEdit, SteeringSpec
-from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.examples import load_examples
 from lmm_steer.scenes.localise import best_features
@@ -42,10 +40,7 @@ OTHER = {"colour": "shape", "shape": "colour"}
 
 def served(engine, args, features: dict, factors: list[float], t0: float) -> int:
     """The spotlight as one conditioned steering for every question of the selection split."""
-    fit_root, fit_items = load_examples(args.fit, None, ("colour", "shape", "exist"))
-    images = list(dict.fromkeys(q["image"] for q in fit_items))[:40]
-    sample = [{**q, "type": scenes_probe.named(q)} for q in fit_items if q["image"] in images]
-    conditions = find_conditions(ImageAnswers(engine), fit_root, sample)
+    conditions = named_conditions(engine, args.fit, 40)  # as `named_conditions.py` reads them
 
     def spec(factor: float) -> SteeringSpec:
         edits = []
@@ -58,15 +53,10 @@ def served(engine, args, features: dict, factors: list[float], t0: float) -> int
         return SteeringSpec(edits, scope="image")
     types = ("colour", "shape", "exist")
     root, items = load_examples(args.select, None, types)
-    answers = SplitAnswers(engine, root)
-    base, *said = answers(items, [None] + [spec(f) for f in factors])
-    out = {}
-    print("| steering | edits | fixed | broken | net | colour | shape | existence |\n|---|---|---|---|---|---|---|---|")
-    for factor, got in zip(factors, said, strict=True):
-        t = tally(items, base, got)
-        out[f"served x{factor:g}"] = t
-        print(f"| served spotlight x{factor:g} | {len(spec(factor).edits)} | {t['all']['fixed']} | {t['all']['broken']} | "
-              f"{t['all']['net']:+d} | " + " | ".join(f"{t[k]['fixed']} / {t[k]['broken']}" for k in types) + " |")
+    specs = {f"served x{f:g}": spec(f) for f in factors}
+    print(f"{len(next(iter(specs.values())).edits)} edits a steering")
+    base, *said = SplitAnswers(engine, root)(items, [None, *specs.values()])
+    out = scenes_probe.tally_table(items, base, dict(zip(specs, said, strict=True)), types)
     record = {"command": f"python experiments/probes/fit_spotlight.py {args.fit} {args.select} --factors {args.factors}"
               " --served", "features": dict(features), "conditions": {k: c.record() for k, c in conditions.items()},
               "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}
@@ -113,13 +103,7 @@ def main() -> int:
         for r, g in zip(rows, got, strict=True):
             for i, a in zip(idx, g, strict=True):
                 said[r][i] = a
-    out = {}
-    print("| steering | fixed | broken | net | colour | shape |\n|---|---|---|---|---|---|")
-    for r in rows[1:]:
-        t = tally(items, said["base"], said[r])
-        out[r] = t
-        print(f"| {r} | {t['all']['fixed']} | {t['all']['broken']} | {t['all']['net']:+d} | "
-              f"{t['colour']['net']:+d} | {t['shape']['net']:+d} |")
+    out = scenes_probe.tally_table(items, said["base"], {r: said[r] for r in rows[1:]}, ("colour", "shape"))
     record = {"command": f"python experiments/probes/fit_spotlight.py {args.fit} {args.select} --factors {args.factors}",
               "features": dict(features), "questions": len(items), "rows": out,
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -14,7 +14,6 @@ import time
 import scenes_probe
 
 from lmm_steer.engine import FeatureEdit, SteeringSpec
-from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.examples import load_examples
 
@@ -39,13 +38,7 @@ def main() -> int:
     specs = [SteeringSpec([FeatureEdit(f["id"], f["value"] ** pw, "scale", when=f.get("when"))
                            for f in steering["features"]], scope=steering.get("scope", "all")) for pw in powers]
     said = answers(items, specs)
-    rows = {}
-    print("| power | fixed | broken | net | " + " | ".join(types) + " |\n|---" * 1 + "|---" * (3 + len(types)) + "|")
-    for pw, got in zip(powers, said, strict=True):
-        r = tally(items, base, got)
-        rows[str(pw)] = r
-        print(f"| {pw:g} | {r['all']['fixed']} | {r['all']['broken']} | {r['all']['net']:+d} | "
-              + " | ".join(f"{r[t]['fixed']}/{r[t]['broken']}" for t in types) + " |")
+    rows = scenes_probe.tally_table(items, base, {str(pw): got for pw, got in zip(powers, said, strict=True)}, types)
     record = {"command": f"python experiments/probes/fit_strength.py {args.select} {args.preset} --powers {args.powers}"
               f" --types {args.types}", "questions": len(items), "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}

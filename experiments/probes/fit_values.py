@@ -23,7 +23,6 @@ import time
 import scenes_probe
 
 from lmm_steer.engine import FeatureEdit, SteeringSpec
-from lmm_steer.eval.preset import tally
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.candidates import from_values, question_type
 from lmm_steer.fit.examples import load_examples
@@ -61,13 +60,7 @@ def main() -> int:
     answers = SplitAnswers(engine, root)
     base = answers(items, [None])[0]
     said = answers(items, [SteeringSpec(edits, scope=steering.get("scope", "all")) for edits in rows.values()])
-    out = {}
-    print("| steering | fixed | broken | net | " + " | ".join(types) + " |\n" + "|---" * (4 + len(types)) + "|")
-    for name, got in zip(rows, said, strict=True):
-        r = tally(items, base, got)
-        out[name] = r
-        print(f"| {name} | {r['all']['fixed']} | {r['all']['broken']} | {r['all']['net']:+d} | "
-              + " | ".join(f"{r[t]['net']:+d}" for t in types) + " |")
+    out = scenes_probe.tally_table(items, base, dict(zip(rows, said, strict=True)), types)
     record = {"command": f"python experiments/probes/fit_values.py {args.select} {args.preset}"
               + (" --cross" if args.cross else ""), "values": values,
               "questions": len(items), "rows": out, "seconds": round(time.perf_counter() - t0, 1)}

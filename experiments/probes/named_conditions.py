@@ -41,6 +41,16 @@ def text_peaks(fast, root, items: list[dict]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def named_conditions(engine, data: str, scenes: int, *, text: bool = False) -> dict:
+    """Label -> ``effects.conditions.Condition`` over the colour, shape and existence questions of
+    ``data``'s first ``scenes`` scenes, each colour or shape question labelled by the value it names
+    (``scenes_probe.named``); read on the whole prompt, as the engine's ``when``, or on its text."""
+    root, items = load_examples(data, None, ("colour", "shape", "exist"))
+    images = set(list(dict.fromkeys(q["image"] for q in items))[:scenes])
+    labelled = [{**q, "type": scenes_probe.named(q)} for q in items if q["image"] in images]
+    return by_type(labelled, (text_peaks if text else prompt_peaks)(ImageAnswers(engine), root, labelled))
+
+
 def main() -> int:
     p = scenes_probe.parser(__doc__)
     p.add_argument("data", help="a fit split (`scenes generate`)")
@@ -49,12 +59,7 @@ def main() -> int:
     args = p.parse_args()
     t0 = time.perf_counter()
     engine = scenes_probe.engine(args.threads)
-    root, items = load_examples(args.data, None, ("colour", "shape", "exist"))
-    images = list(dict.fromkeys(q["image"] for q in items))[:args.scenes]
-    items = [q for q in items if q["image"] in images]
-    labelled = [{**q, "type": scenes_probe.named(q)} for q in items]
-    fast = ImageAnswers(engine)
-    conditions = by_type(labelled, (text_peaks if args.text else prompt_peaks)(fast, root, labelled))
+    conditions = named_conditions(engine, args.data, args.scenes, text=args.text)
     print("| questions | feature | recall | leak | prompts |\n|---|---|---|---|---|")
     for label, c in sorted(conditions.items()):
         print(f"| {label} | {c.feature} | {c.recall:.2f} | {c.leak:.3f} | {c.n} |")

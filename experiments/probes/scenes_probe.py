@@ -11,6 +11,7 @@ import re
 import torch
 
 from lmm_steer.engine import EngineConfig
+from lmm_steer.eval.preset import tally
 from lmm_steer.scenes.commands import scene_engine
 
 MODEL = "builtin:scenes-llava-next"
@@ -39,6 +40,18 @@ def engine(threads: int, **config):
     """The scenes model with its SAE, on ``threads`` CPU threads."""
     torch.set_num_threads(threads)
     return scene_engine(MODEL, None, None, None, EngineConfig(max_batch=16, max_seq_len=512, **config))
+
+
+def tally_table(items: list[dict], base: list[str], said: dict[str, list[str]], types: tuple[str, ...]) -> dict:
+    """Each steering's answers (``said``: name -> answers) against the unsteered ``base``: printed
+    as a table (fixed, broken, net; fixed / broken per question type) and returned as ``tally``s."""
+    out = {}
+    print("| steering | fixed | broken | net | " + " | ".join(types) + " |\n" + "|---" * (4 + len(types)) + "|")
+    for name, got in said.items():
+        t = out[name] = tally(items, base, got)
+        print(f"| {name} | {t['all']['fixed']} | {t['all']['broken']} | {t['all']['net']:+d} | "
+              + " | ".join(f"{t[k]['fixed']} / {t[k]['broken']}" for k in types) + " |")
+    return out
 
 
 def save(path: str | None, record: dict) -> int:
