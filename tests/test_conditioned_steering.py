@@ -93,3 +93,63 @@ def test_a_bad_condition_is_refused_by_name(llava, edit, semantics, message):
     with pytest.raises(EngineError, match=message) as err:
         _engine(lm, sae).prepare(_request(lm, PROMPTS[0], SteeringSpec([edit], semantics=semantics)))
     assert err.value.field == "steering.features[0].when"
+
+
+def _fires_on_image_only(lm, sae, text) -> int:
+    """A feature that fires on the prompt's image tokens and at none of its text positions."""
+    from lmm_steer.engine.prefill import image_token_id
+
+    req = _request(lm, text)
+    inputs = build_inputs(lm, req.messages, req.images)
+    with torch.no_grad():
+        hs = lm.model(**inputs, output_hidden_states=True).hidden_states[3][0]
+    fires = sae.encode(hs).gt(0)
+    is_image = inputs["input_ids"][0] == image_token_id(lm.model)
+    only = fires[is_image].any(0) & ~fires[~is_image].any(0)
+    assert only.any(), "every feature firing on the image also fires on the text: pick another SAE"
+    return int(only.nonzero()[0])
+
+
+def test_a_condition_read_on_the_text_ignores_the_image(llava):
+    """``when_on="text"``: a feature firing on the image alone opens a condition read on the whole
+    prompt and leaves one read on the text closed (the plain model's answer, bit for bit)."""
+    lm, sae = llava
+    engine = _engine(lm, sae)
+    on_image = _fires_on_image_only(lm, sae, PROMPTS[0])
+    plain = engine.generate([_request(lm, PROMPTS[0])])[0]
+    whole, text = (engine.generate([_request(lm, PROMPTS[0], SteeringSpec(
+        [FeatureEdit(e.feature, e.value, e.mode, when=on_image, when_on=on) for e in EDITS]))])[0]
+        for on in ("prompt", "text"))
+    assert whole.idle_features == [] and whole.logprobs != plain.logprobs
+    assert text.idle_features == [11, 7] and text.idle_edits == [0, 1]
+    assert text.token_ids == plain.token_ids and text.logprobs == plain.logprobs
+
+
+def test_a_feature_edited_again_under_another_condition_acts_where_each_opens(llava, condition):
+    """A feature may carry one slot per condition (e.g. one per named object): only the slots whose
+    condition holds act, and the request equals the steering of those slots alone."""
+    lm, sae = llava
+    never = _fires_on_image_only(lm, sae, PROMPTS[0])
+    twice = SteeringSpec([FeatureEdit(11, 25.0, when=condition), FeatureEdit(11, -9.0, "add", when=never, when_on="text"),
+                          FeatureEdit(7, 12.0, "add")])
+    got = _engine(lm, sae).generate([_request(lm, PROMPTS[0], twice)])[0]
+    alone = _engine(lm, sae).generate([_request(lm, PROMPTS[0], SteeringSpec([FeatureEdit(11, 25.0),
+                                                                              FeatureEdit(7, 12.0, "add")]))])[0]
+    assert got.token_ids == alone.token_ids and got.logprobs == alone.logprobs
+    assert got.idle_edits == [1] and got.idle_features == [11]
+
+
+@pytest.mark.parametrize("edits, field, message", [
+    ([FeatureEdit(1, 1.0, when=3), FeatureEdit(1, 2.0, when=3)], "steering.features[1].id", "more than once"),
+    ([FeatureEdit(1, 1.0), FeatureEdit(1, 2.0, when=3)], "steering.features[1].id", "another gate or condition"),
+    ([FeatureEdit(1, 1.0, where=4), FeatureEdit(1, 2.0)], "steering.features[1].id", "more than once"),
+    ([FeatureEdit(1, 1.0, when_on="text")], "steering.features[0].when_on", "has none"),
+    ([FeatureEdit(1, 1.0, when=3, when_on="image")], "steering.features[0].when_on", "must be one of"),
+])
+def test_a_repeated_feature_or_a_bad_when_on_is_refused_by_name(llava, edits, field, message):
+    lm, sae = llava
+    with pytest.raises(EngineError, match=message) as err:
+        _engine(lm, sae).prepare(_request(lm, PROMPTS[0], SteeringSpec(edits)))
+    assert err.value.field == field
+    SteeringSpec([FeatureEdit(1, 1.0, when=3), FeatureEdit(1, 2.0, when=3, when_on="text"),
+                  FeatureEdit(1, 3.0, where=4)]).validate(256, 8)  # each its own condition or gate: taken

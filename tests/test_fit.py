@@ -338,8 +338,11 @@ def test_conditioned_steerings_get_the_engines_answers_on_the_fast_path(splits):
     specs = [SteeringSpec([FeatureEdit(e.feature, e.value, e.mode, when=condition) for e in edits], scope=scope)
              for scope in ("image", "all")]
     mixed = SteeringSpec([FeatureEdit(3, 8.0, "scale", when=condition), FeatureEdit(5, 20.0, "add")], scope="all")
-    fast = split(items, [None, *specs, mixed, SteeringSpec(edits, scope="all")])
-    assert fast[1:4] == [ask(engine, root, items, s) for s in (*specs, mixed)]
+    # read on the text alone, with the same feature also edited under a second condition
+    on_text = SteeringSpec([FeatureEdit(3, 8.0, "scale", when=condition, when_on="text"),
+                            FeatureEdit(3, 0.5, "scale", when=int(some[-1])), FeatureEdit(5, 20.0, "add")], scope="all")
+    fast = split(items, [None, *specs, mixed, SteeringSpec(edits, scope="all"), on_text])
+    assert fast[1:4] + fast[5:] == [ask(engine, root, items, s) for s in (*specs, mixed, on_text)]
     assert fast[2] != fast[0] and fast[2] != fast[4]  # the condition opens on some questions and closes on others
 
 

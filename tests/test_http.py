@@ -129,7 +129,13 @@ def test_a_conditioned_edit_acts_only_on_prompts_where_its_condition_fires(clien
     with Client(server.url) as sdk_client:
         again = sdk_client.chat(prompt=prompt, max_tokens=12, temperature=0,
                                 steering=Steering().clamp(11, 40.0, when=fires))
-    assert again.text == texts["fires"]
+        # one feature, two slots with their own conditions (one read on the text): only the one that fires acts
+        twice = Steering().clamp(11, 40.0, when=fires, when_on="text").clamp(11, -40.0, when=silent)
+        both = sdk_client.chat(prompt=prompt, max_tokens=12, temperature=0, steering=twice)
+    assert again.text == texts["fires"] == both.text
+    echoed = both.raw["steering"]["features"]
+    assert [(f["id"], f["when"], f.get("when_on"), f["acted"]) for f in echoed] == [(11, fires, "text", True),
+                                                                                   (11, silent, None, False)]
 
 
 def test_openai_streaming_equals_non_streaming(client):
@@ -313,6 +319,15 @@ ERROR_CASES = [
      400, "steering.features[0].where", "integer"),
     ("condition out of range", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 9999}]}},
      400, "steering.features[0].when", "when must be a feature id"),
+    ("when_on without a condition", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1,
+                                                                                     "when_on": "text"}]}},
+     400, "steering.features[0].when_on", "has none"),
+    ("when_on unknown", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 2,
+                                                                         "when_on": "image"}]}},
+     400, "steering.features[0].when_on", "prompt"),
+    ("feature repeated", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 2},
+                                                                          {"id": 1, "value": 2, "when": 2}]}},
+     400, "steering.features[1].id", "more than once"),
     ("condition under paper", {"messages": _msgs(), "steering": {"features": [{"id": 1, "value": 1, "when": 2}],
                                                                  "semantics": "paper"}},
      400, "steering.features[0].when", "delta semantics"),

@@ -7,7 +7,7 @@ import sys
 import pytest
 from servers import Server
 
-from lmm_steer.presets import PresetError, check_presets, load_presets
+from lmm_steer.presets import PresetError, check_presets, load_presets, table_width
 
 MODEL = "builtin:tiny-llama"
 CATALOG_ROWS = [
@@ -75,6 +75,22 @@ def test_presets_are_checked_against_the_sae_and_the_limits(tmp_path):
         check_presets(presets, 64, 8, "topk", 1e4, has_concepts=False)
     with pytest.raises(PresetError, match="no such file"):
         load_presets(tmp_path / "missing.json")
+
+
+def test_the_edit_table_widens_to_hold_the_largest_preset(tmp_path):
+    """A preset may carry more edits than a request's default limit (one slot per named object, each
+    with its own condition read on the text): the server's table widens to hold it, concepts counted
+    at their most features."""
+    wide = {"name": "spotlight", "description": "one feature lit per named object",
+            "steering": {"features": [{"id": f, "value": 2.0, "mode": "scale", "where": 40 + c, "when": 50 + c,
+                                       "when_on": "text"} for c in range(5) for f in range(8)],
+                         "concepts": [{"text": "puppies", "max_features": 3}]}}
+    presets = load_presets(_write(tmp_path / "p.json", [*PRESETS, wide]))
+    assert table_width(presets, 32) == 43 and table_width(presets, 64) == 64
+    with pytest.raises(PresetError, match="'spotlight': steering.features: 40 feature edits exceed the limit of 32"):
+        check_presets(presets, 64, 32, "topk", 1e4, has_concepts=True)
+    check_presets(presets, 64, table_width(presets, 32), "topk", 1e4, has_concepts=True)
+    assert {f.when_on for f in presets["spotlight"].steering.features} == {"text"}
 
 
 def test_the_server_refuses_to_start_with_a_preset_its_sae_cannot_apply(tmp_path):

@@ -9,7 +9,7 @@ split's prompts: its recall on that label's prompts and its leak on every other 
 The engine's `when` holds where the feature fires anywhere in the prompt, the image included, so a
 feature of the named word that also fires on that object in the image leaks onto every question
 about a scene holding one. With ``--text`` the features are read on the question's own positions
-(the text after the image) alone: what a condition on the words would give.
+(every position but the image's tokens) alone: what a `when_on: "text"` condition reads.
 
     python experiments/probes/named_conditions.py scenes-31 --scenes 40
     python experiments/probes/named_conditions.py scenes-31 --scenes 40 --text
@@ -21,24 +21,10 @@ import json
 import time
 
 import scenes_probe
-import torch
 
-from lmm_steer.effects.clamps import ImageAnswers, group_by_image
+from lmm_steer.effects.clamps import ImageAnswers
 from lmm_steer.effects.conditions import by_type, prompt_peaks
-from lmm_steer.engine.steering import prompt_peaks as peaks_over
 from lmm_steer.fit.examples import load_examples
-
-
-def text_peaks(fast, root, items: list[dict]) -> torch.Tensor:
-    """``[question, latents]``: each feature's largest activation over the question's text alone."""
-    out: list[torch.Tensor | None] = [None] * len(items)
-    every = torch.arange(fast.sae.num_latents, device=fast.sae.W_dec.device)
-    for image, members in group_by_image(items).items():
-        entry = fast.prepare(root, image, [items[i] for i in members])
-        for k, i in enumerate(members):
-            out[i] = peaks_over(fast.sae, entry.hook_text[k][0], every, rank_by_count=False).float().cpu()
-        fast.forget(image)
-    return torch.stack(out)
 
 
 def named_conditions(engine, data: str, scenes: int, *, text: bool = False) -> dict:
@@ -48,7 +34,7 @@ def named_conditions(engine, data: str, scenes: int, *, text: bool = False) -> d
     root, items = load_examples(data, None, ("colour", "shape", "exist"))
     images = set(list(dict.fromkeys(q["image"] for q in items))[:scenes])
     labelled = [{**q, "type": scenes_probe.named(q)} for q in items if q["image"] in images]
-    return by_type(labelled, (text_peaks if text else prompt_peaks)(ImageAnswers(engine), root, labelled))
+    return by_type(labelled, prompt_peaks(ImageAnswers(engine), root, labelled, text))
 
 
 def main() -> int:

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", help="file with one API key per line; then every route but /health needs one")
     p.add_argument("--served-model-name", help="name in /v1/models and responses (default: --model)")
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-clamps", type=int, default=32)
+    p.add_argument("--max-clamps", type=int, default=32,
+                   help="feature edits one request may carry (default 32; widened to hold the largest preset)")
     p.add_argument("--max-steer-value", type=float, default=1e4,
                    help="largest |value| a steering edit may carry; larger ones are refused with 400 (default 1e4)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -77,11 +78,20 @@ def build_app(args):
 
     sources = sources_for(args.model, args.sae, args.hookpoint, args.catalog, args.presets)
     sae, catalogs, hookpoint = sources.sae, list(sources.catalogs), sources.hookpoint
+    presets = {}
+    if sources.presets and sources.presets.lower() != "none":
+        from .presets import PresetError, load_presets, table_width
+
+        try:
+            presets = load_presets(sources.presets)
+        except PresetError as e:
+            raise SystemExit(f"lmm-steer: error: --presets {e}") from None
+    max_clamps = table_width(presets, args.max_clamps) if presets else args.max_clamps
     engine = build_engine(
         args.model, sae, hookpoint=hookpoint, revision=args.revision, dtype=args.dtype, device=args.device,
         hub_timeout=args.hub_timeout,
         config=EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_cache_bytes=args.kv_cache_bytes,
-                            max_clamps=args.max_clamps, max_steer_value=args.max_steer_value,
+                            max_clamps=max_clamps, max_steer_value=args.max_steer_value,
                             cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                             clamp_effect_every=args.clamp_effect_every),
     )
@@ -95,14 +105,12 @@ def build_app(args):
     name = args.served_model_name or args.model
     service = SteeringService(engine, catalog=catalog, max_queue=args.max_queue, model_name=name)
     service.concepts = index_or_none(catalog, catalogs, args.embedder, warn=log.warning)
-    presets = {}
-    if sources.presets and sources.presets.lower() != "none":
-        from .presets import PresetError, check_presets, load_presets
+    if presets:
+        from .presets import PresetError, check_presets
 
         sae_cfg = engine.sae.cfg if engine.sae is not None else None
         try:
-            presets = load_presets(sources.presets)
-            check_presets(presets, engine.sae.num_latents if sae_cfg else None, args.max_clamps,
+            check_presets(presets, engine.sae.num_latents if sae_cfg else None, max_clamps,
                           sae_cfg.activation if sae_cfg else "topk", engine.max_steer_value,
                           service.concepts is not None)
         except PresetError as e:

@@ -7,6 +7,7 @@ import math
 MODES = ("clamp", "add", "scale", "transfer")
 SCOPES = ("all", "prompt", "generated", "image")
 SEMANTICS = ("delta", "paper")
+WHEN_ON = ("prompt", "text")
 
 
 class Steering:
@@ -20,13 +21,18 @@ class Steering:
         self._preset: str | None = None
 
     def _edit(self, feature: int, value: float, mode: str, source: int | None = None,
-              where: int | None = None, when: int | None = None) -> Steering:
+              where: int | None = None, when: int | None = None, when_on: str = "prompt") -> Steering:
         for name, fid in (("feature", feature), ("source", source), ("where", where), ("when", when)):
             if fid is not None and (isinstance(fid, bool) or not isinstance(fid, int) or fid < 0):
                 raise ValueError(f"{name} id must be a non-negative integer, got {fid!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"value for feature {feature} must be a finite number, got {value!r}")
-        if any(f["id"] == feature for f in self._features):
+        if when_on not in WHEN_ON or (when_on != "prompt" and when is None):
+            raise ValueError(f"when_on must be one of {WHEN_ON} and 'text' needs a when feature, got {when_on!r}")
+        key = (where, when, when_on if when is not None else "prompt")
+        same = [(f.get("where"), f.get("when"), f.get("when_on", "prompt")) for f in self._features if f["id"] == feature]
+        if same and (key in same or (None, None, "prompt") in [*same, key]):
+            # as the server: a feature is edited again only with another gate or condition
             raise ValueError(f"feature {feature} is already set")
         edit = {"id": feature, "value": float(value), "mode": mode}
         if source is not None:
@@ -35,31 +41,39 @@ class Steering:
             edit["where"] = where
         if when is not None:
             edit["when"] = when
+        if when_on != "prompt":
+            edit["when_on"] = when_on
         self._features.append(edit)
         return self
 
     # ``where``: a gate feature; the edit then acts only at positions where that feature fires.
     # ``when``: a condition feature; the edit then acts on a request only if that feature fires
-    # somewhere in its prompt (e.g. a feature of colour questions)
-    def clamp(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
-        return self._edit(feature, value, "clamp", where=where, when=when)
+    # somewhere in its prompt (e.g. a feature of colour questions); ``when_on="text"`` reads it on
+    # the prompt's text alone, not the image's tokens. A feature may be edited again with another
+    # gate or condition (e.g. one per named object).
+    def clamp(self, feature: int, value: float, where: int | None = None, when: int | None = None,
+              when_on: str = "prompt") -> Steering:
+        return self._edit(feature, value, "clamp", where=where, when=when, when_on=when_on)
 
-    def add(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
-        return self._edit(feature, value, "add", where=where, when=when)
+    def add(self, feature: int, value: float, where: int | None = None, when: int | None = None,
+            when_on: str = "prompt") -> Steering:
+        return self._edit(feature, value, "add", where=where, when=when, when_on=when_on)
 
-    def scale(self, feature: int, value: float, where: int | None = None, when: int | None = None) -> Steering:
-        return self._edit(feature, value, "scale", where=where, when=when)
+    def scale(self, feature: int, value: float, where: int | None = None, when: int | None = None,
+              when_on: str = "prompt") -> Steering:
+        return self._edit(feature, value, "scale", where=where, when=when, when_on=when_on)
 
-    def ablate(self, feature: int, where: int | None = None, when: int | None = None) -> Steering:
-        return self._edit(feature, 0.0, "clamp", where=where, when=when)
+    def ablate(self, feature: int, where: int | None = None, when: int | None = None,
+               when_on: str = "prompt") -> Steering:
+        return self._edit(feature, 0.0, "clamp", where=where, when=when, when_on=when_on)
 
     def transfer(self, feature: int, value: float, source: int, where: int | None = None,
-                 when: int | None = None) -> Steering:
+                 when: int | None = None, when_on: str = "prompt") -> Steering:
         """Write ``value`` times ``source``'s activation along ``feature``'s direction, wherever
         ``source`` fires (and nowhere else)."""
         if source is None or source == feature:
             raise ValueError(f"a transfer needs another feature as its source, got {source!r}")
-        return self._edit(feature, value, "transfer", source, where, when)
+        return self._edit(feature, value, "transfer", source, where, when, when_on)
 
     def swap(self, source: int, feature: int, value: float = 1.0) -> Steering:
         """Where ``source`` fires, the model reads ``feature`` instead: ``source`` ablated, and

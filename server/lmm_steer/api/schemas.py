@@ -111,6 +111,9 @@ class SteeringFeature(Request):
         "a condition on the request: the edit acts (on every position in scope, decode steps too) only if "
         "this feature fires somewhere in the prompt's unedited block output, e.g. a feature of colour "
         "questions (delta semantics)"))] = None
+    when_on: Literal["prompt", "text"] | None = Field(None, description=(
+        "where 'when' is read: 'prompt' (the default), every position; 'text', every position but the image's "
+        "tokens, so a feature of a word decides by what the prompt says, not by what the picture holds"))
 
 
 class SteeringConcept(Request):
@@ -302,6 +305,8 @@ class AppliedFeature(BaseModel):
     source: int | None = Field(None, description="a transfer's source feature (present for transfers only)")
     where: int | None = Field(None, description="a gated edit's gate feature (present for gated edits only)")
     when: int | None = Field(None, description="a conditioned edit's condition feature (present for those only)")
+    when_on: str | None = Field(None, description="'text' for a condition read on the prompt's text alone "
+                                                  "(present for those only)")
     acted: bool | None = Field(None, description=(
         "a conditioned edit's outcome: whether its condition fired in this prompt (present for those only)"))
     explanation: str | None = None

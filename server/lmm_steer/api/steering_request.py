@@ -122,12 +122,13 @@ def param_for(field: str, body: ChatCompletionRequest, resolved: ResolvedSteerin
 
 def applied(resolved: ResolvedSteering, service: SteeringService, idle: list[int] = ()) -> dict | None:
     """The response's ``steering``: what was applied, with catalog explanations; ``idle``: the
-    conditioned edits whose condition did not fire in the prompt (the result's ``idle_features``)."""
+    indices of the conditioned edits whose condition did not fire in the prompt (the result's
+    ``idle_edits``)."""
     spec = resolved.spec
     if spec is None:
         return None
     features = []
-    for e in spec.edits:
+    for i, e in enumerate(spec.edits):
         feature = {"id": e.feature, "value": e.value, "mode": e.mode, "explanation": explanation(service, e.feature),
                    "concept": resolved.concept_of.get(e.feature)}
         if e.source is not None:  # a transfer's; other edits' echo stays as it was
@@ -135,7 +136,9 @@ def applied(resolved: ResolvedSteering, service: SteeringService, idle: list[int
         if e.where is not None:  # a gated edit's
             feature["where"] = e.where
         if e.when is not None:  # a conditioned edit's, with whether it acted on this request
-            feature["when"], feature["acted"] = e.when, e.feature not in idle
+            feature["when"], feature["acted"] = e.when, i not in idle
+            if e.when_on != "prompt":
+                feature["when_on"] = e.when_on
         features.append(feature)
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}

@@ -91,6 +91,7 @@ class _Image:
     base_patches: torch.Tensor | None = None  # [rows * cols, latents] SAE activations of the base grid
     grid: tuple[int, int] | None = None
     peaks: list[torch.Tensor] | None = None  # per question, [latents]: each feature's largest activation in its prompt
+    text_peaks: list[torch.Tensor] | None = None  # the same over the prompt's text alone (not the image's tokens)
 
 
 class ImageAnswers:
@@ -281,24 +282,35 @@ class ImageAnswers:
         return out
 
     @torch.inference_mode()
-    def prompt_peaks(self, entry: _Image, q: int) -> torch.Tensor:
-        """``[latents]``: each feature's largest SAE activation over question ``q``'s whole prompt, in
-        the unedited hook-block output (positive: a ``when`` condition on it holds there)."""
-        if entry.peaks is None:
-            entry.peaks = [None] * len(entry.questions)
-        if entry.peaks[q] is None:
-            h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]])
+    def prompt_peaks(self, entry: _Image, q: int, text: bool = False) -> torch.Tensor:
+        """``[latents]``: each feature's largest SAE activation over question ``q``'s whole prompt (with
+        ``text``: over its text alone, every position but the image's tokens), in the unedited
+        hook-block output (positive: a ``when`` condition on it holds there)."""
+        name = "text_peaks" if text else "peaks"
+        if getattr(entry, name) is None:
+            setattr(entry, name, [None] * len(entry.questions))
+        cached = getattr(entry, name)
+        if cached[q] is None:
+            prefix = entry.hook_prefix[0]
+            if text:
+                keep = torch.ones(prefix.shape[0], dtype=torch.bool, device=prefix.device)
+                keep[entry.image_positions] = False
+                prefix = prefix[keep]
+            h = torch.cat([prefix, entry.hook_text[q][0]])
             every = torch.arange(self.sae.num_latents, device=self.sae.W_dec.device)
-            entry.peaks[q] = prompt_peaks(self.sae, h, every, rank_by_count=False).float().cpu()
-        return entry.peaks[q]
+            cached[q] = prompt_peaks(self.sae, h, every, rank_by_count=False).float().cpu()
+        return cached[q]
 
     def _decided(self, entry: _Image, spec, q: int):
-        """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there, the
-        condition dropped (None when no edit is left)."""
+        """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there (on
+        the whole prompt or its text, as each says), the condition dropped (None when no edit is left)."""
         if not isinstance(spec, SteeringSpec) or not spec.conditional:
             return spec
-        peaks = self.prompt_peaks(entry, q)
-        acting = [replace(e, when=None) for e in spec.edits if e.when is None or bool(peaks[e.when] > 0)]
+
+        def holds(e) -> bool:
+            return e.when is None or bool(self.prompt_peaks(entry, q, e.when_on == "text")[e.when] > 0)
+
+        acting = [replace(e, when=None, when_on="prompt") for e in spec.edits if holds(e)]
         return replace(spec, edits=acting) if acting else None
 
     @torch.inference_mode()

@@ -89,6 +89,7 @@ class GenerationResult:
     steered_features: list[int] = field(default_factory=list)  # the features this request edited
     # edits conditioned on the prompt (``when``) whose condition failed: they changed nothing
     idle_features: list[int] = field(default_factory=list)
+    idle_edits: list[int] = field(default_factory=list)  # the same, as indices into the request's edits
 
 
 @dataclass(frozen=True)
@@ -543,15 +544,17 @@ class Engine:
             done.append(GenerationResult(
                 seq.req.request_id, list(seq.generated), seq.text, reason, seq.prompt_len,
                 list(seq.logprobs) if p.logprobs else None,
-                self._timings(seq), list(seq.steering_row.ids), self._idle_features(seq),
+                self._timings(seq), list(seq.steering_row.ids), *self._idle(seq),
             ))
 
     @staticmethod
-    def _idle_features(seq: _Sequence) -> list[int]:
+    def _idle(seq: _Sequence) -> tuple[list[int], list[int]]:
+        """The features and the edit indices whose ``when`` condition failed on this request."""
         opened = seq.steering_row.open
         if opened is None or seq.req.steering is None:
-            return []
-        return [e.feature for e, acts in zip(seq.req.steering.edits, opened, strict=True) if not acts]
+            return [], []
+        idle = [i for i, acts in enumerate(opened) if not acts]
+        return [seq.req.steering.edits[i].feature for i in idle], idle
 
     def kv_usage(self) -> float:
         """Share of the KV cache's positions holding live sequences' tokens."""

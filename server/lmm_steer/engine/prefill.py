@@ -3,7 +3,7 @@
 Using the HF forward keeps every family's image handling (AnyRes tiling, M-RoPE, pixel shuffle)
 exact. A forward hook on the hook block applies the request's steering to the positions in its
 scope (a request-conditioned edit, ``when``, is decided there first, on the unedited output of
-the whole prompt); a pre-hook on the rotary module records the last rotary position, from which decode
+the whole prompt or of its text alone); a pre-hook on the rotary module records the last rotary position, from which decode
 continues (for M-RoPE models it is not the token count). The keys and values come back from the
 dynamic cache for the static cache to copy.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .hookpoint import block_hidden, language_model, with_block_hidden
-from .steering import SteeringRow, SteeringTable, StepVariant, apply_steering, fires_in, variant_for
+from .steering import SteeringRow, SteeringTable, StepVariant, apply_steering, variant_for
 
 
 @dataclass
@@ -73,9 +73,11 @@ def run_prefill(
 
     handles.append(decoder.rotary_emb.register_forward_pre_hook(record_positions, with_kwargs=True))
     if sae is not None and row is not None and (row.ids or row.paper):
-        in_scope = scope_mask(input_ids[0], scope, image_token_id(model)).to(sae.W_dec.device)
+        image_token = image_token_id(model)
+        in_scope = scope_mask(input_ids[0], scope, image_token).to(sae.W_dec.device)
+        is_text = None if image_token is None else (input_ids[0] != image_token).to(sae.W_dec.device)
         handles.append(decoder.layers[hook_index].register_forward_hook(
-            _steering_hook(sae, row, in_scope, max(table_width, len(row.ids), 1), decided)
+            _steering_hook(sae, row, in_scope, max(table_width, len(row.ids), 1), decided, is_text)
         ))
     try:
         with torch.inference_mode():
@@ -95,7 +97,8 @@ def run_prefill(
     return PrefillResult(keys, values, out.logits[0, -1].float(), t_len, next_pos, decided.get("row"))
 
 
-def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int, decided: dict):
+def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int, decided: dict,
+                   is_text: torch.Tensor | None = None):
     t_len = int(in_scope.shape[0])
     which = (~in_scope).long()  # per position: row 0 of the table in scope, row 1 out of scope
 
@@ -110,7 +113,7 @@ def _steering_hook(sae, row: SteeringRow, in_scope: torch.Tensor, width: int, de
     def hook(module, args, output):
         h = block_hidden(output)
         if ready is None:  # the conditions read the unedited output of the whole prompt, then the edits apply
-            decided["row"] = row.opened(fires_in(sae, h[0], row.whens))
+            decided["row"] = row.decide(sae, h[0], is_text)
             table, variant = tables(decided["row"])
         else:
             table, variant = ready

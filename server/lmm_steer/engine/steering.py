@@ -15,6 +15,11 @@ Every edit of feature j becomes two coefficient pairs:
   steering, CAST, conditions on the prompt): it acts on a request only if feature c fires at some
   position of its prompt in the unedited block output (e.g. steer colour only in prompts that ask
   about colour); decided once, at prefill, for every position of the request, decode steps too.
+  ``when_on="text"`` reads the condition on the prompt's text alone (every position but the image's
+  tokens), so a feature of a word ("hexagon") that also fires on a hexagon in the image decides by
+  what the prompt says, not by what the picture holds.
+  A feature may be edited by more than one slot when each slot has its own gate or condition
+  (e.g. one per named object); where several of its slots act at once, their updates add up.
   With a=b=0 the update is exactly zero, so an unsteered row is bit-identical to the plain model.
 * paper semantics (arXiv 2411.14982's code): the latent's pre-activation is rewritten,
   ``p_j <- c_j p_j + d_j`` (clamp: 0, v;  add: 1, v;  scale: v, 0), TopK is re-applied and the
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 MODES = ("clamp", "add", "scale", "transfer")
 SCOPES = ("all", "prompt", "generated", "image")
 SEMANTICS = ("delta", "paper")
+WHEN_ON = ("prompt", "text")  # where a ``when`` condition is read: the whole prompt, or its text alone
 
 
 class SteeringError(ValueError):
@@ -54,12 +60,25 @@ class FeatureEdit:
     source: int | None = None  # mode "transfer": the feature whose activation is written into this one
     where: int | None = None  # the edit acts only at positions where this feature fires
     when: int | None = None  # the edit acts on a request only if this feature fires somewhere in its prompt
+    when_on: str = "prompt"  # where ``when`` is read: "prompt" (every position) or "text" (not the image's)
 
     @classmethod
     def of(cls, feature) -> FeatureEdit:
-        """From a request's steering feature (anything with its fields: id, value, mode, source, where, when)."""
+        """From a request's steering feature (anything with its fields: id, value, mode, source, where,
+        when, when_on)."""
         return cls(feature.id, float(feature.value), feature.mode, feature.source, feature.where,
-                   getattr(feature, "when", None))
+                   getattr(feature, "when", None), getattr(feature, "when_on", None) or "prompt")
+
+    def record(self) -> dict:
+        """The edit as a request's (or a preset's) steering feature, with only the fields it sets."""
+        out = {"id": self.feature, "value": self.value, "mode": self.mode}
+        out |= {k: getattr(self, k) for k in ("source", "where", "when") if getattr(self, k) is not None}
+        return out | ({"when_on": self.when_on} if self.when_on != "prompt" else {})
+
+    @property
+    def slot_key(self) -> tuple:
+        """What tells two edits of one feature apart: their gate and condition."""
+        return self.where, self.when, self.when_on if self.when is not None else "prompt"
 
 
 @dataclass
@@ -98,7 +117,7 @@ class SteeringSpec:
             raise SteeringError(
                 f"{len(self.edits)} feature edits exceed the limit of {max_edits} per request", "steering.features"
             )
-        seen: set[int] = set()
+        seen: dict[int, set] = {}
         for i, e in enumerate(self.edits):
             where = f"steering.features[{i}]"
             if isinstance(e.feature, bool) or not isinstance(e.feature, int):
@@ -107,9 +126,12 @@ class SteeringSpec:
                 raise SteeringError(
                     f"feature {e.feature} does not exist (the SAE has features 0..{num_latents - 1})", f"{where}.id"
                 )
-            if e.feature in seen:
-                raise SteeringError(f"feature {e.feature} is given more than once", f"{where}.id")
-            seen.add(e.feature)
+            keys = seen.setdefault(e.feature, set())
+            if keys and (e.slot_key in keys or (None, None, "prompt") in keys | {e.slot_key}
+                         or self.semantics == "paper"):
+                raise SteeringError(f"feature {e.feature} is given more than once (a feature may be edited again "
+                                    "only with another gate or condition, 'where' or 'when')", f"{where}.id")
+            keys.add(e.slot_key)
             if isinstance(e.value, bool) or not isinstance(e.value, int | float) or not math.isfinite(e.value):
                 raise SteeringError(f"value for feature {e.feature} must be a finite number, got {e.value!r}",
                                     f"{where}.value")
@@ -121,6 +143,11 @@ class SteeringSpec:
                 raise SteeringError(f"mode must be one of {MODES}, got {e.mode!r}", f"{where}.mode")
             for name, kind in (("where", "a gated edit"), ("when", "a conditioned edit")):
                 self._check_feature_ref(getattr(e, name), name, kind, num_latents, f"{where}.{name}")
+            if e.when_on not in WHEN_ON:
+                raise SteeringError(f"when_on must be one of {WHEN_ON}, got {e.when_on!r}", f"{where}.when_on")
+            if e.when_on != "prompt" and e.when is None:
+                raise SteeringError("when_on says where a 'when' condition is read; this edit has none",
+                                    f"{where}.when_on")
             if e.mode != "transfer":
                 if e.source is not None:
                     raise SteeringError(f"source is for mode 'transfer' only (feature {e.feature} is {e.mode!r})",
@@ -163,7 +190,8 @@ class SteeringRow:
     ``dirs``: each slot's decoder direction where it is not its ``ids`` entry (a transfer's);
     ``gates``: each slot's ``where`` feature, -1 for an ungated slot (None: no slot is gated);
     ``whens``: each slot's ``when`` feature, -1 for an unconditioned slot (None: none is conditioned),
-    until the prefill decides them (``opened``), after which ``open`` says which slots act."""
+    until the prefill decides them (``opened``), after which ``open`` says which slots act;
+    ``when_text``: per slot, whether its condition is read on the prompt's text alone."""
 
     ids: list[int]
     delta_a: list[float]
@@ -175,6 +203,7 @@ class SteeringRow:
     gates: list[int] | None = None
     whens: list[int] | None = None
     open: list[bool] | None = None
+    when_text: list[bool] | None = None
 
     @classmethod
     def from_spec(cls, spec: SteeringSpec | None) -> SteeringRow:
@@ -197,6 +226,8 @@ class SteeringRow:
             gates=[-1 if e.where is None else e.where for e in edits] if any(e.where is not None for e in edits)
             else None,
             whens=[-1 if e.when is None else e.when for e in edits] if spec.conditional else None,
+            when_text=[e.when is not None and e.when_on == "text" for e in edits]
+            if any(e.when is not None and e.when_on == "text" for e in edits) else None,
         )
 
     @property
@@ -209,7 +240,17 @@ class SteeringRow:
         somewhere in it; a slot whose condition failed keeps its place with a zero update (a=b=0)."""
         keep = [w < 0 or f for w, f in zip(self.whens or [-1] * len(self.ids), fired, strict=True)]
         return replace(self, delta_a=[a if k else 0.0 for a, k in zip(self.delta_a, keep, strict=True)],
-                       delta_b=[b if k else 0.0 for b, k in zip(self.delta_b, keep, strict=True)], whens=None, open=keep)
+                       delta_b=[b if k else 0.0 for b, k in zip(self.delta_b, keep, strict=True)], whens=None, open=keep,
+                       when_text=None)
+
+    def decide(self, sae, h: torch.Tensor, is_text: torch.Tensor | None) -> SteeringRow:
+        """This row opened on a prompt's unedited block output ``h [T, D]``; ``is_text [T]``: the
+        positions that are not image tokens (None: every position is text)."""
+        fired = fires_in(sae, h, self.whens)
+        if self.when_text is not None and is_text is not None:
+            on_text = fires_in(sae, h[is_text], self.whens) if bool(is_text.any()) else [w < 0 for w in self.whens]
+            fired = [t if text else f for f, t, text in zip(fired, on_text, self.when_text, strict=True)]
+        return self.opened(fired)
 
     @property
     def gated(self) -> bool:

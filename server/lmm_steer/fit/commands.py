@@ -207,9 +207,7 @@ def fit_command(args) -> int:
                    f"{Path(args.data).name}: {trial.family}, {len(trial.spec.edits)} edits ({trial.mode}, x"
                    f"{trial.strength:g}, scope {trial.scope}{condition}); on {len(select_items)} questions of "
                    f"{Path(args.select).name} it fixed {best['fixed']} and broke {best['broken']}.")
-    steering = {"features": [{"id": e.feature, "value": e.value, "mode": e.mode,
-                              **({"when": e.when} if e.when is not None else {})} for e in trial.spec.edits],
-                "scope": trial.scope}
+    steering = {"features": [e.record() for e in trial.spec.edits], "scope": trial.scope}
     preset = {"name": args.name, "description": description[:500], "steering": steering,
               "fit": {**record, "chosen": trial.row()}}
     Path(args.out).write_text(json.dumps(preset, indent=1) + "\n")

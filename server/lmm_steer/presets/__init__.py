@@ -67,6 +67,13 @@ def feature_spec(steering) -> SteeringSpec:
                         scope=steering.scope, semantics=steering.semantics)
 
 
+def table_width(presets: dict[str, Preset], max_edits: int) -> int:
+    """Edits a request may carry: ``max_edits``, or more where a preset needs more (its features,
+    and each of its concepts' features at most)."""
+    need = [len(p.steering.features) + sum(c.max_features for c in p.steering.concepts) for p in presets.values()]
+    return max([max_edits, *need])
+
+
 def check_presets(presets: dict[str, Preset], num_latents: int | None, max_edits: int, activation: str,
                   max_value: float, has_concepts: bool) -> None:
     """Refuse at start what every request using a preset would be refused: features the SAE lacks,

@@ -158,7 +158,7 @@ async def _sse(service: SteeringService, metrics, first, stream, unsteered_task,
         item = first
         while True:
             if isinstance(item, GenerationResult):
-                extra = {"steering": applied(resolved, service, item.idle_features)}
+                extra = {"steering": applied(resolved, service, item.idle_edits)}
                 if unsteered_task is not None:
                     u = await unsteered_task
                     extra["unsteered"] = {"content": u.text, "finish_reason": u.finish_reason, "usage": _usage(u)}
@@ -228,7 +228,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         "id": cid, "object": "chat.completion", "created": created, "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": result.finish_reason, "logprobs": _logprobs(result, service)}],
-        "usage": _usage(result), "steering": applied(resolved, service, result.idle_features),
+        "usage": _usage(result), "steering": applied(resolved, service, result.idle_edits),
     }
     if unsteered is not None:
         body_out["unsteered"] = {"content": unsteered.text, "finish_reason": unsteered.finish_reason,
