@@ -29,22 +29,25 @@ def by_type_and_difficulty(item: dict) -> tuple[str, ...]:
 
 def random_like(spec: SteeringSpec, pool: list[int], rng: random.Random, density: dict[int, float] | None = None,
                 near: int = 10) -> SteeringSpec:
-    """The same edits (modes, values, gates, conditions, scope) on features drawn from ``pool``, none of the spec's own.
+    """The same edits (modes, values, gates, conditions, scope) on features drawn from ``pool``, none of
+    the spec's own, each feature standing in for one of the spec's wherever that one is edited.
 
     With ``density`` (each feature's firing rate), each edit's feature is drawn from the ``near``
     pool features whose rate is closest to its own on a log scale: a scaled feature acts only where
     it fires, so a control drawn from rarely firing features would change nothing by construction."""
     own = {e.feature for e in spec.edits}
     free = [f for f in pool if f not in own]
-    drawn: list[int] = []
+    drawn: dict[int, int] = {}  # one stand-in per feature: a feature edited in several slots keeps that shape
     for edit in spec.edits:
-        left = [f for f in free if f not in drawn]
+        if edit.feature in drawn:
+            continue
+        left = [f for f in free if f not in drawn.values()]
         rate = (density or {}).get(edit.feature)
         if rate and rate > 0:
             rated = [f for f in left if (density.get(f) or 0) > 0]
             left = sorted(rated, key=lambda f: abs(math.log(density[f] / rate)))[:near] or left
-        drawn.append(rng.choice(left))
-    return replace(spec, edits=[replace(e, feature=f) for f, e in zip(drawn, spec.edits, strict=True)])
+        drawn[edit.feature] = rng.choice(left)
+    return replace(spec, edits=[replace(e, feature=drawn[e.feature]) for e in spec.edits])
 
 
 def summary(result: dict) -> dict:
