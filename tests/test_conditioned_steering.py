@@ -153,3 +153,15 @@ def test_a_repeated_feature_or_a_bad_when_on_is_refused_by_name(llava, edits, fi
     assert err.value.field == field
     SteeringSpec([FeatureEdit(1, 1.0, when=3), FeatureEdit(1, 2.0, when=3, when_on="text"),
                   FeatureEdit(1, 3.0, where=4)]).validate(256, 8)  # each its own condition or gate: taken
+
+
+def test_a_gated_edit_whose_condition_fails_leaves_the_plain_model(llava):
+    """Gated and conditioned, with the condition failing on the prompt: every slot idles (a=b=0)
+    and the request is the plain model's (this once recursed without end deciding the step)."""
+    lm, sae = llava
+    never = _fires_on_image_only(lm, sae, PROMPTS[0])
+    engine = _engine(lm, sae)
+    plain = engine.generate([_request(lm, PROMPTS[0])])[0]
+    gated = engine.generate([_request(lm, PROMPTS[0], SteeringSpec(
+        [FeatureEdit(11, 4.0, "scale", where=7, when=never, when_on="text")]))])[0]
+    assert gated.token_ids == plain.token_ids and gated.logprobs == plain.logprobs and gated.idle_edits == [0]

@@ -458,3 +458,61 @@ def test_a_fitted_preset_serves_and_a_stock_openai_client_gets_the_engines_own_a
         server.stop()
     assert reply.choices[0].message.content == own and reply.model_extra["unsteered"]["content"] == plain
     assert [f["id"] for f in reply.model_extra["steering"]["features"]] == [1, 2]
+
+
+def test_the_spotlight_names_each_questions_object_and_merges_beside_a_conditioned_preset():
+    from lmm_steer.engine import FeatureEdit
+    from lmm_steer.fit.candidates import Candidate
+    from lmm_steer.fit.search import merged
+    from lmm_steer.fit.spotlight import label, named_value, steering
+
+    vocabulary = {"colour": {"red", "green"}, "shape": {"star", "cross"}}
+    assert named_value("What colour is the star? Answer in a word.", vocabulary["shape"]) == "star"
+    assert named_value("What colour is the starfish?", vocabulary["shape"]) is None  # words, not substrings
+    assert label({"type": "shape", "question": "What shape is the green object?"}, vocabulary) == "shape about green"
+    assert label({"type": "exist", "question": "Is there a red star?"}, vocabulary) == "exist"
+    lit = Candidate("spotlight", [], [], {"slots": [{"asked": [1, 2], "where": 10, "when": 20},
+                                                    {"asked": [1, 2], "where": 11, "when": 21},
+                                                    {"asked": [3], "where": 1, "when": 22}]})
+    spec = steering(lit, 2.0, "all")
+    assert [(e.feature, e.where, e.when, e.when_on) for e in spec.edits] == [
+        (1, 10, 20, "text"), (2, 10, 20, "text"), (1, 11, 21, "text"), (2, 11, 21, "text"), (3, 1, 22, "text")]
+    spec.validate(64, len(spec.edits))  # feature 1 twice, each slot its own gate and condition: the engine takes it
+    # beside a preset conditioned on the question type, a feature both edit is kept in both; beside
+    # an unconditioned edit of it, the spotlight's edits of that feature are left out
+    preset = SteeringSpec([FeatureEdit(1, 0.5, "scale", when=30), FeatureEdit(2, 0.5, "scale")], scope="all")
+    both = merged(preset, spec)
+    assert [(e.feature, e.when) for e in both.edits] == [(1, 30), (2, None), (1, 20), (1, 21), (3, 22)]
+    both.validate(64, len(both.edits))
+
+
+def test_the_spotlight_is_read_on_a_fit_split_and_answers_as_the_engine(splits, monkeypatch):
+    """On a tiny model whose 4x4 patches localise few values, every value is given a localised
+    feature; the slots are then the named values whose condition read on the text is usable, each
+    condition fires on the text of every fit prompt naming its value, and the fast path answers
+    under the spotlight as the engine does."""
+    from lmm_steer.effects.conditions import MAX_LEAK, MIN_RECALL
+    from lmm_steer.engine import EngineConfig
+    from lmm_steer.engine.factory import engine_for
+    from lmm_steer.fit import spotlight
+    from lmm_steer.fit.answers import SplitAnswers, ask
+    from lmm_steer.fit.examples import load_examples
+    from lmm_steer.models.loader import load_model
+
+    engine = engine_for(load_model("builtin:tiny-llava-next"), "builtin:random-topk:latents=512,k=8",
+                        hookpoint="model.layers.1", config=EngineConfig(max_batch=8, max_seq_len=1024, max_clamps=256))
+    root, items = load_examples(splits / "fit", None, ("colour", "shape", "exist"))
+    values = sorted({f"{q['type']}:{q['answer']}" for q in items if q["type"] in ("colour", "shape")})
+    monkeypatch.setattr(spotlight, "choose_features", lambda fired, truth: {v: 100 + i for i, v in enumerate(values)})
+    fast = SplitAnswers(engine, root).fast
+    lit = spotlight.candidate(fast, root, items)
+    assert lit is not None and lit.why["slots"]
+    for slot in lit.why["slots"]:
+        cond = lit.why["conditions"][slot["label"]]
+        assert cond["usable"] and cond["recall"] >= MIN_RECALL and cond["leak"] <= MAX_LEAK
+        asked, named = slot["label"].split(" about ")
+        assert slot["where"] == 100 + values.index(f"{spotlight.OTHER[asked]}:{named}")
+        assert slot["asked"] == sorted(100 + i for i, v in enumerate(values) if v.startswith(asked + ":"))
+    spec = spotlight.steering(lit, 4.0, "all")
+    fast_said = SplitAnswers(engine, root)(items, [spec])[0]
+    assert fast_said == ask(engine, root, items, spec)

@@ -262,7 +262,9 @@ class SteeringRow:
 
     @property
     def has_delta(self) -> bool:
-        return any(b != 0.0 for b in self.delta_b) or self.needs_z
+        # not through needs_z: gated asks has_delta, and a gated row whose conditions all failed
+        # (every a and b zero) would ask back and forth for ever
+        return any(b != 0.0 for b in self.delta_b) or any(a != 0.0 for a in self.delta_a)
 
 
 class SteeringTable:

@@ -41,12 +41,19 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
                    help="factors tried for the values family: per question type, each value's best-measured feature "
                         "(the catalog's `sae effects` rows) scaled where it fires, on that type's prompts (comma-"
                         "separated; default none: no such family, as on the scenes model it fixed no more than it broke)")
+    p.add_argument("--spotlight-strengths", default="2",
+                   help="factors tried for the spotlight family: on a colour or shape question, the asked attribute's "
+                        "localised features scaled where the named object's feature fires, each named value's edits "
+                        "conditioned on its word in the question's text (comma-separated; none: no such family; "
+                        "needs scenes with masks)")
     p.add_argument("--condition-images", type=int, default=40,
                    help="images of --data whose prompts the conditions by question type are read on")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
                    help="multiples of the difference-of-means direction tried for that control (comma-separated)")
     p.add_argument("--screen-images", type=int, default=40,
                    help="images of --select every point is screened on before the best are asked on all of it")
+    p.add_argument("--confirm", type=int, default=3,
+                   help="families whose best screened point is asked on all of --select (default 3)")
     p.add_argument("--fit-cache", metavar="PATH", help="keep the model's answers and SAE codes on --data in this "
                                                       "safetensors file and read them from it when they were computed "
                                                       "from the same model, SAE and questions (another grid then "
@@ -90,23 +97,25 @@ def fit_command(args) -> int:
                 "scope": tuple(v for v in args.scopes.split(",") if v),
                 "condition": tuple(v for v in args.conditions.split(",") if v)}
         diffmean_strengths = tuple(float(v) for v in args.diffmean_strengths.split(",") if v)
-        value_strengths = () if args.value_strengths.strip().lower() == "none" else tuple(
-            float(v) for v in args.value_strengths.split(",") if v)
+        value_strengths, spotlight_strengths = (() if text.strip().lower() == "none" else tuple(
+            float(v) for v in text.split(",") if v) for text in (args.value_strengths, args.spotlight_strengths))
     except ValueError:
-        return fail("--k, --strengths, --value-strengths and --diffmean-strengths take comma-separated numbers")
-    if any(v <= 0 for v in value_strengths):
-        return fail(f"--value-strengths: {args.value_strengths!r}: every factor must be positive")
+        return fail("--k, --strengths, --value-strengths, --spotlight-strengths and --diffmean-strengths take "
+                    "comma-separated numbers")
+    for flag, factors in (("value", value_strengths), ("spotlight", spotlight_strengths)):
+        if any(v <= 0 for v in factors):
+            return fail(f"--{flag}-strengths: {getattr(args, f'{flag}_strengths')!r}: every factor must be positive")
     if not diffmean_strengths:
         return fail("--diffmean-strengths: give at least one")
-    if args.screen_images < 1:
-        return fail("--screen-images: at least 1")
+    if args.screen_images < 1 or args.confirm < 1:
+        return fail("--screen-images and --confirm: at least 1")
     if set(grid["condition"]) - set(CONDITIONS) or args.condition_images < 1:
         return fail(f"--conditions: {args.conditions!r}: choose from {', '.join(CONDITIONS)}; --condition-images: "
                     "at least 1")
     if set(grid["mode"]) - {"scale", "add"} or set(grid["scope"]) - {"image", "all", "prompt", "generated"} \
             or not all(grid.values()) or min(grid["k"]) < 1 or min(grid["strength"]) <= 0:
         return fail("--k, --modes, --strengths, --scopes: see --help for what each takes")
-    grid["value_strength"] = value_strengths
+    grid["value_strength"], grid["spotlight_strength"] = value_strengths, spotlight_strengths
     if not types or set(types) - set(FIT_TYPES + ("count",)):
         return fail(f"--types: {args.types!r}: choose from {', '.join(FIT_TYPES + ('count',))}")
     if Path(args.data).resolve() == Path(args.select).resolve():
@@ -152,17 +161,26 @@ def fit_command(args) -> int:
     say("candidates: " + ", ".join(f"{c.family} ({len(c.up)} up, {len(c.down)} down)" for c in candidates))
 
     conditions = {}
+    fast = SplitAnswers(engine, root).fast
+    sample = [items[i] for i in screening_set(items, args.condition_images)]
     if "type" in grid["condition"]:
         from ..effects.conditions import find_conditions
 
-        fast = SplitAnswers(engine, root).fast
         if fast is None:
             return fail(f"--conditions type: conditions are read block by block, on LLaVA-family models only; "
                         f"give --conditions none for {args.model}")
-        sample = [items[i] for i in screening_set(items, args.condition_images)]
         conditions = find_conditions(fast, root, sample)
         say("conditions: " + ", ".join(f"{k} {c.feature} (fires on {c.recall:.0%} of its prompts, "
                                         f"{c.leak:.1%} of the others')" for k, c in conditions.items()))
+    if spotlight_strengths and fast is not None:
+        from . import spotlight
+
+        lit = spotlight.candidate(fast, root, sample)
+        if lit is None:
+            say("spotlight: no family (the fit split has no masks, or no named value has a condition on its text)")
+        else:
+            candidates.append(lit)
+            say(f"spotlight: {len(lit.why['slots'])} named values with a condition on the question's text")
 
     def progress(t) -> None:
         say(f"{t.family} k={t.k} {t.mode} x{t.strength:g} {t.scope} when={t.when}: fixed {t.result['all']['fixed']}, "
@@ -170,7 +188,7 @@ def fit_command(args) -> int:
 
     select_answers = SplitAnswers(engine, select_root)
     chosen = choose(select_answers, select_items, candidates, mean_active(codes), grid=grid,
-                    screen_images=args.screen_images, progress=progress,
+                    screen_images=args.screen_images, confirm=args.confirm, progress=progress,
                     conditions={k: c.feature for k, c in conditions.items() if c.usable})
     say(f"chosen: {chosen['chosen'].row() if chosen['chosen'] else None}")
     vector = direction(codes["residual"], [normalise(a) == normalise(q["answer"]) for q, a in zip(items, answers, strict=True)])

@@ -22,6 +22,7 @@ import torch
 
 from ..engine import SteeringSpec
 from ..eval.preset import tally
+from . import spotlight
 from .candidates import Candidate, question_type, steering
 
 GRID = {"k": (4, 12), "mode": ("scale", "add"), "strength": (2.0,), "scope": ("image",), "condition": ("none",)}
@@ -71,9 +72,19 @@ def screening_set(items: list[dict], images: int = SCREEN_IMAGES, seed: int = 0)
 
 
 def merged(a: SteeringSpec, b: SteeringSpec) -> SteeringSpec:
-    """``a``'s edits then ``b``'s on features ``a`` does not edit, in ``a``'s scope."""
-    mine = {e.feature for e in a.edits}
-    return replace(a, edits=[*a.edits, *(e for e in b.edits if e.feature not in mine)])
+    """``a``'s edits then ``b``'s, in ``a``'s scope; an edit of ``b`` on a feature ``a`` edits is kept
+    only where both carry a gate or condition and those differ (the engine's rule for a feature
+    edited twice)."""
+    keys: dict[int, set] = {}
+    for e in a.edits:
+        keys.setdefault(e.feature, set()).add(e.slot_key)
+    plain = (None, None, "prompt")  # an edit with neither gate nor condition
+
+    def clashes(e) -> bool:
+        mine = keys.get(e.feature, set())
+        return bool(mine) and (e.slot_key == plain or plain in mine or e.slot_key in mine)
+
+    return replace(a, edits=[*a.edits, *(e for e in b.edits if not clashes(e))])
 
 
 def grid_points(candidates: list[Candidate], typical: torch.Tensor, grid: dict,
@@ -81,9 +92,15 @@ def grid_points(candidates: list[Candidate], typical: torch.Tensor, grid: dict,
     """Every candidate at every point of ``grid``; condition ``type`` applies to candidates fitted
     on one question type that has a condition in ``conditions`` (type -> feature). A ``values``
     candidate (one feature per value of its type) is tried whole, scaled where its features fire, at
-    ``grid["value_strength"]``, on its type's prompts alone where that type has a condition."""
+    ``grid["value_strength"]``, on its type's prompts alone where that type has a condition. The
+    ``spotlight`` candidate is tried at each of ``grid["spotlight_strength"]`` (``fit.spotlight``)."""
     points = []
     for cand in candidates:
+        if cand.family == "spotlight":
+            for strength, scope in itertools.product(grid.get("spotlight_strength", ()), grid["scope"]):
+                spec = spotlight.steering(cand, strength, scope)
+                points.append(Trial(cand.family, len(spec.edits), "scale", strength, scope, spec, {}))
+            continue
         axes = (grid["k"], grid["mode"], grid["strength"], grid["scope"], grid.get("condition", ("none",)))
         if cand.family.startswith("values:"):
             kind = question_type(cand.family)

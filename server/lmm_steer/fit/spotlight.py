@@ -1,0 +1,111 @@
+"""The spotlight family: make the model read the object a question names.
+
+Most of the scenes model's colour and shape errors are errors of binding: the asked object's colour
+is written on its own patches at the SAE's block, and the model answers with a neighbour's
+(experiments/steering-fit.md#binding-errors). The spotlight lights the named object up: on "What
+colour is the hexagon?", every colour's localised feature is scaled where the hexagon's localised
+feature fires, so the hexagon's colour says itself louder than the neighbours'.
+
+Served as one steering for every request, each named value's edits carry a condition: the feature
+that fires on the text of the prompts naming that value and on few others (``when_on: text``, so
+a hexagon in the picture does not open it; only the question's word does). Both choices are read on
+a fit split's scenes: the localised feature of each value from the scenes' masks (``scenes
+localise``'s rule, best patch IoU), each named value's condition from its prompts
+(``effects.conditions.by_type``, on the text). The family needs scenes with masks
+(``annotations.json``), as ``scenes generate`` writes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..effects.clamps import group_by_image
+from ..effects.conditions import by_type
+from ..engine import FeatureEdit, SteeringSpec
+from ..scenes.localise import choose_features, scene_masks, value_patches
+from .candidates import Candidate
+
+OTHER = {"colour": "shape", "shape": "colour"}  # the attribute a question of each type names its object by
+
+
+def named_value(question: str, values) -> str | None:
+    """The first of ``values`` the question names as a word ("hexagon" in "What colour is the hexagon?")."""
+    found = [(m.start(), v) for v in values for m in [re.search(rf"\b{re.escape(v)}\b", question.lower())] if m]
+    return min(found)[1] if found else None
+
+
+def label(item: dict, vocabulary: dict[str, set[str]]) -> str:
+    """A question's label by the value it names ("colour about hexagon"), ``vocabulary`` each type's
+    answers; other questions keep their type."""
+    other = OTHER.get(item["type"])
+    named = named_value(item["question"], vocabulary.get(other, ())) if other else None
+    return f"{item['type']} about {named}" if named else item["type"]
+
+
+def candidate(fast, root: Path, items: list[dict]) -> Candidate | None:
+    """The spotlight read on ``items`` (every question of a sample of a fit split's scenes), or None
+    where the split has no masks. ``why`` keeps each value's localised feature, each named value's
+    condition, and the slots the steering is built from."""
+    try:
+        masks = dict(scene_masks(root))
+    except FileNotFoundError:
+        return None
+    acts, truth_rows, peaks = [], [], [None] * len(items)
+    for image, members in group_by_image(items).items():
+        entry = fast.prepare(root, image, [items[i] for i in members])
+        if entry.base_patches is None or image not in masks:
+            fast.forget(image)
+            continue
+        acts.append(entry.base_patches > 0)
+        truth_rows.append(value_patches(masks[image], *entry.grid))
+        for k, i in enumerate(members):
+            peaks[i] = fast.prompt_peaks(entry, k, text=True)
+        fast.forget(image)
+    if not acts:
+        return None
+    fired = torch.cat(acts)
+    keys = sorted({k for row in truth_rows for k in row})
+    truth = {k: torch.from_numpy(np.concatenate([row.get(k, np.zeros(len(a), bool)) for row, a in
+                                                 zip(truth_rows, acts, strict=True)])) for k in keys}
+    features = choose_features(fired, truth)
+    values: dict[str, dict[str, int]] = {}
+    for key, f in features.items():
+        attr, value = key.split(":", 1)
+        values.setdefault(attr, {})[value] = f
+    vocabulary: dict[str, set[str]] = {}
+    for q in items:
+        vocabulary.setdefault(q["type"], set()).add(q["answer"].strip().lower())
+    read = [i for i, p in enumerate(peaks) if p is not None]
+    labelled = [{**items[i], "type": label(items[i], vocabulary)} for i in read]
+    conditions = by_type(labelled, torch.stack([peaks[i] for i in read]))
+    slots = []
+    for name, cond in sorted(conditions.items()):
+        if " about " not in name or not cond.usable:
+            continue
+        asked, named = name.split(" about ")
+        if asked not in values or named not in values.get(OTHER[asked], {}):
+            continue
+        slots.append({"label": name, "asked": sorted(set(values[asked].values())),
+                      "where": values[OTHER[asked]][named], "when": cond.feature})
+    if not slots:
+        return None
+    return Candidate("spotlight", [], [], {
+        "features": features, "slots": slots,
+        "conditions": {k: {**c.record(), "usable": c.usable} for k, c in conditions.items() if " about " in k}})
+
+
+def steering(cand: Candidate, strength: float, scope: str) -> SteeringSpec:
+    """Every slot's asked features scaled by ``strength`` where its named value's feature fires, on the
+    prompts whose text names that value."""
+    edits, seen = [], set()
+    for slot in cand.why["slots"]:
+        for f in slot["asked"]:
+            edit = FeatureEdit(f, float(strength), "scale", where=slot["where"], when=slot["when"], when_on="text")
+            if (f, edit.slot_key) not in seen:
+                seen.add((f, edit.slot_key))
+                edits.append(edit)
+    return SteeringSpec(edits, scope=scope)
