@@ -102,6 +102,11 @@ def test_the_random_control_can_draw_features_that_fire_as_often_as_the_presets(
         assert len(set(features)) == 3 and not {90, 91, 30} & set(features)
         assert all(abs(f - e.feature) <= 6 for f, e in zip(features, spec.edits, strict=True))  # within the 6 nearest
         assert [(e.value, e.mode) for e in drawn.edits] == [(2.0, "scale"), (0.5, "scale"), (2.0, "scale")]
+    # a feature edited in two slots (two conditions) gets one stand-in, in both
+    twice = SteeringSpec(edits=[FeatureEdit(90, 2.0, "scale", when=5), FeatureEdit(30, 2.0, "scale"),
+                                FeatureEdit(90, 2.0, "scale", when=6)])
+    drawn = random_like(twice, list(range(100)), random.Random(0), density, near=6).edits
+    assert drawn[0].feature == drawn[2].feature != drawn[1].feature and [e.when for e in drawn] == [5, None, 6]
     unmatched = {e.feature for s in range(5) for e in random_like(spec, list(range(100)), random.Random(s)).edits}
     assert any(abs(f - 90) > 12 and abs(f - 30) > 12 for f in unmatched)  # without rates: anywhere in the pool
 
@@ -386,6 +391,11 @@ def test_preset_fit_and_eval_fitted_end_to_end_on_a_tiny_model(splits, tmp_path,
     assert set(rows) == {"preset", "random", "random-2", "random-3", "prompting", "diffmean"}
     drawn = json.loads(report.read_text())["random_features"]
     assert len({tuple(v) for v in drawn.values()}) == 3  # three draws of other features, same edits
+    mean = json.loads(report.read_text())["random_mean"]["all"]  # the control's expected effect, beside each draw
+    draws = [rows[n]["all"] for n in ("random", "random-2", "random-3")]
+    assert mean["draws"] == 3 and mean["accuracy_after"] == pytest.approx(sum(d["accuracy_after"] for d in draws) / 3,
+                                                                          abs=1e-4)
+    assert mean["net"] == pytest.approx(sum(d["net"] for d in draws) / 3, abs=0.01)
     assert all(r["all"]["n"] == rows["preset"]["all"]["n"] for r in rows.values())
 
 
@@ -411,8 +421,9 @@ def test_bad_splits_are_refused_by_name(splits, tmp_path, capsys):
     same = ["preset", "fit", "--data", str(splits / "fit"), "--select", str(splits / "fit"), "--out", str(tmp_path / "p")]
     assert main(same) == 2 and "--data and --select are the same" in capsys.readouterr().err
     for bad in ("2,-1", "2,x"):
-        assert main(same[:5] + [str(splits / "select"), *same[6:], "--value-strengths", bad]) == 2
-        assert "--value-strengths" in capsys.readouterr().err
+        for flag in ("--value-strengths", "--spotlight-strengths"):
+            assert main(same[:5] + [str(splits / "select"), *same[6:], flag, bad]) == 2
+            assert flag in capsys.readouterr().err
     (tmp_path / "p.json").write_text(json.dumps({"name": "p", "description": "d", "steering": {
         "features": [{"id": 1, "value": 2.0, "mode": "scale"}]}, "fit": {"data": str(splits / "test")}}))
     assert main(["eval", "fitted", "--presets", str(tmp_path / "p.json"), "--preset", "p",

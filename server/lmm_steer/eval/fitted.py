@@ -82,6 +82,12 @@ def run(engine, root: Path, items: list[dict], spec: SteeringSpec, *, pool: list
         out["rows"][name] = summary(tally(items, base, got, by_type_and_difficulty))
         if progress:
             progress(name, out["rows"][name]["all"])
+    draws = [r for n, r in out["rows"].items() if n.split("-")[0] == "random"]
+    if len(draws) > 1:  # one draw is one sample of the control; the mean over draws is its expected effect
+        out["random_mean"] = {g: {"draws": len(draws), "accuracy_before": draws[0][g]["accuracy_before"],
+                                  "accuracy_after": round(sum(d[g]["accuracy_after"] for d in draws) / len(draws), 4),
+                                  "net": round(sum(d[g]["net"] for d in draws) / len(draws), 2)}
+                              for g in draws[0] if not g.startswith("tag:")}
     return out
 
 
@@ -96,4 +102,7 @@ def markdown(result: dict) -> str:
             share = f"{c['error_reduction']:+.1%}" if c["error_reduction"] is not None else ""
             lines.append(f"| {name} | {group} | {c['n']} | {c['accuracy_before']:.3f} -> {c['accuracy_after']:.3f} | "
                          f"{c['fixed']} | {c['broken']} | {c['net']:+d} | {share} |")
+    for group, c in (result.get("random_mean") or {}).items():
+        lines.append(f"| random, mean of {c['draws']} draws | {group} | | {c['accuracy_before']:.3f} -> "
+                     f"{c['accuracy_after']:.3f} | | | {c['net']:+.2f} | |")
     return "\n".join(lines) + "\n"

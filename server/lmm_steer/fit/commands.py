@@ -14,6 +14,7 @@ from ..scenes.commands import add_scene_engine_arguments
 from .search import CONDITIONS
 
 FIT_TYPES = ("colour", "shape", "exist")
+FIT_TABLE = 256  # edits a candidate may carry: the spotlight's are one per named value and asked feature
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,8 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
                         "localised features scaled where the named object's feature fires, each named value's edits "
                         "conditioned on its word in the question's text (comma-separated; none: no such family; "
                         "needs scenes with masks)")
+    p.add_argument("--spotlight-images", type=int, default=100,
+                   help="scenes of --data (the first) each value's localised feature is chosen on, for the spotlight")
     p.add_argument("--condition-images", type=int, default=40,
                    help="images of --data whose prompts the conditions by question type are read on")
     p.add_argument("--diffmean-strengths", default="1,2,4,8",
@@ -107,8 +110,8 @@ def fit_command(args) -> int:
             return fail(f"--{flag}-strengths: {getattr(args, f'{flag}_strengths')!r}: every factor must be positive")
     if not diffmean_strengths:
         return fail("--diffmean-strengths: give at least one")
-    if args.screen_images < 1 or args.confirm < 1:
-        return fail("--screen-images and --confirm: at least 1")
+    if min(args.screen_images, args.confirm, args.spotlight_images) < 1:
+        return fail("--screen-images, --confirm and --spotlight-images: at least 1")
     if set(grid["condition"]) - set(CONDITIONS) or args.condition_images < 1:
         return fail(f"--conditions: {args.conditions!r}: choose from {', '.join(CONDITIONS)}; --condition-images: "
                     "at least 1")
@@ -128,7 +131,8 @@ def fit_command(args) -> int:
     select_root, select_items = load_examples(args.select, args.select_limit, types)
     if not items or not select_items:
         return fail("--data or --select holds no questions of the chosen types")
-    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512))
+    engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(max_batch=16, max_seq_len=512,
+                                                                                      max_clamps=FIT_TABLE))
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
@@ -175,7 +179,7 @@ def fit_command(args) -> int:
     if spotlight_strengths and fast is not None:
         from . import spotlight
 
-        lit = spotlight.candidate(fast, root, sample)
+        lit = spotlight.candidate(fast, root, sample, args.spotlight_images)
         if lit is None:
             say("spotlight: no family (the fit split has no masks, or no named value has a condition on its text)")
         else:

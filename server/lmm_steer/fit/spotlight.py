@@ -9,9 +9,10 @@ feature fires, so the hexagon's colour says itself louder than the neighbours'.
 Served as one steering for every request, each named value's edits carry a condition: the feature
 that fires on the text of the prompts naming that value and on few others (``when_on: text``, so
 a hexagon in the picture does not open it; only the question's word does). Both choices are read on
-a fit split's scenes: the localised feature of each value from the scenes' masks (``scenes
-localise``'s rule, best patch IoU), each named value's condition from its prompts
-(``effects.conditions.by_type``, on the text). The family needs scenes with masks
+a fit split's scenes: the localised feature of each value from the first scenes' masks (``scenes
+localise``'s rule, best patch IoU over 100 scenes: on 40 the choice is noisy, two values may share
+a feature), each named value's condition from a sample's prompts (``effects.conditions.by_type``,
+on the text). The family needs scenes with masks
 (``annotations.json``), as ``scenes generate`` writes.
 """
 
@@ -46,32 +47,43 @@ def label(item: dict, vocabulary: dict[str, set[str]]) -> str:
     return f"{item['type']} about {named}" if named else item["type"]
 
 
-def candidate(fast, root: Path, items: list[dict]) -> Candidate | None:
-    """The spotlight read on ``items`` (every question of a sample of a fit split's scenes), or None
-    where the split has no masks. ``why`` keeps each value's localised feature, each named value's
-    condition, and the slots the steering is built from."""
+def localised(fast, root: Path, images: int) -> dict[str, int]:
+    """``"colour:red" -> feature``: each value's feature whose firing patches best overlap its
+    patches over the first ``images`` scenes of ``root`` (``scenes localise``'s rule), read on each
+    image's prefix alone; empty where the split has no masks."""
     try:
-        masks = dict(scene_masks(root))
+        scenes = scene_masks(root)[:images]
     except FileNotFoundError:
-        return None
-    acts, truth_rows, peaks = [], [], [None] * len(items)
-    for image, members in group_by_image(items).items():
-        entry = fast.prepare(root, image, [items[i] for i in members])
-        if entry.base_patches is None or image not in masks:
-            fast.forget(image)
-            continue
-        acts.append(entry.base_patches > 0)
-        truth_rows.append(value_patches(masks[image], *entry.grid))
-        for k, i in enumerate(members):
-            peaks[i] = fast.prompt_peaks(entry, k, text=True)
+        return {}
+    acts, truth_rows = [], []
+    for image, masks in scenes:
+        entry = fast.prepare_prefix(root, image, [])
+        if entry.base_patches is not None:
+            acts.append(entry.base_patches > 0)
+            truth_rows.append(value_patches(masks, *entry.grid))
         fast.forget(image)
     if not acts:
-        return None
-    fired = torch.cat(acts)
+        return {}
     keys = sorted({k for row in truth_rows for k in row})
     truth = {k: torch.from_numpy(np.concatenate([row.get(k, np.zeros(len(a), bool)) for row, a in
                                                  zip(truth_rows, acts, strict=True)])) for k in keys}
-    features = choose_features(fired, truth)
+    return choose_features(torch.cat(acts), truth)
+
+
+def candidate(fast, root: Path, items: list[dict], images: int = 100) -> Candidate | None:
+    """The spotlight: values localised on the first ``images`` scenes of ``root``, each named value's
+    condition read on ``items`` (every question of a sample of them); None where the split has no
+    masks or no named value has a usable condition. ``why`` keeps each value's localised feature,
+    each named value's condition, and the slots the steering is built from."""
+    features = localised(fast, root, images)
+    if not features:
+        return None
+    peaks = [None] * len(items)
+    for image, members in group_by_image(items).items():
+        entry = fast.prepare(root, image, [items[i] for i in members])
+        for k, i in enumerate(members):
+            peaks[i] = fast.prompt_peaks(entry, k, text=True)
+        fast.forget(image)
     values: dict[str, dict[str, int]] = {}
     for key, f in features.items():
         attr, value = key.split(":", 1)
@@ -79,9 +91,8 @@ def candidate(fast, root: Path, items: list[dict]) -> Candidate | None:
     vocabulary: dict[str, set[str]] = {}
     for q in items:
         vocabulary.setdefault(q["type"], set()).add(q["answer"].strip().lower())
-    read = [i for i, p in enumerate(peaks) if p is not None]
-    labelled = [{**items[i], "type": label(items[i], vocabulary)} for i in read]
-    conditions = by_type(labelled, torch.stack([peaks[i] for i in read]))
+    labelled = [{**q, "type": label(q, vocabulary)} for q in items]
+    conditions = by_type(labelled, torch.stack(peaks))
     slots = []
     for name, cond in sorted(conditions.items()):
         if " about " not in name or not cond.usable:
@@ -94,7 +105,7 @@ def candidate(fast, root: Path, items: list[dict]) -> Candidate | None:
     if not slots:
         return None
     return Candidate("spotlight", [], [], {
-        "features": features, "slots": slots,
+        "features": features, "images": images, "slots": slots,
         "conditions": {k: {**c.record(), "usable": c.usable} for k, c in conditions.items() if " about " in k}})
 
 
