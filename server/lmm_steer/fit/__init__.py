@@ -11,7 +11,10 @@ over the question's, are what the candidates are built from:
 - ``confusion``: for each of the model's most frequent confusions (purple read as blue, "no" to an
   object that is there), a probe on that confusion's questions alone, steered the same way;
 - ``values`` (opt-in, ``--value-strengths``): per question type, each of its values' best-measured
-  feature (the catalog's ``sae effects`` rows) amplified where it fires, on that type's prompts.
+  feature (the catalog's ``sae effects`` rows) amplified where it fires, on that type's prompts;
+- ``spotlight`` (``--spotlight-strengths``; scenes with masks): on a question naming a value ("the
+  hexagon"), the asked attribute's localised features scaled where the named value's feature fires,
+  each named value's edits conditioned on its word in the question's text (``fit.spotlight``).
 
 Each candidate is tried at a grid of strengths, modes and scopes on a selection split, and the
 one with the most fixed minus broken answers is kept (then the next candidates are added while
