@@ -502,7 +502,7 @@ def test_the_spotlight_is_read_on_a_fit_split_and_answers_as_the_engine(splits, 
     feature; the slots are then the named values whose condition read on the text is usable, each
     condition fires on the text of every fit prompt naming its value, and the fast path answers
     under the spotlight as the engine does."""
-    from lmm_steer.effects.conditions import MAX_LEAK, MIN_RECALL
+    from lmm_steer.effects.conditions import MAX_LEAK, MIN_RECALL, prompt_peaks
     from lmm_steer.engine import EngineConfig
     from lmm_steer.engine.factory import engine_for
     from lmm_steer.fit import spotlight
@@ -516,7 +516,7 @@ def test_the_spotlight_is_read_on_a_fit_split_and_answers_as_the_engine(splits, 
     values = sorted({f"{q['type']}:{q['answer']}" for q in items if q["type"] in ("colour", "shape")})
     monkeypatch.setattr(spotlight, "choose_features", lambda fired, truth: {v: 100 + i for i, v in enumerate(values)})
     fast = SplitAnswers(engine, root).fast
-    lit = spotlight.candidate(fast, root, items)
+    lit = spotlight.candidate(fast, root, items, prompt_peaks(fast, root, items, text=True))
     assert lit is not None and lit.why["slots"]
     for slot in lit.why["slots"]:
         cond = lit.why["conditions"][slot["label"]]

@@ -26,6 +26,7 @@ from lmm_steer.engine import FeatureEdit, SteeringSpec
 from lmm_steer.fit.answers import SplitAnswers
 from lmm_steer.fit.candidates import from_values, question_type
 from lmm_steer.fit.examples import load_examples
+from lmm_steer.presets import feature_spec, load_presets
 from sae_weights import FeatureCatalog
 from sae_weights.default import sources_for
 
@@ -42,8 +43,9 @@ def main() -> int:
     engine = scenes_probe.engine(args.threads)
     catalog = FeatureCatalog.load_all(sources_for(scenes_probe.MODEL).catalogs)
     values = {question_type(c.family): c.up for c in from_values(catalog, ("colour", "shape"))}
-    steering = json.load(open(args.preset))["steering"]
-    preset = [FeatureEdit(f["id"], f["value"], f["mode"], when=f.get("when")) for f in steering["features"]]
+    (_, shipped), = load_presets(args.preset).items()
+    preset_spec = feature_spec(shipped.steering)
+    preset = preset_spec.edits
 
     def louder(kind: str, factor: float, on: str | None = None) -> list[FeatureEdit]:
         return [FeatureEdit(f, factor, "scale", when=CONDITIONS[on or kind]) for f in values[kind]]
@@ -59,7 +61,7 @@ def main() -> int:
     root, items = load_examples(args.select, None, types)
     answers = SplitAnswers(engine, root)
     base = answers(items, [None])[0]
-    said = answers(items, [SteeringSpec(edits, scope=steering.get("scope", "all")) for edits in rows.values()])
+    said = answers(items, [SteeringSpec(edits, scope=preset_spec.effective_scope) for edits in rows.values()])
     out = scenes_probe.tally_table(items, base, dict(zip(rows, said, strict=True)), types)
     record = {"command": f"python experiments/probes/fit_values.py {args.select} {args.preset}"
               + (" --cross" if args.cross else ""), "values": values,

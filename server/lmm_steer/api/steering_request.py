@@ -129,16 +129,11 @@ def applied(resolved: ResolvedSteering, service: SteeringService, idle: list[int
         return None
     features = []
     for i, e in enumerate(spec.edits):
-        feature = {"id": e.feature, "value": e.value, "mode": e.mode, "explanation": explanation(service, e.feature),
+        # the fields the edit sets (a transfer's source, a gate, a condition), as it was asked
+        feature = {**e.record(), "explanation": explanation(service, e.feature),
                    "concept": resolved.concept_of.get(e.feature)}
-        if e.source is not None:  # a transfer's; other edits' echo stays as it was
-            feature["source"] = e.source
-        if e.where is not None:  # a gated edit's
-            feature["where"] = e.where
         if e.when is not None:  # a conditioned edit's, with whether it acted on this request
-            feature["when"], feature["acted"] = e.when, i not in idle
-            if e.when_on != "prompt":
-                feature["when_on"] = e.when_on
+            feature["acted"] = i not in idle
         features.append(feature)
     return {"features": features, "concepts": resolved.concepts, "scope": spec.effective_scope,
             "semantics": spec.semantics, "hookpoint": service.engine.hookpoint, "preset": resolved.preset}

@@ -285,21 +285,18 @@ class ImageAnswers:
     def prompt_peaks(self, entry: _Image, q: int, text: bool = False) -> torch.Tensor:
         """``[latents]``: each feature's largest SAE activation over question ``q``'s whole prompt (with
         ``text``: over its text alone, every position but the image's tokens), in the unedited
-        hook-block output (positive: a ``when`` condition on it holds there)."""
-        name = "text_peaks" if text else "peaks"
-        if getattr(entry, name) is None:
-            setattr(entry, name, [None] * len(entry.questions))
-        cached = getattr(entry, name)
-        if cached[q] is None:
-            prefix = entry.hook_prefix[0]
-            if text:
-                keep = torch.ones(prefix.shape[0], dtype=torch.bool, device=prefix.device)
-                keep[entry.image_positions] = False
-                prefix = prefix[keep]
-            h = torch.cat([prefix, entry.hook_text[q][0]])
+        hook-block output (positive: a ``when`` condition on it holds there). Both are read from one
+        encode of the prompt and kept."""
+        if entry.peaks is None:
+            entry.peaks, entry.text_peaks = [None] * len(entry.questions), [None] * len(entry.questions)
+        if entry.peaks[q] is None:
+            h = torch.cat([entry.hook_prefix[0], entry.hook_text[q][0]])
+            is_text = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+            is_text[entry.image_positions] = False
             every = torch.arange(self.sae.num_latents, device=self.sae.W_dec.device)
-            cached[q] = prompt_peaks(self.sae, h, every, rank_by_count=False).float().cpu()
-        return cached[q]
+            whole, on_text = prompt_peaks(self.sae, h, every, rank_by_count=False, rows=is_text)
+            entry.peaks[q], entry.text_peaks[q] = whole.float().cpu(), on_text.float().cpu()
+        return (entry.text_peaks if text else entry.peaks)[q]
 
     def _decided(self, entry: _Image, spec, q: int):
         """``spec`` as it acts on question ``q``: its edits whose ``when`` condition fires there (on

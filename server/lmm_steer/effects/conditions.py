@@ -37,15 +37,21 @@ class Condition:
 
 def prompt_peaks(fast, root: Path, items: list[dict], text: bool = False) -> torch.Tensor:
     """``[question, latents]``: each feature's largest activation over each question's prompt, or
-    with ``text`` over its text alone (``fast``: an ``effects.clamps.ImageAnswers``); each image's
-    work is dropped once read."""
-    out: list[torch.Tensor | None] = [None] * len(items)
+    with ``text`` over its text alone (``fast``: an ``effects.clamps.ImageAnswers``)."""
+    return prompt_and_text_peaks(fast, root, items)[int(text)]
+
+
+def prompt_and_text_peaks(fast, root: Path, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_peaks`` over the whole prompts and over their text, from one pass; each image's work
+    is dropped once read."""
+    whole: list[torch.Tensor | None] = [None] * len(items)
+    text: list[torch.Tensor | None] = [None] * len(items)
     for image, members in group_by_image(items).items():
         entry = fast.prepare(root, image, [items[i] for i in members])
         for k, i in enumerate(members):
-            out[i] = fast.prompt_peaks(entry, k, text)
+            whole[i], text[i] = fast.prompt_peaks(entry, k), fast.prompt_peaks(entry, k, text=True)
         fast.forget(image)
-    return torch.stack(out)
+    return torch.stack(whole), torch.stack(text)
 
 
 def by_type(items: list[dict], peaks: torch.Tensor) -> dict[str, Condition]:
@@ -71,9 +77,9 @@ def by_type(items: list[dict], peaks: torch.Tensor) -> dict[str, Condition]:
     return out
 
 
-def find_conditions(fast, root: Path, items: list[dict], text: bool = False) -> dict[str, Condition]:
-    """``by_type`` over ``items``' prompts (with ``text``: their text alone), read through ``fast``."""
-    return by_type(items, prompt_peaks(fast, root, items, text)) if items else {}
+def find_conditions(fast, root: Path, items: list[dict]) -> dict[str, Condition]:
+    """``by_type`` over ``items``' prompts, read through ``fast``."""
+    return by_type(items, prompt_peaks(fast, root, items)) if items else {}
 
 
 CONDITIONED_RULE = "conditioned: the smallest grid value reaching the best rate"

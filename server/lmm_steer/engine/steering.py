@@ -81,6 +81,16 @@ class FeatureEdit:
         return self.where, self.when, self.when_on if self.when is not None else "prompt"
 
 
+PLAIN_SLOT = (None, None, "prompt")  # the slot key of an edit with neither gate nor condition
+
+
+def repeat_refused(keys: set[tuple], key: tuple) -> bool:
+    """Whether an edit with slot ``key`` may not join the edits of its feature already given (their
+    ``keys``): a feature is edited again only with another gate or condition, never beside (or as)
+    an edit with neither."""
+    return bool(keys) and (key in keys or PLAIN_SLOT in keys or key == PLAIN_SLOT)
+
+
 @dataclass
 class SteeringSpec:
     edits: list[FeatureEdit] = field(default_factory=list)
@@ -127,8 +137,7 @@ class SteeringSpec:
                     f"feature {e.feature} does not exist (the SAE has features 0..{num_latents - 1})", f"{where}.id"
                 )
             keys = seen.setdefault(e.feature, set())
-            if keys and (e.slot_key in keys or (None, None, "prompt") in keys | {e.slot_key}
-                         or self.semantics == "paper"):
+            if repeat_refused(keys, e.slot_key) or (keys and self.semantics == "paper"):
                 raise SteeringError(f"feature {e.feature} is given more than once (a feature may be edited again "
                                     "only with another gate or condition, 'where' or 'when')", f"{where}.id")
             keys.add(e.slot_key)
@@ -226,8 +235,7 @@ class SteeringRow:
             gates=[-1 if e.where is None else e.where for e in edits] if any(e.where is not None for e in edits)
             else None,
             whens=[-1 if e.when is None else e.when for e in edits] if spec.conditional else None,
-            when_text=[e.when is not None and e.when_on == "text" for e in edits]
-            if any(e.when is not None and e.when_on == "text" for e in edits) else None,
+            when_text=text if any(text := [e.when is not None and e.when_on == "text" for e in edits]) else None,
         )
 
     @property
@@ -244,13 +252,16 @@ class SteeringRow:
                        when_text=None)
 
     def decide(self, sae, h: torch.Tensor, is_text: torch.Tensor | None) -> SteeringRow:
-        """This row opened on a prompt's unedited block output ``h [T, D]``; ``is_text [T]``: the
-        positions that are not image tokens (None: every position is text)."""
-        fired = fires_in(sae, h, self.whens)
-        if self.when_text is not None and is_text is not None:
-            on_text = fires_in(sae, h[is_text], self.whens) if bool(is_text.any()) else [w < 0 for w in self.whens]
-            fired = [t if text else f for f, t, text in zip(fired, on_text, self.when_text, strict=True)]
-        return self.opened(fired)
+        """This row opened on a prompt's unedited block output ``h [T, D]``: a slot whose ``when``
+        feature (-1: none, counted as fired) is active at some position, or with ``when_text`` at
+        some text position (``is_text [T]``: not an image token; None: every position is text)."""
+        ids = torch.tensor([max(w, 0) for w in self.whens], dtype=torch.long, device=h.device)
+        on_text = self.when_text is not None and is_text is not None
+        whole, text = prompt_peaks(sae, h, ids, rows=is_text if on_text else None)
+        text_slot = self.when_text if on_text else [False] * len(self.whens)
+        peaks = [t if by_text else p for p, t, by_text in
+                 zip(whole.tolist(), (text if on_text else whole).tolist(), text_slot, strict=True)]
+        return self.opened([w < 0 or p > 0 for w, p in zip(self.whens, peaks, strict=True)])
 
     @property
     def gated(self) -> bool:
@@ -388,18 +399,16 @@ def activations_of(sae, pre: torch.Tensor, ids: torch.Tensor, rank_by_count: boo
     return chosen, z
 
 
-def prompt_peaks(sae, h: torch.Tensor, ids: torch.Tensor, rank_by_count: bool | None = None) -> torch.Tensor:
-    """``[C]``: each feature of ``ids`` its largest SAE activation over the positions of ``h [T, D]``
-    (a prompt's unedited block output: positive where a ``when`` condition on it holds)."""
+def prompt_peaks(sae, h: torch.Tensor, ids: torch.Tensor, rank_by_count: bool | None = None,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([C], [C] or None)``: each feature of ``ids`` its largest SAE activation over the positions of
+    ``h [T, D]`` (a prompt's unedited block output: positive where a ``when`` condition on it holds),
+    and over the positions ``rows [T]`` marks alone (0 where it marks none), from one encode."""
     x = h.to(sae.W_dec.dtype)
-    return activations_of(sae, F.relu(sae.pre_activations(x)), ids.expand(x.shape[0], -1), rank_by_count)[1].amax(0)
-
-
-def fires_in(sae, h: torch.Tensor, ids: list[int]) -> list[bool]:
-    """Whether each feature of ``ids`` (-1: none, counted as fired) is active at some position of
-    ``h [T, D]``: a ``when`` condition."""
-    peaks = prompt_peaks(sae, h, torch.tensor([max(i, 0) for i in ids], dtype=torch.long, device=h.device))
-    return [i < 0 or p > 0 for i, p in zip(ids, peaks.tolist(), strict=True)]
+    z = activations_of(sae, F.relu(sae.pre_activations(x)), ids.expand(x.shape[0], -1), rank_by_count)[1]
+    if rows is None:
+        return z.amax(0), None
+    return z.amax(0), (z[rows].amax(0) if bool(rows.any()) else z.new_zeros(z.shape[1]))
 
 
 def apply_steering(h: torch.Tensor, sae, ids, delta_a, delta_b, paper_c, paper_d, paper, variant: StepVariant,

@@ -331,7 +331,7 @@ def fitted_command(args) -> int:
         return fail("--random-draws: at least 1")
     root, items = load_examples(args.data, args.limit, types)
     engine = scene_engine(args.model, args.weights, args.sae, args.hookpoint, EngineConfig(
-        max_batch=16, max_seq_len=512, max_clamps=table_width({preset.name: preset}, 32)))
+        max_batch=16, max_seq_len=512, max_clamps=table_width({preset.name: preset}, EngineConfig.max_clamps)))
     catalog = FeatureCatalog.load_all(sources_for(args.model, args.sae, args.hookpoint).catalogs)
     pool = [f for f in catalog.ids() if (catalog.get(f).extras.get("max_activation") or 0) > 0] or list(
         range(engine.sae.num_latents))

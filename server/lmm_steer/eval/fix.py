@@ -342,14 +342,7 @@ def summarise(items, cases: list[Case], methods, collateral: dict[str, list[tupl
 
 def edit_json(e: FeatureEdit) -> dict:
     """An edit as the API's steering feature, ready to send or to put in a preset."""
-    out = {"id": e.feature, "value": e.value}
-    if e.mode != "clamp":
-        out["mode"] = e.mode
-    if e.source is not None:
-        out["source"] = e.source
-    if e.where is not None:
-        out["where"] = e.where
-    return out
+    return {k: v for k, v in e.record().items() if (k, v) != ("mode", "clamp")}  # clamp: the API's default mode
 
 
 def markdown(result: dict) -> str:

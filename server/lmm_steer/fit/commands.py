@@ -166,20 +166,24 @@ def fit_command(args) -> int:
 
     conditions = {}
     fast = SplitAnswers(engine, root).fast
-    sample = [items[i] for i in screening_set(items, args.condition_images)]
-    if "type" in grid["condition"]:
-        from ..effects.conditions import find_conditions
+    if "type" in grid["condition"] and fast is None:
+        return fail(f"--conditions type: conditions are read block by block, on LLaVA-family models only; "
+                    f"give --conditions none for {args.model}")
+    if fast is not None and ("type" in grid["condition"] or spotlight_strengths):
+        from ..effects.conditions import by_type, prompt_and_text_peaks
 
-        if fast is None:
-            return fail(f"--conditions type: conditions are read block by block, on LLaVA-family models only; "
-                        f"give --conditions none for {args.model}")
-        conditions = find_conditions(fast, root, sample)
+        # one pass over the sample's prompts serves both: the type conditions read on the whole
+        # prompt, the spotlight's on the text
+        sample = [items[i] for i in screening_set(items, args.condition_images)]
+        peaks, text_peaks = prompt_and_text_peaks(fast, root, sample)
+    if "type" in grid["condition"]:
+        conditions = by_type(sample, peaks)
         say("conditions: " + ", ".join(f"{k} {c.feature} (fires on {c.recall:.0%} of its prompts, "
                                         f"{c.leak:.1%} of the others')" for k, c in conditions.items()))
     if spotlight_strengths and fast is not None:
         from . import spotlight
 
-        lit = spotlight.candidate(fast, root, sample, args.spotlight_images)
+        lit = spotlight.candidate(fast, root, sample, text_peaks, args.spotlight_images)
         if lit is None:
             say("spotlight: no family (the fit split has no masks, or no named value has a condition on its text)")
         else:

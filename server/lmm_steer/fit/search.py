@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..engine import SteeringSpec
+from ..engine.steering import repeat_refused
 from ..eval.preset import tally
 from . import spotlight
 from .candidates import Candidate, question_type, steering
@@ -78,13 +79,8 @@ def merged(a: SteeringSpec, b: SteeringSpec) -> SteeringSpec:
     keys: dict[int, set] = {}
     for e in a.edits:
         keys.setdefault(e.feature, set()).add(e.slot_key)
-    plain = (None, None, "prompt")  # an edit with neither gate nor condition
-
-    def clashes(e) -> bool:
-        mine = keys.get(e.feature, set())
-        return bool(mine) and (e.slot_key == plain or plain in mine or e.slot_key in mine)
-
-    return replace(a, edits=[*a.edits, *(e for e in b.edits if not clashes(e))])
+    return replace(a, edits=[*a.edits, *(e for e in b.edits if not repeat_refused(keys.get(e.feature, set()),
+                                                                                   e.slot_key))])
 
 
 def grid_points(candidates: list[Candidate], typical: torch.Tensor, grid: dict,

@@ -21,13 +21,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..effects.clamps import group_by_image
 from ..effects.conditions import by_type
 from ..engine import FeatureEdit, SteeringSpec
-from ..scenes.localise import choose_features, scene_masks, value_patches
+from ..scenes.localise import choose_features, scene_masks, stack_patches, value_patches
 from .candidates import Candidate
 
 OTHER = {"colour": "shape", "shape": "colour"}  # the attribute a question of each type names its object by
@@ -62,28 +60,18 @@ def localised(fast, root: Path, images: int) -> dict[str, int]:
             acts.append(entry.base_patches > 0)
             truth_rows.append(value_patches(masks, *entry.grid))
         fast.forget(image)
-    if not acts:
-        return {}
-    keys = sorted({k for row in truth_rows for k in row})
-    truth = {k: torch.from_numpy(np.concatenate([row.get(k, np.zeros(len(a), bool)) for row, a in
-                                                 zip(truth_rows, acts, strict=True)])) for k in keys}
-    return choose_features(torch.cat(acts), truth)
+    return choose_features(*stack_patches(acts, truth_rows)) if acts else {}
 
 
-def candidate(fast, root: Path, items: list[dict], images: int = 100) -> Candidate | None:
+def candidate(fast, root: Path, items: list[dict], text_peaks: torch.Tensor, images: int = 100) -> Candidate | None:
     """The spotlight: values localised on the first ``images`` scenes of ``root``, each named value's
-    condition read on ``items`` (every question of a sample of them); None where the split has no
-    masks or no named value has a usable condition. ``why`` keeps each value's localised feature,
-    each named value's condition, and the slots the steering is built from."""
+    condition read on ``items`` (every question of a sample of them) by ``text_peaks`` (their
+    ``effects.conditions.prompt_peaks`` on the text); None where the split has no masks or no named
+    value has a usable condition. ``why`` keeps each value's localised feature, each named value's
+    condition, and the slots the steering is built from."""
     features = localised(fast, root, images)
     if not features:
         return None
-    peaks = [None] * len(items)
-    for image, members in group_by_image(items).items():
-        entry = fast.prepare(root, image, [items[i] for i in members])
-        for k, i in enumerate(members):
-            peaks[i] = fast.prompt_peaks(entry, k, text=True)
-        fast.forget(image)
     values: dict[str, dict[str, int]] = {}
     for key, f in features.items():
         attr, value = key.split(":", 1)
@@ -92,7 +80,7 @@ def candidate(fast, root: Path, items: list[dict], images: int = 100) -> Candida
     for q in items:
         vocabulary.setdefault(q["type"], set()).add(q["answer"].strip().lower())
     labelled = [{**q, "type": label(q, vocabulary)} for q in items]
-    conditions = by_type(labelled, torch.stack(peaks))
+    conditions = by_type(labelled, text_peaks)
     slots = []
     for name, cond in sorted(conditions.items()):
         if " about " not in name or not cond.usable:

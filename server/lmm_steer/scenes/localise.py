@@ -56,11 +56,16 @@ def _collect(engine, data: Path, scenes: int):
         a, rows, cols = patch_activations(engine, data / file)
         acts.append(a > 0)
         labels.append(value_patches(masks, rows, cols))
-    fired = torch.cat(acts)  # [patches, latents]
+    return stack_patches(acts, labels)
+
+
+def stack_patches(acts: list[torch.Tensor], labels: list[dict[str, np.ndarray]]):
+    """``(fired [patches, latents], value -> truth [patches])`` over scenes: each scene's firing
+    patches and its ``value_patches``, a value a scene lacks counted false on its patches."""
     keys = sorted({k for lab in labels for k in lab})
     truth = {k: torch.from_numpy(np.concatenate([lab.get(k, np.zeros(len(a), bool)) for lab, a in zip(labels, acts, strict=True)]))
              for k in keys}
-    return fired, truth
+    return torch.cat(acts), truth
 
 
 def iou(fired: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
